@@ -1,0 +1,118 @@
+"""Tokenizers from a Hugging Face tokenizer directory or a bare SentencePiece `tokenizer.model`.
+
+Everything downstream uses the small `Tokenizer` interface below. A directory that holds only a
+SentencePiece model (as many Llama repos ship) is read with sentencepiece itself: transformers 5's
+conversion of such a directory without a tokenizer config does not reproduce SentencePiece's ids.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+from lora_ds.errors import UserError
+
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@dataclass
+class Tokenizer:
+    """Text <-> ids with the special ids training and generation need."""
+
+    encode_fn: object
+    decode_fn: object
+    bos_token_id: int | None
+    eos_token_id: int
+    pad_token_id: int
+    vocab_size: int
+    add_bos: bool
+    source: str
+    identity: str
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text` with no special tokens."""
+        return self.encode_fn(text)
+
+    def decode(self, ids) -> str:
+        return self.decode_fn([int(i) for i in ids])
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _from_sentencepiece(model_file: str) -> Tokenizer:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=model_file)
+    eos = sp.eos_id()
+    if eos < 0:
+        raise UserError(f"{model_file}: the SentencePiece model defines no EOS piece; retrain it with eos_id set")
+    bos = sp.bos_id() if sp.bos_id() >= 0 else None
+    pad = sp.pad_id() if sp.pad_id() >= 0 else eos
+    return Tokenizer(
+        encode_fn=lambda text: sp.encode(text),
+        decode_fn=lambda ids: sp.decode(ids),
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        vocab_size=sp.get_piece_size(),
+        add_bos=bos is not None,
+        source=model_file,
+        identity=f"sentencepiece:{_sha256(model_file)}",
+    )
+
+
+def _from_hf(directory: str) -> Tokenizer:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(directory)
+    if tok.eos_token_id is None:
+        raise UserError(f"{directory}: the tokenizer defines no eos_token; set it in tokenizer_config.json")
+    probe = tok("a", add_special_tokens=True).input_ids
+    add_bos = tok.bos_token_id is not None and len(probe) > 0 and probe[0] == tok.bos_token_id
+    files = sorted(f for f in os.listdir(directory) if f.startswith(("tokenizer", "special_tokens")))
+    digest = hashlib.sha256()
+    for name in files:
+        digest.update(name.encode())
+        digest.update(_sha256(os.path.join(directory, name)).encode())
+    return Tokenizer(
+        encode_fn=lambda text: tok(text, add_special_tokens=False).input_ids,
+        decode_fn=lambda ids: tok.decode(ids, skip_special_tokens=True),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        vocab_size=len(tok),
+        add_bos=add_bos,
+        source=directory,
+        identity=f"hf:{digest.hexdigest()}",
+    )
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """Load from a HF tokenizer dir, a dir holding only `tokenizer.model`, or a `.model` file."""
+    if os.path.isfile(path):
+        if path.endswith(".model"):
+            return _from_sentencepiece(path)
+        raise UserError(f"--tokenizer {path}: expected a directory or a SentencePiece .model file")
+    if not os.path.isdir(path):
+        raise UserError(f"--tokenizer {path}: no such file or directory")
+    if any(os.path.exists(os.path.join(path, f)) for f in HF_TOKENIZER_FILES):
+        return _from_hf(path)
+    sp_file = os.path.join(path, "tokenizer.model")
+    if os.path.exists(sp_file):
+        return _from_sentencepiece(sp_file)
+    raise UserError(
+        f"{path}: no tokenizer found (expected tokenizer.json, tokenizer_config.json or tokenizer.model); "
+        "copy the tokenizer files of the model into this directory"
+    )
+
+
+def tokenizer_record(tok: Tokenizer) -> dict:
+    """What identifies a tokenizer in manifests and run configs."""
+    return {"source": tok.source, "identity": tok.identity, "vocab_size": tok.vocab_size,
+            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "add_bos": tok.add_bos}
