@@ -1,0 +1,168 @@
+"""The LoRA layer (Hu et al. 2021) and its injection into a model.
+
+    h = W0·x + s·B·A·dropout(x),   s = alpha / r  (alpha / sqrt(r) with rsLoRA)
+
+A is kaiming-uniform (as PEFT), B is zero, so a fresh adapter reproduces the base exactly. The layer
+wraps the base layer (`base_layer`, frozen) and names its factors `lora_A` / `lora_B` as PEFT does.
+Merging is explicit (`merge()` / `unmerge()`), computed in fp32 and cast once.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+
+import torch
+from torch import nn
+
+from lora_ds.errors import UserError
+
+# The paper adapts the query and value projections. Fused QKV layers are adapted whole, as PEFT does.
+DEFAULT_TARGETS = {
+    "gpt_neox": ["query_key_value"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+}
+
+
+def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, fan_in_fan_out: bool) -> torch.Tensor:
+    """s·B·A in fp32, laid out like the base weight ((in, out) for GPT-2's Conv1D)."""
+    delta = (lora_B.float() @ lora_A.float()) * scale
+    return delta.T if fan_in_fan_out else delta
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` (or GPT-2 `Conv1D`) plus a trainable low-rank update."""
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        super().__init__()
+        if _is_conv1d(base_layer):
+            in_features, out_features = base_layer.weight.ds_shape if hasattr(base_layer.weight, "ds_shape") \
+                else base_layer.weight.shape
+            self.fan_in_fan_out = True
+        else:
+            in_features, out_features = base_layer.in_features, base_layer.out_features
+            self.fan_in_fan_out = False
+        self.base_layer = base_layer
+        self.in_features, self.out_features = in_features, out_features
+        self.r = r
+        self.scaling = alpha / (math.sqrt(r) if rslora else r)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        factory = {"dtype": torch.float32}
+        self.lora_A = nn.Linear(in_features, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, out_features, bias=False, **factory)
+        self.merged = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        # PEFT's default init: A ~ kaiming_uniform(a=sqrt(5)), B = 0.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if self.merged:
+            return result
+        lora_x = self.lora_dropout(x).to(self.lora_A.weight.dtype)
+        return result + (self.lora_B(self.lora_A(lora_x)) * self.scaling).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out)
+
+    def merge(self) -> None:
+        """W0 <- W0 + s·B·A (fp32 math, one cast). Needs the full weights (gather first under ZeRO-3)."""
+        if self.merged:
+            return
+        self._add_delta(+1)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """W0 <- W0 - s·B·A: back to the base weight, up to rounding in its dtype."""
+        if not self.merged:
+            return
+        self._add_delta(-1)
+        self.merged = False
+
+    @torch.no_grad()
+    def _add_delta(self, sign: int) -> None:
+        weight = self.base_layer.weight
+        new = weight.float() + sign * self.delta_weight()
+        if not torch.isfinite(new).all():
+            raise FloatingPointError("LoRA merge produced non-finite weights; the adapter holds NaN/Inf")
+        weight.copy_(new.to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}, fan_in_fan_out={self.fan_in_fan_out}"
+
+
+def lora_modules(model: nn.Module):
+    """(name, LoRALinear) pairs: adapter modules found by type, never by name."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def lora_parameters(model: nn.Module):
+    """{"<module>.lora_A.weight": param, ...} of every LoRA layer in `model`."""
+    params = {}
+    for name, module in lora_modules(model):
+        params[f"{name}.lora_A.weight"] = module.lora_A.weight
+        params[f"{name}.lora_B.weight"] = module.lora_B.weight
+    return params
+
+
+def match_targets(model: nn.Module, targets) -> list[str]:
+    """Names of Linear/Conv1D modules selected by `targets`.
+
+    A list of names selects modules whose name equals one of them or ends with ".<name>" (PEFT's
+    rule); a string is a regular expression that must match the whole module name.
+    """
+    names = []
+    for name, module in model.named_modules():
+        if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+            continue
+        if isinstance(targets, str):
+            hit = re.fullmatch(targets, name) is not None
+        else:
+            hit = any(name == t or name.endswith("." + t) for t in targets)
+        if hit:
+            names.append(name)
+    return names
+
+
+def inject_lora(model: nn.Module, targets, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                seed: int | None = None) -> list[str]:
+    """Freeze `model` and wrap each target module in a LoRALinear. Returns the adapted module names.
+
+    With `seed`, the factors are drawn from a generator seeded with it, so every rank (and a
+    single-process reference) gets identical initial adapters whatever RNG the base build consumed.
+    """
+    if not isinstance(r, int) or r <= 0:
+        raise UserError(f"--lora_r {r}: the rank must be a positive integer")
+    if alpha <= 0:
+        raise UserError(f"--lora_alpha {alpha}: alpha must be positive")
+    if not 0.0 <= dropout < 1.0:
+        raise UserError(f"--lora_dropout {dropout}: must be in [0, 1)")
+    names = match_targets(model, targets)
+    if not names:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, nn.Linear) or _is_conv1d(m)})
+        raise UserError(f"--lora_targets {targets!r} matches no Linear/Conv1D module of this model; "
+                        f"its linear module names are: {', '.join(linear)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    fork = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+    with fork:
+        if seed is not None:
+            torch.manual_seed(seed)
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            base = getattr(parent, child)
+            setattr(parent, child, LoRALinear(base, r, alpha, dropout, rslora))
+    return names
+
