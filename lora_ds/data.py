@@ -6,6 +6,8 @@ A prepared directory (written by `lora-ds prep`, data_prep/) is a `datasets` Arr
 """
 from __future__ import annotations
 
+from lora_ds.errors import UserError
+
 IGNORE_INDEX = -100
 
 
@@ -33,3 +35,133 @@ def encode_pair(tok, prompt: str, completion: str, max_len: int | None = None, t
         "position_ids": list(range(len(ids))),
     }
     return row, truncated
+
+
+def read_jsonl_pairs(path: str, tok, max_len: int) -> list[dict]:
+    """Rows of a JSONL file of {"prompt", "completion"} records (overlong contexts are cut from the left)."""
+    import json
+
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: not valid JSON ({e.msg}); fix or remove the line") from e
+            for key in ("prompt", "completion"):
+                if not isinstance(record, dict) or not isinstance(record.get(key), str):
+                    raise UserError(f"{where}: field {key!r} is missing or not a string; each line needs "
+                                    "{\"prompt\": ..., \"completion\": ...}")
+            row, _ = encode_pair(tok, record["prompt"], record["completion"], max_len)
+            if row is None:
+                raise UserError(f"{where}: the completion alone exceeds --max_len {max_len}; raise --max_len")
+            rows.append(row)
+    if not rows:
+        raise UserError(f"{path}: no records; the data file is empty")
+    return rows
+
+
+class PreparedRows:
+    """Rows of a prepared dir (lora-ds prep), read lazily from its Arrow files (memory-mapped)."""
+
+    def __init__(self, path: str):
+        from datasets import load_from_disk
+
+        self.dataset = load_from_disk(path).select_columns(["input_ids", "labels", "position_ids"])
+        if len(self.dataset) == 0:
+            raise UserError(f"{path}: the prepared dataset has no rows")
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[int(i)]
+
+
+def load_rows(path: str, tok, max_len: int):
+    """Rows from a prepared dir or a prompt/completion JSONL file."""
+    import os
+
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "manifest.json")):
+            raise UserError(f"--data {path}: no manifest.json; prepare it with `lora-ds prep`")
+        return PreparedRows(path)
+    if not os.path.isfile(path):
+        raise UserError(f"--data {path}: no such file or directory")
+    if not path.endswith((".jsonl", ".json")):
+        raise UserError(f"--data {path}: expected a prepared dir or a .jsonl file of prompt/completion records")
+    return read_jsonl_pairs(path, tok, max_len)
+
+
+class StepSampler:
+    """Which rows each rank reads at each optimizer step: seeded per epoch, resumable at any step.
+
+    A step takes the next micro × accum × world rows of the epoch's permutation, laid out as
+    [accumulation step][rank][micro]; rows left over at an epoch's end are skipped. Being a pure
+    function of (seed, step), the data position needs no state beyond the step counter.
+    """
+
+    def __init__(self, num_rows: int, micro: int, accum: int, world: int, seed: int, source: str = "--data"):
+        self.n, self.micro, self.accum, self.world, self.seed = num_rows, micro, accum, world, seed
+        self.per_step = micro * accum * world
+        self.steps_per_epoch = num_rows // self.per_step
+        if self.steps_per_epoch == 0:
+            raise UserError(f"{source}: {num_rows} rows, but one step needs {self.per_step} "
+                            f"(--micro_batch × --grad_accum × ranks); add data or lower the batch")
+        self._perm_epoch, self._perm = None, None
+
+    def _permutation(self, epoch: int):
+        import torch
+
+        if self._perm_epoch != epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=gen), epoch
+        return self._perm
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        chunk = self._permutation(epoch)[k * self.per_step:(k + 1) * self.per_step]
+        return [chunk[(a * self.world + rank) * self.micro:(a * self.world + rank + 1) * self.micro].tolist()
+                for a in range(self.accum)]
+
+
+def eval_shards(num_rows: int, micro: int, world: int, rank: int) -> list[list[int]]:
+    """This rank's eval micro-batches; -1 pads so every rank runs the same number of forwards (ZeRO-3
+    gathers weights collectively, so ranks must stay in lockstep)."""
+    per_rank = -(-num_rows // world)
+    mine = [i if i < num_rows else -1 for i in range(rank, per_rank * world, world)]
+    return [mine[i:i + micro] for i in range(0, len(mine), micro)]
+
+
+def _is_packed(position_ids) -> bool:
+    return any(p == 0 for p in position_ids[1:])
+
+
+def collate(rows: list[dict], pad_id: int):
+    """Right-pad rows into tensors: input_ids, labels, position_ids, attention_mask.
+
+    Packed rows (position ids restarting at 0) get a 4-D block-causal mask, so attention never
+    crosses an example boundary.
+    """
+    import torch
+
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        pos[i, :n] = torch.tensor(r["position_ids"])
+        mask[i, :n] = 1
+    batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": mask}
+    if any(_is_packed(r["position_ids"]) for r in rows):
+        from lora_ds.packing import block_causal_mask
+
+        batch["attention_mask"] = block_causal_mask(pos, mask, torch.float32)
+    return batch

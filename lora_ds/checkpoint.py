@@ -1,0 +1,126 @@
+"""Checkpoints: OUTPUT/checkpoints/<tag>/ holds the LoRA params and their optimizer state, never the base.
+
+Layout of one tag (written by every rank, then sealed by rank 0):
+    zero_pp_rank_<r>_mp_rank_00_{model,optim}_states.pt   DeepSpeed's files, frozen base excluded
+    rng_rank<r>.safetensors                               this rank's RNG state (dropout)
+    adapter_config.json, run_config.json                  what the adapter is and how it was trained
+    trainer_state.json                                    step, samples, world size; written last:
+                                                          a tag without it is incomplete
+`latest` names the newest complete tag and is replaced atomically only after the tag is sealed.
+Data position needs no file: the sampler is a function of the step (lora_ds/data.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+
+import torch
+
+from lora_ds.errors import UserError
+from lora_ds.fsutil import write_json, write_text
+
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+TAG_RE = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _rng_file(tag_dir: str, rank: int) -> str:
+    return os.path.join(tag_dir, f"rng_rank{rank:05d}.safetensors")
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save(engine, root: str, step: int, trainer_state: dict, extra_json: dict, keep: int) -> str:
+    """Save a checkpoint of `engine` at `step` (collective: every rank calls it). Returns the tag."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    rank = dist.get_rank()
+    tag = tag_for(step)
+    tag_dir = os.path.join(root, tag)
+    if rank == 0 and os.path.isdir(tag_dir):
+        shutil.rmtree(tag_dir)  # a leftover from a run that died mid-save, or a re-run of this step
+    dist.barrier()
+    engine.save_checkpoint(root, tag, exclude_frozen_parameters=True, save_latest=False)
+    save_file(_rng_state(), _rng_file(tag_dir, rank))
+    dist.barrier()
+    if rank == 0:
+        for name, obj in extra_json.items():
+            write_json(os.path.join(tag_dir, name), obj)
+        write_json(os.path.join(tag_dir, STATE_FILE), trainer_state)
+        write_text(os.path.join(root, LATEST), tag + "\n")
+        _prune(root, keep)
+    dist.barrier()
+    return tag
+
+
+def _prune(root: str, keep: int) -> None:
+    tags = sorted(t for t in os.listdir(root) if TAG_RE.match(t))
+    for old in tags[:-keep]:
+        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+
+
+def is_complete(tag_dir: str) -> bool:
+    return os.path.isfile(os.path.join(tag_dir, STATE_FILE))
+
+
+def resolve_tag(root: str, requested: str) -> str | None:
+    """The tag to resume from: `requested`, or what `latest` names for 'auto'; None if there is none."""
+    if requested == "never":
+        return None
+    if requested != "auto":
+        if not is_complete(os.path.join(root, requested)):
+            raise UserError(f"--resume {requested}: {os.path.join(root, requested)} is not a complete checkpoint")
+        return requested
+    latest = os.path.join(root, LATEST)
+    if not os.path.isfile(latest):
+        partial = [t for t in os.listdir(root) if TAG_RE.match(t)] if os.path.isdir(root) else []
+        if partial:
+            warnings.warn(f"{root}: checkpoint dirs {sorted(partial)} but no 'latest' file; starting fresh")
+        return None
+    with open(latest) as f:
+        tag = f.read().strip()
+    if not is_complete(os.path.join(root, tag)):
+        raise UserError(f"{latest} names {tag!r}, which is missing or incomplete; "
+                        f"point it at a complete tag or pass --resume never")
+    return tag
+
+
+def read_state(root: str, tag: str) -> dict:
+    with open(os.path.join(root, tag, STATE_FILE)) as f:
+        return json.load(f)
+
+
+def load(engine, root: str, tag: str) -> dict:
+    """Restore model (LoRA), optimizer, scheduler and this rank's RNG from `tag`. Returns its trainer state."""
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    state = read_state(root, tag)
+    load_path, _ = engine.load_checkpoint(root, tag, load_module_strict=False, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise UserError(f"{os.path.join(root, tag)}: DeepSpeed could not load this checkpoint")
+    rank = dist.get_rank()
+    rng_path = _rng_file(os.path.join(root, tag), rank)
+    if state["world_size"] == dist.get_world_size() and os.path.isfile(rng_path):
+        rng = load_file(rng_path)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    elif rank == 0:
+        warnings.warn(f"{tag}: written by {state['world_size']} ranks, resumed on {dist.get_world_size()}; "
+                      "dropout RNG streams start fresh")
+    return state

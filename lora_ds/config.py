@@ -1,0 +1,249 @@
+"""The run configuration: one typed dataclass tree, defaults < config file < command-line flags.
+
+Every field documents itself and names its flag; `parse_config(argv)` builds the parser from these
+fields, so a flag, a config-file key and a `run_config.json` entry are always the same thing.
+The DeepSpeed batch math lives here, in `resolve_ds_config`, and nowhere else.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+from lora_ds.errors import UserError
+
+DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launcher", "demo")
+
+
+def _f(default, flag: str, help: str, **kw):
+    return field(default=default, metadata={"flag": flag, "help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("preset:tiny-gpt-neox", "--model",
+                   "a local Hugging Face model dir, or preset:NAME (random weights; see lora_ds/model.py)")
+    tokenizer: str | None = _f(None, "--tokenizer",
+                               "tokenizer dir or tokenizer.model; default: the model dir (the demo's for presets)")
+    dtype: str = _f("bf16", "--dtype", "compute dtype: bf16 or fp32 (fp32 master weights either way)")
+    grad_ckpt: bool = _f(False, "--grad_ckpt", "activation (gradient) checkpointing of the transformer blocks")
+    attn_implementation: str = _f("sdpa", "--attn_implementation", "sdpa, eager or flash_attention_2")
+
+    def __post_init__(self):
+        if self.dtype not in ("bf16", "fp32"):
+            raise UserError(f"--dtype {self.dtype}: choose bf16 or fp32 (fp16 is not supported)")
+        if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
+            raise UserError(f"--attn_implementation {self.attn_implementation}: choose sdpa, eager or flash_attention_2")
+
+
+@dataclass
+class LoraConfig:
+    r: int = _f(8, "--lora_r", "rank r of the update B·A")
+    alpha: float = _f(16.0, "--lora_alpha", "scale numerator: s = alpha / r")
+    dropout: float = _f(0.0, "--lora_dropout", "dropout on the LoRA path's input")
+    targets: list[str] | str | None = _f(
+        None, "--lora_targets",
+        "module names (comma-separated, PEFT's suffix rule) or a regex (re:PATTERN, whole name); "
+        "default: the architecture's attention query and value projections")
+    rslora: bool = _f(False, "--rslora", "rank-stabilized scale s = alpha / sqrt(r)")
+
+    def __post_init__(self):
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise UserError(f"--lora_r {self.r}: the rank must be a positive integer")
+        if not self.alpha > 0:
+            raise UserError(f"--lora_alpha {self.alpha}: alpha must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--lora_dropout {self.dropout}: must be in [0, 1)")
+        if isinstance(self.targets, str) and not self.targets.startswith("re:"):
+            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+
+    def target_spec(self):
+        """A list of names, or the regex string (without its `re:` prefix)."""
+        if isinstance(self.targets, str):
+            return self.targets[len("re:"):]
+        return self.targets
+
+
+@dataclass
+class DataConfig:
+    path: str = _f(os.path.join(DEMO_DIR, "train.jsonl"), "--data",
+                   "prepared dir (lora-ds prep) or JSONL of {prompt, completion} records")
+    eval_path: str | None = _f(os.path.join(DEMO_DIR, "eval.jsonl"), "--eval_data",
+                               "held-out split for eval loss (same formats); empty string: none")
+    max_len: int = _f(512, "--max_len", "tokens per example (JSONL input; prepared dirs are already cut)")
+
+    def __post_init__(self):
+        if self.max_len < 2:
+            raise UserError(f"--max_len {self.max_len}: must be at least 2")
+        if self.eval_path == "":
+            self.eval_path = None
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("runs/demo", "--output_dir", "where checkpoints, metrics and the adapter go")
+    ds_config: str = _f("ds_configs/zero3.json", "--ds_config", "DeepSpeed config (JSON); 'auto' values are filled")
+    lr: float = _f(2e-4, "--lr", "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.1, "--weight_decay", "AdamW weight decay on the LoRA factors")
+    warmup: int = _f(0, "--warmup", "linear warm-up steps; then linear decay to 0 at the last step")
+    max_steps: int = _f(0, "--max_steps", "optimizer steps; 0: derive from --epochs")
+    epochs: float = _f(1.0, "--epochs", "passes over the data when --max_steps is 0")
+    micro_batch: int = _f(4, "--micro_batch", "sequences per rank per forward")
+    grad_accum: int = _f(1, "--grad_accum", "micro-batches accumulated per optimizer step")
+    max_grad_norm: float = _f(1.0, "--max_grad_norm", "gradient clipping (global L2 norm); 0: off")
+    seed: int = _f(42, "--seed", "seed of the LoRA init, data order and dropout")
+    log_every: int = _f(1, "--log_every", "steps between metrics.jsonl lines")
+    eval_every: int = _f(0, "--eval_every", "steps between eval-loss passes; 0: only at the end")
+    save_every: int = _f(0, "--save_every", "steps between checkpoints; 0: only at the end")
+    keep_checkpoints: int = _f(2, "--keep_checkpoints", "newest checkpoints kept; older ones are deleted")
+    resume: str = _f("auto", "--resume", "auto (latest checkpoint if any), never, or a checkpoint tag")
+    halt_at_step: int = _f(0, "--halt_at_step", "save and stop after this step, as a preemption would (0: off)")
+
+    def __post_init__(self):
+        for name in ("micro_batch", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} {getattr(self, name)}: must be at least 1")
+        for name in ("warmup", "max_steps", "eval_every", "save_every", "halt_at_step", "max_grad_norm",
+                     "weight_decay"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} {getattr(self, name)}: must not be negative")
+        if self.keep_checkpoints < 1:
+            raise UserError(f"--keep_checkpoints {self.keep_checkpoints}: keep at least 1")
+        if not self.lr > 0:
+            raise UserError(f"--lr {self.lr}: must be positive")
+        if self.max_steps == 0 and not self.epochs > 0:
+            raise UserError("--epochs must be positive when --max_steps is 0")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTION_TYPES = {"model": ModelConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _flag_fields():
+    for section, cls in SECTION_TYPES.items():
+        for f in dataclasses.fields(cls):
+            yield section, f
+
+
+def _read_config_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"--config {path}: no such file")
+    with open(path) as fh:
+        text = fh.read()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except (ValueError, ImportError) as e:
+        raise UserError(f"{path}: cannot parse ({e})") from e
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of sections ({', '.join(SECTION_TYPES)})")
+    for section, values in data.items():
+        if section not in SECTION_TYPES:
+            raise UserError(f"{path}: unknown section {section!r}; sections are {', '.join(SECTION_TYPES)}")
+        if not isinstance(values, dict):
+            raise UserError(f"{path}: section {section!r} must be a mapping")
+        known = {f.name for f in dataclasses.fields(SECTION_TYPES[section])}
+        for key in values:
+            if key not in known:
+                raise UserError(f"{path}: unknown key {section}.{key}; known keys: {', '.join(sorted(known))}")
+    return data
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="LoRA fine-tuning on DeepSpeed ZeRO-3",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="YAML or JSON file with sections model/lora/data/train; flags override it")
+    # The deepspeed launcher appends --local_rank; the rank itself is read from the environment.
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    for section, f in _flag_fields():
+        flag, help_text = f.metadata["flag"], f.metadata["help"]
+        dest = f"{section}.{f.name}"
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            parser.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> RunConfig:
+    """Resolve defaults < --config file < flags into a validated RunConfig."""
+    args = build_parser().parse_args(argv)
+    values = {section: {} for section in SECTION_TYPES}
+    if args.config:
+        for section, items in _read_config_file(args.config).items():
+            values[section].update(items)
+    for section, f in _flag_fields():
+        flag_value = getattr(args, f"{section}.{f.name}")
+        if flag_value is not None:
+            values[section][f.name] = flag_value
+    try:
+        return RunConfig(**{section: SECTION_TYPES[section](**values[section]) for section in SECTION_TYPES})
+    except TypeError as e:
+        raise UserError(f"{args.config or 'flags'}: {e}") from e
+
+
+def load_ds_config(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"--ds_config {path}: no such file; see ds_configs/ for the shipped ones")
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from e
+
+
+def _fill(ds: dict, key: str, value, path: str, source: str) -> None:
+    current = ds.get(key, "auto")
+    if current == "auto":
+        ds[key] = value
+    elif current != value:
+        raise UserError(f"{path}: {key} is {current!r} but {source} gives {value!r}; "
+                        f"set it to \"auto\" or make them agree")
+
+
+def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict:
+    """The DeepSpeed config of this run: the file's settings, with batch math, clipping and dtype filled.
+
+    train_batch_size = micro_batch × grad_accum × world_size is the one batch rule; any value the
+    file sets explicitly must agree with the flags.
+    """
+    path = cfg.train.ds_config
+    ds = copy.deepcopy(load_ds_config(path))
+    t = cfg.train
+    _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch, path, "--micro_batch")
+    _fill(ds, "gradient_accumulation_steps", t.grad_accum, path, "--grad_accum")
+    _fill(ds, "train_batch_size", t.micro_batch * t.grad_accum * world_size, path,
+          f"--micro_batch × --grad_accum × world size ({t.micro_batch} × {t.grad_accum} × {world_size})")
+    _fill(ds, "gradient_clipping", t.max_grad_norm, path, "--max_grad_norm")
+    bf16 = ds.setdefault("bf16", {})
+    _fill(bf16, "enabled", cfg.model.dtype == "bf16", path + " bf16", "--dtype")
+    if ds.get("fp16", {}).get("enabled") in (True, "auto"):
+        raise UserError(f"{path}: fp16 is not supported; use bf16 (set fp16.enabled to false)")
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage") not in (2, 3):
+        raise UserError(f"{path}: zero_optimization.stage must be 2 or 3, got {zero.get('stage')!r}")
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise UserError(f"{path}: remove the {key!r} section; lora-ds builds AdamW and its schedule from "
+                            f"--lr, --weight_decay and --warmup")
+    ds.setdefault("steps_per_print", 1 << 30)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds

@@ -1,0 +1,41 @@
+"""AdamW over the LoRA factors, its warm-up/decay schedule, and the DeepSpeed engine around them."""
+from __future__ import annotations
+
+import torch
+
+
+class WarmupLinear:
+    """LR multiplier: linear warm-up over `warmup` steps, then linear decay to 0 at `total` steps.
+
+    A class rather than a lambda so the scheduler's state_dict records it.
+    """
+
+    def __init__(self, warmup: int, total: int):
+        self.warmup, self.total = warmup, total
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        return max(0.0, (self.total - step) / max(1, self.total - self.warmup))
+
+
+def build_optimizer(params, lr: float, weight_decay: float, ds_config: dict):
+    """AdamW (the paper's optimizer). DeepSpeed's CPU Adam when ZeRO offloads the optimizer state."""
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload in ("cpu", "nvme"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, adamw_mode=True)
+    fused = torch.cuda.is_available()
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused, foreach=not fused)
+
+
+def build_engine(model, lora_params: list, cfg, ds_config: dict, total_steps: int):
+    """deepspeed.initialize with only the LoRA params given to the optimizer."""
+    import deepspeed
+
+    optimizer = build_optimizer(lora_params, cfg.train.lr, cfg.train.weight_decay, ds_config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupLinear(cfg.train.warmup, total_steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=lora_params, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=ds_config)
+    return engine
