@@ -143,14 +143,11 @@ def _read_config_file(path: str) -> dict:
         raise UserError(f"--config {path}: no such file")
     with open(path) as fh:
         text = fh.read()
-    try:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
+    import yaml
 
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-    except (ValueError, ImportError) as e:
+    try:
+        data = (yaml.safe_load(text) or {}) if path.endswith((".yaml", ".yml")) else json.loads(text)
+    except (ValueError, yaml.YAMLError) as e:
         raise UserError(f"{path}: cannot parse ({e})") from e
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of sections ({', '.join(SECTION_TYPES)})")

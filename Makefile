@@ -1,0 +1,30 @@
+# make demo   -- set up .venv (first time) and train the embedded demo (2 CPU ranks without a GPU)
+# make test   -- set up .venv (first time) and run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is installed before the project so that a bare `torch` requirement never pulls a CUDA build on a
+# CPU machine. Elsewhere: make setup TORCH_SPEC=torch==2.13.0 PIP_TORCH_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.13.0
+PIP_TORCH_ARGS ?=
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: setup demo test
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: setup
+ifeq ($(HAS_GPU),1)
+	$(VENV)/bin/deepspeed launcher/train.py --ds_config ds_configs/zero3.json
+else
+	DS_ACCELERATOR=cpu $(VENV)/bin/deepspeed --num_gpus 2 launcher/train.py --ds_config ds_configs/zero3.json
+endif
+
+test: setup
+	$(PY) -m pytest -q

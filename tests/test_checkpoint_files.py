@@ -1,0 +1,45 @@
+"""Which checkpoint a run resumes from: `latest`, complete tags, and the errors around them."""
+from __future__ import annotations
+
+import pytest
+
+from lora_ds.checkpoint import STATE_FILE, resolve_tag
+from lora_ds.errors import UserError
+
+
+def make_tag(root, tag, complete=True):
+    (root / tag).mkdir(parents=True)
+    if complete:
+        (root / tag / STATE_FILE).write_text('{"step": 1, "world_size": 2}')
+
+
+def test_no_checkpoint_dir_starts_fresh(tmp_path):
+    assert resolve_tag(str(tmp_path / "none"), "auto") is None
+
+
+def test_latest_names_the_tag_to_resume(tmp_path):
+    make_tag(tmp_path, "step_00000004")
+    (tmp_path / "latest").write_text("step_00000004\n")
+    assert resolve_tag(str(tmp_path), "auto") == "step_00000004"
+    assert resolve_tag(str(tmp_path), "never") is None
+
+
+def test_tags_without_latest_warn_and_start_fresh(tmp_path):
+    make_tag(tmp_path, "step_00000004", complete=False)
+    with pytest.warns(UserWarning, match="no 'latest' file"):
+        assert resolve_tag(str(tmp_path), "auto") is None
+
+
+@pytest.mark.parametrize("complete", [False, None])
+def test_latest_naming_a_missing_or_partial_tag_is_an_error(tmp_path, complete):
+    if complete is not None:
+        make_tag(tmp_path, "step_00000008", complete=complete)
+    (tmp_path / "latest").write_text("step_00000008")
+    with pytest.raises(UserError, match="names 'step_00000008', which is missing or incomplete"):
+        resolve_tag(str(tmp_path), "auto")
+
+
+def test_explicit_resume_tag_must_be_complete(tmp_path):
+    make_tag(tmp_path, "step_00000002", complete=False)
+    with pytest.raises(UserError, match="--resume step_00000002"):
+        resolve_tag(str(tmp_path), "step_00000002")
