@@ -37,6 +37,19 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+class LoRAUp(nn.Linear):
+    """B, as a Linear whose forward adds s·B·(A·x) into the base output with one GEMM (addmm, beta = 1),
+    instead of a GEMM, a scale and an add over the full output. Being a module call, ZeRO-3 gathers B."""
+
+    def __init__(self, r: int, out_features: int):
+        super().__init__(r, out_features, bias=False)
+
+    def forward(self, ax: torch.Tensor, base_out: torch.Tensor, scale: float) -> torch.Tensor:
+        flat = torch.addmm(base_out.reshape(-1, self.out_features), ax.reshape(-1, self.in_features).to(
+            base_out.dtype), self.weight.t().to(base_out.dtype), alpha=scale)
+        return flat.view(base_out.shape)
+
+
 class LoRALinear(nn.Module):
     """A frozen `nn.Linear` (or GPT-2 `Conv1D`) plus a trainable low-rank update."""
 
@@ -53,12 +66,15 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.r = r
         self.scaling = alpha / (math.sqrt(r) if rslora else r)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        factory = {"dtype": torch.float32}
-        self.lora_A = nn.Linear(in_features, r, bias=False, **factory)
-        self.lora_B = nn.Linear(r, out_features, bias=False, **factory)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else None
+        # The factors take the base weight's dtype (bf16 in training: DeepSpeed keeps their fp32 master
+        # copies), so the LoRA path runs in the same precision as the base GEMM with no casts.
+        self.lora_A = nn.Linear(in_features, r, bias=False)
+        self.lora_B = LoRAUp(r, out_features)
         self.merged = False
         self.reset_lora_parameters()
+        self.lora_A.to(base_layer.weight.dtype)
+        self.lora_B.to(base_layer.weight.dtype)
 
     def reset_lora_parameters(self) -> None:
         # PEFT's default init: A ~ kaiming_uniform(a=sqrt(5)), B = 0.
@@ -69,8 +85,9 @@ class LoRALinear(nn.Module):
         result = self.base_layer(x)
         if self.merged:
             return result
-        lora_x = self.lora_dropout(x).to(self.lora_A.weight.dtype)
-        return result + (self.lora_B(self.lora_A(lora_x)) * self.scaling).to(result.dtype)
+        if self.lora_dropout is not None:
+            x = self.lora_dropout(x)
+        return self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype)), result, self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         return delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out)

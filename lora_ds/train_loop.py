@@ -14,14 +14,17 @@ import torch.nn.functional as F
 from lora_ds.data import IGNORE_INDEX, collate, eval_shards
 
 
-def lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over target tokens (labels != -100), computed in fp32."""
+def lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean next-token cross-entropy over target tokens (labels != -100) in fp32, number of target tokens).
+
+    Both stay on the device: reading them back would stall the step.
+    """
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 position_ids=batch["position_ids"])
     logits = out.logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX)
-    return loss, int((labels != IGNORE_INDEX).sum())
+    return loss, (labels != IGNORE_INDEX).sum()
 
 
 def peak_memory_gib() -> float:
@@ -74,19 +77,18 @@ class Loop:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def train_step(self, step: int) -> tuple[torch.Tensor, int, int]:
-        """One optimizer step over this rank's micro-batches: (sum of micro-batch losses, target tokens, tokens)."""
+    def train_step(self, step: int) -> tuple[torch.Tensor, int]:
+        """One optimizer step over this rank's micro-batches: (sum of micro-batch losses, tokens read)."""
         loss_sum = torch.zeros((), device=self.device)
-        targets = tokens = 0
+        tokens = 0
         for indices in self.sampler.micro_batches(step, self.rank):
             rows = [self.rows[i] for i in indices]
             tokens += sum(len(r["input_ids"]) for r in rows)
-            loss, n_targets = lm_loss(self.engine, self._to_device(collate(rows, self.pad_id)))
+            loss, _ = lm_loss(self.engine, self._to_device(collate(rows, self.pad_id)))
             self.engine.backward(loss)
             self.engine.step()
             loss_sum += loss.detach()
-            targets += n_targets
-        return loss_sum, targets, tokens
+        return loss_sum, tokens
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -105,9 +107,8 @@ class Loop:
                 rows.append(row)
             batch = self._to_device(collate(rows, self.pad_id))
             loss, n = lm_loss(self.engine, batch)
-            if n:
-                totals += torch.stack([loss.double() * n, torch.tensor(float(n), device=self.device,
-                                                                        dtype=torch.float64)])
+            # A batch of padding only has a NaN mean loss and weight 0.
+            totals += torch.stack([torch.nan_to_num(loss.double()) * n, n.double()])
         dist.all_reduce(totals)
         self.engine.train()
         return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
@@ -125,7 +126,7 @@ class Loop:
         window_start, outcome = time.perf_counter(), "done"
         try:
             for step in range(start_step, self.total_steps):
-                loss_sum, _, tokens = self.train_step(step)
+                loss_sum, tokens = self.train_step(step)
                 window += torch.stack([loss_sum.double(), torch.tensor(float(self.sampler.accum),
                                                                         device=self.device, dtype=torch.float64),
                                        torch.tensor(float(tokens), device=self.device, dtype=torch.float64)])
