@@ -105,8 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     loop = Loop(engine=engine, rows=rows, eval_rows=eval_rows, sampler=sampler, pad_id=tok.pad_token_id,
                 total_steps=total_steps, output_dir=out, log_every=cfg.train.log_every,
                 eval_every=cfg.train.eval_every, save_every=cfg.train.save_every,
-                halt_at_step=cfg.train.halt_at_step, save_fn=save, rank=rank, world=world, device=engine.device)
+                halt_at_step=cfg.train.halt_at_step, save_fn=save, rank=rank, world=world, device=engine.device,
+                max_skipped_steps=cfg.train.max_skipped_steps)
     outcome = loop.run(start_step)
+    if outcome == "nonfinite":
+        last = checkpoint.resolve_tag(ckpt_root, "auto")
+        if rank == 0:
+            print(f"train: error: more than {cfg.train.max_skipped_steps} steps had NaN/Inf gradients "
+                  f"(--max_skipped_steps); stopped without saving. The last good checkpoint is "
+                  f"{os.path.join(ckpt_root, last) if last else 'none (no checkpoint was saved)'}; "
+                  f"check the data and --lr before resuming", file=sys.stderr, flush=True)
+        return 3
     if outcome != "done":
         if rank == 0:
             print(f"stopped after a checkpoint ({outcome}); rerun the same command to resume", flush=True)

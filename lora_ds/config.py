@@ -101,13 +101,15 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "--keep_checkpoints", "newest checkpoints kept; older ones are deleted")
     resume: str = _f("auto", "--resume", "auto (latest checkpoint if any), never, or a checkpoint tag")
     halt_at_step: int = _f(0, "--halt_at_step", "save and stop after this step, as a preemption would (0: off)")
+    max_skipped_steps: int = _f(10, "--max_skipped_steps",
+                                "steps with NaN/Inf gradients skipped before the run stops at its last checkpoint")
 
     def __post_init__(self):
         for name in ("micro_batch", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} {getattr(self, name)}: must be at least 1")
         for name in ("warmup", "max_steps", "eval_every", "save_every", "halt_at_step", "max_grad_norm",
-                     "weight_decay"):
+                     "weight_decay", "max_skipped_steps"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} {getattr(self, name)}: must not be negative")
         if self.keep_checkpoints < 1:

@@ -69,6 +69,7 @@ class Loop:
     save_every: int
     halt_at_step: int
     save_fn: object  # save_fn(step) -> tag
+    max_skipped_steps: int = 10
     rank: int = 0
     world: int = 1
     device: object = None
@@ -114,7 +115,13 @@ class Loop:
         return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
 
     def run(self, start_step: int) -> str:
-        """Train from `start_step` to the end; returns why it stopped: 'done', 'halt' or the signal name."""
+        """Train from `start_step` to the end; returns why it stopped: 'done', 'halt', 'nonfinite' or the
+        signal name.
+
+        A step whose gradients hold NaN/Inf is skipped by DeepSpeed (no update, counted in
+        engine.skipped_steps); past `max_skipped_steps` the run stops without saving, so the last
+        checkpoint is the last good state.
+        """
         import torch.distributed as dist
         from tqdm import tqdm
 
@@ -127,6 +134,9 @@ class Loop:
         try:
             for step in range(start_step, self.total_steps):
                 loss_sum, tokens = self.train_step(step)
+                if self.engine.skipped_steps > self.max_skipped_steps:
+                    outcome = "nonfinite"
+                    break
                 window += torch.stack([loss_sum.double(), torch.tensor(float(self.sampler.accum),
                                                                         device=self.device, dtype=torch.float64),
                                        torch.tensor(float(tokens), device=self.device, dtype=torch.float64)])
@@ -136,7 +146,8 @@ class Loop:
                     elapsed = time.perf_counter() - window_start
                     record = {"step": done, "loss": (window[0] / window[1]).item(),
                               "lr": self.engine.get_lr()[0], "tokens": int(window[2].item()),
-                              "tokens_per_s": window[2].item() / elapsed, "peak_mem_gib": peak_memory_gib()}
+                              "tokens_per_s": window[2].item() / elapsed, "peak_mem_gib": peak_memory_gib(),
+                              "skipped_steps": self.engine.skipped_steps}
                     window.zero_()
                     window_start = time.perf_counter()
                     if self.eval_rows is not None and (
