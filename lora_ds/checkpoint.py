@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -25,6 +26,38 @@ from lora_ds.fsutil import write_json, write_text
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
 TAG_RE = re.compile(r"^step_(\d{8})$")
+
+
+def deepspeed_safe_globals() -> list:
+    """The only non-tensor classes DeepSpeed's checkpoint files hold: all that unpickling may build."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
+def load_pt(path: str, map_location="cpu", mmap: bool = False):
+    """Read a DeepSpeed `.pt` file with `weights_only=True` and the allowlist above: no code runs."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[-1][:200]
+        raise UserError(f"{path}: refused to unpickle: it holds objects outside the allowlist of DeepSpeed "
+                        f"checkpoint types ({reason}); this is not a checkpoint lora-ds wrote") from e
+
+
+def install_safe_loading(engine) -> None:
+    """Make `engine.load_checkpoint` read every file through `load_pt` instead of a full unpickle."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return load_pt(path, map_location=map_location or "cpu")
+
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+        engine.checkpoint_engine = SafeTorchCheckpointEngine(config_params=engine._config)
 
 
 def tag_for(step: int) -> str:
@@ -109,6 +142,7 @@ def load(engine, root: str, tag: str) -> dict:
     from safetensors.torch import load_file
 
     state = read_state(root, tag)
+    install_safe_loading(engine)
     load_path, _ = engine.load_checkpoint(root, tag, load_module_strict=False, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:

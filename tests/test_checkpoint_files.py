@@ -43,3 +43,42 @@ def test_explicit_resume_tag_must_be_complete(tmp_path):
     make_tag(tmp_path, "step_00000002", complete=False)
     with pytest.raises(UserError, match="--resume step_00000002"):
         resolve_tag(str(tmp_path), "step_00000002")
+
+
+class Payload:
+    """Unpickling this runs a shell command: what a poisoned checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_carrying_a_payload_is_refused(tmp_path):
+    import torch
+
+    from lora_ds.checkpoint import load_pt
+
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": Payload(marker)}, bad)
+    with pytest.raises(UserError, match="refused to unpickle"):
+        load_pt(str(bad))
+    assert not marker.exists()
+
+
+def test_deepspeed_files_load_with_the_allowlist(tmp_path):
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from lora_ds.checkpoint import load_pt
+
+    good = tmp_path / "optim.pt"
+    torch.save({"zero_stage": ZeroStageEnum.weights, "loss_scaler": LossScaler(1.0),
+                "fp32_flat_groups": [torch.ones(3)]}, good)
+    loaded = load_pt(str(good), mmap=True)
+    assert loaded["zero_stage"] == ZeroStageEnum.weights and loaded["fp32_flat_groups"][0].sum() == 3

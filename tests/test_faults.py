@@ -38,3 +38,20 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_at_its_last_checkpoint(p
     assert [r["skipped_steps"] for r in records] == [1, 2, 3]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert not (tmp_path / "adapter").exists()
+
+
+def test_resume_refuses_a_checkpoint_file_carrying_a_payload(neox_dir, tmp_path):
+    import torch
+
+    from test_checkpoint_files import Payload
+
+    args = ["--model", str(neox_dir), "--output_dir", str(tmp_path / "run"), "--max_steps", "4", "--dtype", "fp32",
+            "--micro_batch", "2", "--data", str(DEMO / "train.jsonl"), "--eval_data", ""]
+    launch([*args, "--halt_at_step", "2"])
+    tag_dir = tmp_path / "run" / "checkpoints" / "step_00000002"
+    marker = tmp_path / "pwned"
+    torch.save({"optimizer_state_dict": Payload(marker)}, tag_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    proc = launch(args, check=False)
+    assert proc.returncode != 0 and not marker.exists()
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt: refused to unpickle" in proc.stderr
+    assert not (tmp_path / "run" / "adapter").exists()
