@@ -1,0 +1,252 @@
+"""Fixture files in each task's real download layouts, written by the tests (nothing is downloaded).
+
+    write_fixture("wikisql-original", tmp_path)   # -> [tmp_path/train.jsonl] (+ train.tables.jsonl beside it)
+    python tests/fixtures_data.py OUT --records 5000   # every set at that size, plus both tokenizers
+
+The records are seeded and synthetic but keep what makes the real files awkward: headers and
+quoting, `\\r\\n` mixed with `\\n`, stray quotes in MNLI sentences, numbers (ints and floats) in
+WikiSQL conditions, duplicate and quoted WikiSQL column names, tables without the optional fields,
+MNLI "-" gold labels, dialogues with commas, quotes and line breaks.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+WORDS = ("river city mayor team player club season goal coach match score county station election party "
+         "village bridge harbour festival school winner runner title album song year round venue").split()
+NAMES = ["Amanda", "Jerry", "Olivia", "Sam", "Kwame", "Zoë", "Łukasz", "O'Neil", "Mary-Jane", "Chen"]
+COLUMNS = [("Player", "text"), ("No.", "real"), ("Height (ft)", "real"), ('Team "Club"', "text"),
+           ("Coach's name", "text"), ("Score", "real"), ("Points AND Goals", "real"), ("Year", "real"),
+           ("Result, notes", "text"), ("Venue", "text"), ("", "text")]
+STRING_VALUES = ["Ayr United", "O'Brien", 'The "Rovers"', "St. Mary's, Leeds", "1–0", "Zoë", "AND", "= x"]
+NUMBER_VALUES = [3, 3.0, 1997, 2.5, -4, 0, 0.75, 100000.0, 12]
+LABELS = ("entailment", "neutral", "contradiction")
+
+
+def _sentence(rng: random.Random, n: int = 8) -> str:
+    words = [rng.choice(WORDS) for _ in range(rng.randint(3, n))]
+    return " ".join(words).capitalize() + "."
+
+
+# ---- WikiSQL ---------------------------------------------------------------------------------------
+
+def wikisql_data(n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(tables, questions) in the original release's layout: conds values are strings, ints or floats."""
+    rng = random.Random(seed)
+    tables = []
+    for t in range(max(4, n // 5)):
+        cols = rng.sample(COLUMNS, rng.randint(2, 6))
+        if t % 3 == 0:
+            cols.append(cols[0])  # a repeated column name, as some WikiSQL tables have
+        table = {"id": f"1-{1000 + t}-1", "header": [c for c, _ in cols], "types": [k for _, k in cols],
+                 "rows": [[rng.choice(STRING_VALUES) if k == "text" else rng.choice(NUMBER_VALUES) for _, k in cols]
+                          for _ in range(2)]}
+        if t % 2 == 0:  # optional fields, present on some tables only
+            table.update(page_title=_sentence(rng, 4), section_title="Results", caption=_sentence(rng, 5),
+                         name=f"table_{t}")
+        tables.append(table)
+    questions = []
+    for i in range(n):
+        table = tables[i % len(tables)]
+        width = len(table["header"])
+        conds = []
+        for _ in range(rng.choice([0, 1, 1, 2, 3])):
+            value = rng.choice(NUMBER_VALUES) if rng.random() < 0.4 else rng.choice(STRING_VALUES)
+            conds.append([rng.randrange(width), rng.randrange(3 if rng.random() < 0.95 else 4), value])
+        questions.append({"phase": 1, "table_id": table["id"], "question": f"What is the {_sentence(rng)[:-1]}?",
+                          "sql": {"sel": rng.randrange(width), "agg": rng.randrange(6), "conds": conds}})
+    return tables, questions
+
+
+def _write_lines(path: Path, records: list[dict]) -> Path:
+    """JSON lines, every third ending in \\r\\n (the downloads mix line endings)."""
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        for i, record in enumerate(records):
+            f.write(json.dumps(record, ensure_ascii=i % 2 == 0) + ("\r\n" if i % 3 == 0 else "\n"))
+    return path
+
+
+def _wikisql_hf_rows(n: int) -> list[dict]:
+    from lora_ds.tasks.wikisql import render_sql
+
+    tables, questions = wikisql_data(n)
+    by_id = {t["id"]: t for t in tables}
+    rows = []
+    for q in questions:
+        t = by_id[q["table_id"]]
+        conds = q["sql"]["conds"]
+        table = {"header": t["header"], "page_title": t.get("page_title", ""), "page_id": "", "types": t["types"],
+                 "id": t["id"], "section_title": t.get("section_title", ""), "caption": t.get("caption", ""),
+                 "rows": [[str(v) for v in row] for row in t["rows"]], "name": t.get("name", "")}
+        sql = {"human_readable": render_sql(q["sql"], t["header"]), "sel": q["sql"]["sel"], "agg": q["sql"]["agg"],
+               "conds": {"column_index": [c[0] for c in conds], "operator_index": [c[1] for c in conds],
+                         "condition": [str(c[2]) for c in conds]}}  # the export stores every value as a string
+        rows.append({"phase": q["phase"], "question": q["question"], "table": table, "sql": sql})
+    return rows
+
+
+def _wikisql_hf_schema():
+    import pyarrow as pa
+
+    strings = pa.list_(pa.string())
+    table = pa.struct([("header", strings), ("page_title", pa.string()), ("page_id", pa.string()),
+                       ("types", strings), ("id", pa.string()), ("section_title", pa.string()),
+                       ("caption", pa.string()), ("rows", pa.list_(strings)), ("name", pa.string())])
+    conds = pa.struct([("column_index", pa.list_(pa.int32())), ("operator_index", pa.list_(pa.int32())),
+                       ("condition", strings)])
+    sql = pa.struct([("human_readable", pa.string()), ("sel", pa.int32()), ("agg", pa.int32()), ("conds", conds)])
+    return pa.schema([("phase", pa.int32()), ("question", pa.string()), ("table", table), ("sql", sql)])
+
+
+# ---- MNLI ------------------------------------------------------------------------------------------
+
+def mnli_data(n: int, seed: int = 1) -> list[dict]:
+    """Records with the MultiNLI fields; about one in ten has no majority label ("-")."""
+    rng = random.Random(seed)
+    quirks = ['He said "no way.', "It's the '90s", 'a "quoted" phrase', "5' 11\" tall", "tab-free text"]
+    out = []
+    for i in range(n):
+        premise = f"{_sentence(rng, 12)} {rng.choice(quirks)}" if i % 4 == 0 else _sentence(rng, 14)
+        votes = [rng.choice(LABELS) for _ in range(5)]
+        gold = "-" if i % 10 == 7 else rng.choice(LABELS)
+        out.append({"annotator_labels": votes, "genre": rng.choice(["fiction", "government", "travel"]),
+                    "gold_label": gold, "pairID": f"{1000 + i}{'enc'[i % 3]}", "promptID": str(1000 + i),
+                    "sentence1": premise, "sentence2": _sentence(rng, 9),
+                    "sentence1_binary_parse": "( x )", "sentence2_binary_parse": "( y )",
+                    "sentence1_parse": "(ROOT (S x))", "sentence2_parse": "(ROOT (S y))"})
+    return out
+
+
+def _write_glue_tsv(path: Path, records: list[dict], labels: int) -> Path:
+    """GLUE's layout: train has label1 + gold_label, dev label1..label5 + gold_label, test none."""
+    label_cols = [f"label{k}" for k in range(1, labels + 1)] + (["gold_label"] if labels else [])
+    header = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+              "sentence1_parse", "sentence2_parse", "sentence1", "sentence2"] + label_cols
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write("\t".join(header) + "\n")
+        for i, r in enumerate(r for r in records if r["gold_label"] != "-"):  # GLUE dropped them
+            fields = [str(i), r["promptID"], r["pairID"], r["genre"], r["sentence1_binary_parse"],
+                      r["sentence2_binary_parse"], r["sentence1_parse"], r["sentence2_parse"], r["sentence1"],
+                      r["sentence2"]] + r["annotator_labels"][:labels] + ([r["gold_label"]] if labels else [])
+            f.write("\t".join(fields) + ("\r\n" if i % 3 == 0 else "\n"))
+    return path
+
+
+def _mnli_hf_rows(n: int) -> list[dict]:
+    return [{"premise": r["sentence1"], "hypothesis": r["sentence2"], "label": LABELS.index(r["gold_label"]),
+             "idx": i} for i, r in enumerate(r for r in mnli_data(n) if r["gold_label"] != "-")]
+
+
+# ---- SAMSum ----------------------------------------------------------------------------------------
+
+def samsum_data(n: int, seed: int = 2) -> list[dict]:
+    """{id, dialogue, summary}: utterances joined by \\r\\n or \\n (mixed within a dialogue)."""
+    rng = random.Random(seed)
+    extras = ["ok, see you at 5?", 'she said "maybe"', "I'll bring it :-)", "lol 😂", "fine,fine,fine",
+              "<file_photo>"]
+    out = []
+    for i in range(n):
+        speakers = rng.sample(NAMES, 2)
+        lines = [f"{speakers[k % 2]}: {_sentence(rng, 10) if k % 3 else rng.choice(extras)}"
+                 for k in range(rng.randint(2, 7))]
+        dialogue = ""
+        for k, line in enumerate(lines):
+            dialogue += line + ("" if k == len(lines) - 1 else rng.choice(["\r\n", "\n"]))
+        summary = f"{speakers[0]} and {speakers[1]} talk about the {rng.choice(WORDS)}, {rng.choice(WORDS)}."
+        out.append({"id": f"13{680000 + i * 7}", "summary": summary, "dialogue": dialogue})
+    return out
+
+
+# ---- writing the sets ------------------------------------------------------------------------------
+
+def _write_parquet(path: Path, rows: list[dict], schema=None) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return path
+
+
+def write_fixture(name: str, directory: Path, n: int = 40) -> list[Path]:
+    """Write fixture set `name` (one of FIXTURES) with about `n` records; returns the --src paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if name == "wikisql-original":
+        tables, questions = wikisql_data(n)
+        _write_lines(directory / "train.tables.jsonl", tables)
+        return [_write_lines(directory / "train.jsonl", questions)]
+    if name == "wikisql-hf-parquet":
+        return [_write_parquet(directory / "train-00000-of-00001.parquet", _wikisql_hf_rows(n), _wikisql_hf_schema())]
+    if name == "wikisql-hf-jsonl":
+        return [_write_lines(directory / "train.jsonl", _wikisql_hf_rows(n))]
+    if name == "mnli-glue":
+        return [_write_glue_tsv(directory / "train.tsv", mnli_data(n), labels=1)]
+    if name == "mnli-glue-dev":
+        return [_write_glue_tsv(directory / "dev_matched.tsv", mnli_data(n), labels=5)]
+    if name == "mnli-original":
+        return [_write_lines(directory / "multinli_1.0_train.jsonl", mnli_data(n))]
+    if name == "mnli-hf-parquet":
+        return [_write_parquet(directory / "train-00000-of-00001.parquet", _mnli_hf_rows(n))]
+    if name == "mnli-hf-jsonl":
+        return [_write_lines(directory / "train.jsonl", _mnli_hf_rows(n))]
+    if name == "samsum-corpus":
+        path = directory / "train.json"
+        path.write_text(json.dumps(samsum_data(n), indent=2, ensure_ascii=False), encoding="utf-8")
+        return [path]
+    if name == "samsum-csv":
+        path = directory / "samsum-train.csv"
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)  # quotes fields holding commas, quotes or line breaks; rows end in \r\n
+            writer.writerow(["id", "dialogue", "summary"])
+            writer.writerows([r["id"], r["dialogue"], r["summary"]] for r in samsum_data(n))
+        return [path]
+    if name == "samsum-hf-parquet":
+        return [_write_parquet(directory / "train-00000-of-00001.parquet", samsum_data(n))]
+    if name == "samsum-hf-jsonl":
+        return [_write_lines(directory / "train.jsonl", samsum_data(n))]
+    raise ValueError(f"unknown fixture {name!r}")
+
+
+FIXTURES = {  # fixture set -> task
+    "wikisql-original": "wikisql", "wikisql-hf-parquet": "wikisql", "wikisql-hf-jsonl": "wikisql",
+    "mnli-glue": "mnli", "mnli-glue-dev": "mnli", "mnli-original": "mnli", "mnli-hf-parquet": "mnli",
+    "mnli-hf-jsonl": "mnli",
+    "samsum-corpus": "samsum", "samsum-csv": "samsum", "samsum-hf-parquet": "samsum", "samsum-hf-jsonl": "samsum",
+}
+
+
+def tokenizer_texts(n: int = 40) -> list[str]:
+    """Text of every task's fixtures, rendered with the task templates, to train the test tokenizers on."""
+    from lora_ds.tasks import mnli, samsum, wikisql
+
+    tables, questions = wikisql_data(n)
+    by_id = {t["id"]: t for t in tables}
+    texts = ["".join(wikisql.render({**q, **by_id[q["table_id"]]})) for q in questions]
+    texts += ["".join(mnli.render({"premise": r["sentence1"], "hypothesis": r["sentence2"], "label": label}))
+              for r in mnli_data(n) for label in LABELS[:1]]
+    texts += ["".join(samsum.render(r)) for r in samsum_data(n)]
+    return texts
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write every fixture set at a given size, plus both test tokenizers, for measuring prep by hand."""
+    import argparse
+
+    from tokenizers_util import train_bpe_tokenizer, train_sentencepiece_model
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--records", type=int, default=40)
+    args = parser.parse_args(argv)
+    train_bpe_tokenizer(tokenizer_texts(), args.out / "bpe")
+    train_sentencepiece_model(tokenizer_texts(), args.out / "sp" / "tokenizer.model")
+    for name, task in FIXTURES.items():
+        src = write_fixture(name, args.out / name, args.records)
+        print(f"{task} {' '.join(map(str, src))}")
+
+
+if __name__ == "__main__":
+    main()
