@@ -29,7 +29,7 @@ from lora_ds.tasks.wikisql import parse_sql
 DEFAULT_MAX_NEW_TOKENS = {"wikisql": 128, "mnli": 8, "samsum": 128}
 # Which numbers the printed table shows, per task, in order.
 TABLE_COLUMNS = {
-    "wikisql": ("n", "lf_accuracy", "ex_accuracy", "unparsed"),
+    "wikisql": ("n", "lf_accuracy", "ex_accuracy", "unparsed", "gold_exec_errors"),
     "mnli": ("n", "accuracy_constrained", "accuracy_generated", "unparsed_generated"),
     "samsum": ("n", *metrics.ROUGE_TYPES),
 }
@@ -62,14 +62,14 @@ class EvalSet:
 
 
 def split_name(path: str, task: str) -> str:
-    """A split's name from its file name: MNLI's files are 'matched' or 'mismatched'; else the name up to
-    its first '.' or '-' (dev.jsonl -> dev, validation-00000-of-00001.parquet -> validation)."""
-    name = os.path.basename(path)
+    """A split's name from its file name: MNLI's files are 'matched' or 'mismatched'; else the name without
+    its extension and shard suffix (dev.jsonl -> dev, validation-00000-of-00001.parquet -> validation)."""
+    name = re.sub(r"\.(jsonl|json|tsv|csv|parquet)$", "", os.path.basename(path))
     if task == "mnli" and "mismatched" in name:
         return "mismatched"
     if task == "mnli" and "matched" in name:
         return "matched"
-    return re.split(r"[.-]", name, maxsplit=1)[0]
+    return re.sub(r"-\d+-of-\d+$", "", name)
 
 
 def _wikisql_tables(path: str, fmt: str) -> tuple[dict, dict]:

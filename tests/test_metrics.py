@@ -6,6 +6,7 @@ import json
 import pytest
 
 from eval_fixtures import SAMSUM, TABLE, write_mnli, write_samsum, write_wikisql
+from fixtures_data import FIXTURES, write_fixture
 from lora_ds import metrics
 from lora_ds.errors import UserError
 from lora_ds.evaluation import load_eval_set, read_predictions, score, split_name
@@ -29,9 +30,9 @@ def test_wikisql_prompts_are_the_task_template_and_ids_are_file_lines(wikisql):
 
 def test_wikisql_perfect_predictions_score_100_and_wrong_ones_0(wikisql):
     _, perfect = score(wikisql, [e.reference for e in wikisql.examples])
-    assert perfect["dev"] == {"n": 5, "lf_accuracy": 100.0, "ex_accuracy": 100.0, "unparsed": 0}
+    assert perfect["dev"] == {"n": 5, "lf_accuracy": 100.0, "ex_accuracy": 100.0, "unparsed": 0, "gold_exec_errors": 0}
     _, wrong = score(wikisql, [WRONG_SQL] * 5)
-    assert wrong["dev"] == {"n": 5, "lf_accuracy": 0.0, "ex_accuracy": 0.0, "unparsed": 0}
+    assert wrong["dev"] == {"n": 5, "lf_accuracy": 0.0, "ex_accuracy": 0.0, "unparsed": 0, "gold_exec_errors": 0}
 
 
 def test_wikisql_hand_checked_partial_cases(wikisql):
@@ -44,14 +45,14 @@ def test_wikisql_hand_checked_partial_cases(wikisql):
     ]
     rows, by_split = score(wikisql, predictions)
     assert [(r["score"]["lf"], r["score"]["ex"]) for r in rows] == [(1, 1), (0, 1), (1, 1), (0, 1), (0, 0)]
-    assert by_split["dev"] == {"n": 5, "lf_accuracy": 40.0, "ex_accuracy": 80.0, "unparsed": 1}
+    assert by_split["dev"] == {"n": 5, "lf_accuracy": 40.0, "ex_accuracy": 80.0, "unparsed": 1, "gold_exec_errors": 0}
     assert rows[4]["score"]["parsed"] == 0
 
 
 def test_wikisql_string_3_equals_number_3_for_both_metrics(wikisql):
     gold = wikisql.examples[1].record  # "No." = 3 (a JSON number in the source)
     s = metrics.score_wikisql_example("SELECT \"Goals\" FROM table WHERE \"No.\" = '3'", gold, wikisql.tables)
-    assert s == {"parsed": 1, "lf": 1, "ex": 1}
+    assert s == {"parsed": 1, "lf": 1, "ex": 1, "gold_executes": 1}
 
 
 def test_wikisql_execution_follows_the_official_engine():
@@ -78,7 +79,7 @@ def test_wikisql_official_prediction_format_is_scored_by_line(wikisql, tmp_path)
     assert constrained is None
     rows, by_split = score(wikisql, predictions)
     assert [(r["score"]["lf"], r["score"]["ex"]) for r in rows] == [(1, 1), (0, 1), (0, 0), (0, 1), (1, 1)]
-    assert by_split["dev"] == {"n": 5, "lf_accuracy": 40.0, "ex_accuracy": 80.0, "unparsed": 1}
+    assert by_split["dev"] == {"n": 5, "lf_accuracy": 40.0, "ex_accuracy": 80.0, "unparsed": 1, "gold_exec_errors": 0}
     path.write_text(json.dumps(lines[0]) + "\n")
     with pytest.raises(UserError, match="1 lines in the official WikiSQL format, but --data has 5 questions"):
         read_predictions(str(path), wikisql)
@@ -147,3 +148,20 @@ def test_predictions_by_id_need_every_example(tmp_path, wikisql):
     path.write_text(json.dumps({"id": "dev.jsonl:1", "text": "x"}) + "\n")
     with pytest.raises(UserError, match=r"p.jsonl:1: each line needs 'id' and 'prediction'"):
         read_predictions(str(path), wikisql)
+
+
+@pytest.mark.parametrize("name,task", sorted(FIXTURES.items()))
+def test_every_download_format_is_read_and_reference_predictions_score_full_marks(name, task, tmp_path):
+    evalset = load_eval_set(task, [str(p) for p in write_fixture(name, tmp_path)])
+    gold = [e.reference for e in evalset.examples]
+    _, by_split = score(evalset, gold, constrained=gold if task == "mnli" else None)
+    (values,) = by_split.values()
+    if task == "wikisql":
+        # The synthetic tables put words in real columns: such gold queries cannot execute, as in the official
+        # evaluator, and count against execution accuracy only (the same 10 of 40 in every format).
+        assert values["lf_accuracy"] == 100.0 and values["unparsed"] == 0 and values["gold_exec_errors"] == 10
+        assert values["ex_accuracy"] == 100.0 * (values["n"] - 10) / values["n"] == 75.0
+    elif task == "mnli":
+        assert values["accuracy_generated"] == values["accuracy_constrained"] == 100.0
+    else:
+        assert [values[k] for k in metrics.ROUGE_TYPES] == [100.0] * 4

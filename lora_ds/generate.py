@@ -1,0 +1,122 @@
+"""Greedy/beam generation and completion scoring for evaluation: one process, or N ranks under ZeRO-3.
+
+Examples are cut into batches in input order and batch b runs on rank b mod N. A batch thus holds the same
+examples, padded the same way, whatever the number of ranks, so the predictions of a run on N ranks equal
+those of one process token for token (same weights, same arithmetic). Under ZeRO-3 every forward pass
+gathers each layer's weights collectively, so all ranks must run the same number of them: a rank short of
+batches runs its first batch again as a dummy (its result dropped), and within a batch `synced_gpus` keeps
+a rank that has finished stepping until every rank has. The results of all ranks are gathered on all ranks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lora_ds.data import IGNORE_INDEX, collate, encode_pair
+from lora_ds.errors import UserError
+
+
+def rank_batches(num_examples: int, batch_size: int, rank: int, world: int) -> list[list[int] | None]:
+    """This rank's batches (example indices); None marks a dummy that only keeps the ranks in lockstep."""
+    batches = [list(range(i, min(i + batch_size, num_examples))) for i in range(0, num_examples, batch_size)]
+    per_rank = -(-len(batches) // world)
+    mine = batches[rank::world]
+    return mine + [None] * (per_rank - len(mine))
+
+
+def prompt_ids(tok, prompt: str, max_len: int) -> list[int]:
+    """[BOS] prompt, as `encode_pair` writes a training context; an overlong one loses tokens from the
+    left (the BOS stays), as training contexts do."""
+    bos = [tok.bos_token_id] if tok.add_bos else []
+    ids = tok.encode(prompt)
+    keep = max_len - len(bos)
+    return bos + ids[len(ids) - keep:] if len(ids) > keep else bos + ids
+
+
+def _gather(local: dict, world: int) -> dict:
+    """{example index: result} of every rank, on every rank."""
+    if world == 1:
+        return local
+    import torch.distributed as dist
+
+    parts = [None] * world
+    dist.all_gather_object(parts, local)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def _left_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def _progress(total: int, desc: str, rank: int, show: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not show or rank != 0, dynamic_ncols=True)
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list[str], *, max_new_tokens: int, num_beams: int = 1, batch_size: int = 8,
+             max_prompt_len: int = 1024, device=None, rank: int = 0, world: int = 1, progress: bool = True,
+             desc: str = "generate") -> list[str]:
+    """The completion of each prompt (text after the prompt, up to EOS), greedy or beam search.
+
+    `model` is a Hugging Face causal LM (under ZeRO-3: the engine's module). Collective when world > 1.
+    """
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=True)
+    encoded = [prompt_ids(tok, p, max_prompt_len) for p in prompts]
+    results = {}
+    bar = _progress(len(prompts), desc, rank, progress)
+    for batch in rank_batches(len(prompts), batch_size, rank, world):
+        ids, mask = _left_padded([encoded[i] for i in (batch or [0])], tok.pad_token_id)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                             synced_gpus=world > 1)
+        if batch is None:
+            continue
+        for i, row in zip(batch, out[:, ids.shape[1]:].tolist()):
+            if tok.eos_token_id in row:
+                row = row[:row.index(tok.eos_token_id)]
+            results[i] = tok.decode(row)
+        bar.update(min(len(batch) * world, bar.total - bar.n))  # rank 0 shows all ranks' progress
+    bar.close()
+    results = _gather(results, world)
+    return [results[i] for i in range(len(prompts))]
+
+
+@torch.no_grad()
+def completion_logprobs(model, tok, prompts: list[str], completions: list[str], *, batch_size: int = 8,
+                        max_len: int = 1024, device=None, rank: int = 0, world: int = 1, progress: bool = True,
+                        desc: str = "score") -> list[list[float]]:
+    """log p(completion EOS | prompt) of every completion for every prompt (the training encoding), summed
+    over the completion's tokens in fp32. Collective when world > 1."""
+    results = {}
+    bar = _progress(len(prompts), desc, rank, progress)
+    for batch in rank_batches(len(prompts), batch_size, rank, world):
+        rows = []
+        for i in batch or [0]:
+            for completion in completions:
+                row, _ = encode_pair(tok, prompts[i], completion, max_len)
+                if row is None:
+                    raise UserError(f"completion {completion!r} alone is longer than --max-len {max_len}")
+                rows.append(row)
+        inputs = {k: v.to(device) for k, v in collate(rows, tok.pad_token_id).items()}
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                       position_ids=inputs["position_ids"]).logits[:, :-1].float()
+        labels = inputs["labels"][:, 1:]
+        picked = torch.gather(F.log_softmax(logits, dim=-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        sums = (picked * (labels != IGNORE_INDEX)).sum(dim=1).view(-1, len(completions)).tolist()
+        if batch is None:
+            continue
+        results.update(zip(batch, sums))
+        bar.update(min(len(batch) * world, bar.total - bar.n))
+    bar.close()
+    results = _gather(results, world)
+    return [results[i] for i in range(len(prompts))]
