@@ -74,12 +74,28 @@ class DataConfig:
     eval_path: str | None = _f(os.path.join(DEMO_DIR, "eval.jsonl"), "--eval_data",
                                "held-out split for eval loss (same formats); empty string: none")
     max_len: int = _f(512, "--max_len", "tokens per example (JSONL input; prepared dirs are already cut)")
+    eval_task: str | None = _f(None, "--eval_task",
+                               "generation eval during training, TASK:FILE: wikisql, mnli or samsum and a validation "
+                               "file as `lora-ds eval --data` reads it; scored with the task's metrics when eval "
+                               "loss is (--eval_every)")
+    eval_task_samples: int = _f(64, "--eval_task_samples", "examples of --eval_task drawn (with --seed) for it")
 
     def __post_init__(self):
+        from lora_ds.tasks import TASKS
+
         if self.max_len < 2:
             raise UserError(f"--max_len {self.max_len}: must be at least 2")
         if self.eval_path == "":
             self.eval_path = None
+        if self.eval_task == "":
+            self.eval_task = None
+        if self.eval_task is not None:
+            task, _, path = self.eval_task.partition(":")
+            if task not in TASKS or not path:
+                raise UserError(f"--eval_task {self.eval_task}: expected TASK:FILE with TASK one of "
+                                f"{', '.join(TASKS)}, e.g. wikisql:data/wikisql/dev.jsonl")
+        if self.eval_task_samples < 1:
+            raise UserError(f"--eval_task_samples {self.eval_task_samples}: must be at least 1")
 
 
 @dataclass

@@ -307,3 +307,34 @@ def format_table(task: str, by_split: dict) -> str:
     notes = {values["note"] for values in by_split.values() if "note" in values}
     lines += sorted(notes)
     return "\n".join(lines)
+
+
+class TaskEval:
+    """Generation eval during training: a fixed, seeded sample of a task's validation file, generated greedily
+    by the live model (LoRA unmerged, ZeRO-3 ranks in lockstep) and scored with the task's metrics.
+
+    Each call writes OUTPUT/eval/<step>/ (predictions.jsonl, metrics.json) and returns flat metrics for
+    metrics.jsonl (`eval_<task>_<metric>`) on rank 0, {} elsewhere.
+    """
+
+    def __init__(self, spec: str, samples: int, seed: int, tok, *, max_len: int, batch_size: int, output_dir: str,
+                 rank: int, world: int, device):
+        task, _, path = spec.partition(":")
+        self.evalset = load_eval_set(task, [path]).sample(samples, seed)
+        self.tok, self.max_len, self.batch_size = tok, max_len, batch_size
+        self.output_dir, self.rank, self.world, self.device = output_dir, rank, world, device
+
+    def __call__(self, model, step: int) -> dict:
+        task = self.evalset.task
+        max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS[task], self.max_len - 1)
+        generated, constrained = predict(model, self.tok, self.evalset, max_new_tokens=max_new_tokens,
+                                         batch_size=self.batch_size, max_len=self.max_len, device=self.device,
+                                         rank=self.rank, world=self.world, progress=False)
+        if self.rank != 0:
+            return {}
+        rows, by_split = score(self.evalset, generated, constrained)
+        write_outputs(os.path.join(self.output_dir, "eval", f"step_{step:08d}"), self.evalset, rows,
+                      {"task": task, "step": step, "metrics": by_split, "data": self.evalset.sources,
+                       "decoding": {"strategy": "greedy", "max_new_tokens": max_new_tokens}})
+        (values,) = by_split.values()
+        return {f"eval_{task}_{k}": v for k, v in values.items() if k != "note"}

@@ -15,6 +15,8 @@ SUBCOMMANDS = {
     "prep": "prep",
     "export-adapter": "export_adapter",
     "merge": "merge",
+    "eval": "eval",
+    "score": "score",
 }
 
 
