@@ -64,6 +64,7 @@ def run_ours(args) -> tuple[list[float], object]:
     from lora_ds.dist import init_distributed
     from lora_ds.engine import build_engine
     from lora_ds.lora import inject_lora, lora_parameters
+    from lora_ds.loss import defer_lm_head
     from lora_ds.model import build_model
     from lora_ds.train_loop import Loop
 
@@ -75,6 +76,7 @@ def run_ours(args) -> tuple[list[float], object]:
     ds_config = resolve_ds_config(cfg, env.world_size)
     model, keepalive = build_model(cfg.model.name, "bf16", ds_config, cfg.model.attn_implementation)
     inject_lora(model, cfg.lora.target_spec(), cfg.lora.r, cfg.lora.alpha, seed=0)
+    defer_lm_head(model)
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = lora_parameters(model)

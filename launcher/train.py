@@ -28,6 +28,7 @@ from lora_ds.engine import build_engine
 from lora_ds.errors import UserError
 from lora_ds.fsutil import write_json
 from lora_ds.lora import inject_lora, lora_parameters
+from lora_ds.loss import defer_lm_head
 from lora_ds.model import build_model, default_targets
 from lora_ds.tokenizer import load_tokenizer, tokenizer_record
 from lora_ds.train_loop import Loop
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = cfg.lora.target_spec() or default_targets(model)
     adapted = inject_lora(model, targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.rslora,
                           seed=cfg.train.seed)
+    defer_lm_head(model)
     if cfg.model.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = lora_parameters(model)

@@ -9,22 +9,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from lora_ds.data import IGNORE_INDEX, collate, eval_shards
-
-
-def lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean next-token cross-entropy over target tokens (labels != -100) in fp32, number of target tokens).
-
-    Both stay on the device: reading them back would stall the step.
-    """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"])
-    logits = out.logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX)
-    return loss, (labels != IGNORE_INDEX).sum()
+from lora_ds.loss import lm_loss
 
 
 def peak_memory_gib() -> float:

@@ -33,7 +33,7 @@ def reference_lora(model_dir: Path, targets, steps: int, world: int = 2, micro: 
     from lora_ds.engine import WarmupLinear
     from lora_ds.lora import inject_lora, lora_parameters
     from lora_ds.tokenizer import load_tokenizer
-    from lora_ds.train_loop import lm_loss
+    from lora_ds.loss import lm_loss
 
     tok = load_tokenizer(str(model_dir))
     rows = read_jsonl_pairs(TRAIN, tok, 128)
