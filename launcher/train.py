@@ -104,11 +104,18 @@ def main(argv: list[str] | None = None) -> int:
                                {"adapter_config.json": adapter_config, "run_config.json": run_record},
                                cfg.train.keep_checkpoints)
 
+    task_eval = None
+    if cfg.data.eval_task:
+        from lora_ds.evaluation import TaskEval
+
+        task_eval = TaskEval(cfg.data.eval_task, cfg.data.eval_task_samples, cfg.train.seed, tok,
+                             max_len=cfg.data.max_len, batch_size=cfg.train.micro_batch, output_dir=out, rank=rank,
+                             world=world, device=engine.device)
     loop = Loop(engine=engine, rows=rows, eval_rows=eval_rows, sampler=sampler, pad_id=tok.pad_token_id,
                 total_steps=total_steps, output_dir=out, log_every=cfg.train.log_every,
                 eval_every=cfg.train.eval_every, save_every=cfg.train.save_every,
                 halt_at_step=cfg.train.halt_at_step, save_fn=save, rank=rank, world=world, device=engine.device,
-                max_skipped_steps=cfg.train.max_skipped_steps)
+                max_skipped_steps=cfg.train.max_skipped_steps, task_eval=task_eval)
     outcome = loop.run(start_step)
     if outcome == "nonfinite":
         last = checkpoint.resolve_tag(ckpt_root, "auto")

@@ -57,6 +57,7 @@ class Loop:
     halt_at_step: int
     save_fn: object  # save_fn(step) -> tag
     max_skipped_steps: int = 10
+    task_eval: object = None  # task_eval(model, step) -> metrics: generation eval (collective), at eval steps
     rank: int = 0
     world: int = 1
     device: object = None
@@ -137,9 +138,14 @@ class Loop:
                               "skipped_steps": self.engine.skipped_steps}
                     window.zero_()
                     window_start = time.perf_counter()
-                    if self.eval_rows is not None and (
-                            (self.eval_every and done % self.eval_every == 0) or done == self.total_steps):
+                    eval_step = (self.eval_every and done % self.eval_every == 0) or done == self.total_steps
+                    if self.eval_rows is not None and eval_step:
                         record["eval_loss"] = self.evaluate()
+                        window_start = time.perf_counter()
+                    if self.task_eval is not None and eval_step:
+                        self.engine.eval()
+                        record.update(self.task_eval(self.engine.module, done))
+                        self.engine.train()
                         window_start = time.perf_counter()
                     if metrics:
                         metrics.write(json.dumps(record) + "\n")
