@@ -393,25 +393,9 @@ def _check_out(out: str) -> None:
         raise UserError(f"--out {out}: exists and is not a prepared dir; choose another --out or remove it")
 
 
-def prepare(s: Settings) -> tuple[dict, float]:
-    """Read, render, encode, (pack) and save one split; returns the manifest and the seconds spent
-    doing so once the tokenizer is loaded (kept out of the manifest, which must not vary).
-
-    Nothing appears at `s.out` unless everything succeeds (it is built in a temp dir and renamed).
-    """
-    from lora_ds.fsutil import atomic_dir, write_json
-    from lora_ds.packing import pack_rows
-    from lora_ds.tasks import get_task
-    from lora_ds.tokenizer import load_tokenizer, tokenizer_record
-
-    reader = importlib.import_module(f"data_prep.{s.task}")
-    template = get_task(s.task)
-    _check_out(s.out)
-    fmt, files = _detect_sources(reader, s.src)
-    start = time.perf_counter()
-
-    counts = dict.fromkeys(("read", "filtered", "skipped", "dropped", "truncated", "kept", "rows"), 0)
-    skipped, ids, pairs = [], [], []
+def _read_examples(s: Settings, reader, template, fmt: str, counts: dict) -> tuple[list, list, list]:
+    """(ids, (prompt, completion) pairs, skipped-record messages) of every usable record of --src."""
+    ids, pairs, skipped = [], [], []
     for path in s.src:
         for loc, record in reader.read(path, fmt):
             counts["read"] += 1
@@ -426,14 +410,14 @@ def prepare(s: Settings) -> tuple[dict, float]:
             else:
                 ids.append(record["id"])
                 pairs.append(template.render(record))
+    return ids, pairs, skipped
 
-    # Loaded only now, so bad input fails fast; its load time is not prep throughput.
-    loading = time.perf_counter()
-    tok = load_tokenizer(s.tokenizer)
-    start += time.perf_counter() - loading
+
+def _encode_examples(s: Settings, tok, ids: list, pairs: list, counts: dict) -> list[dict]:
+    """The rows of the examples that fit --max-len (after truncation, unless --drop-overlong)."""
     rows = []
-    for ex_id, (row, truncated) in zip(ids, encode_all(tok, s.tokenizer, pairs, s.max_len,
-                                                       not s.drop_overlong, s.num_proc)):
+    for ex_id, (row, truncated) in zip(ids, encode_all(tok, s.tokenizer, pairs, s.max_len, not s.drop_overlong,
+                                                       s.num_proc)):
         if row is None:
             counts["dropped"] += 1
             continue
@@ -443,12 +427,45 @@ def prepare(s: Settings) -> tuple[dict, float]:
     if not rows:
         raise UserError(f"--src {' '.join(s.src)}: no examples left ({counts['read']} read, {counts['skipped']} "
                         f"skipped, {counts['filtered']} filtered, {counts['dropped']} longer than --max-len)")
+    if s.pack and any("," in r["id"] for r in rows):
+        bad = next(r["id"] for r in rows if "," in r["id"])
+        raise UserError(f"--pack: example id {bad!r} holds a ',', which separates the ids of a packed row; "
+                        "prepare without --pack")
+    return rows
+
+
+def prepare(s: Settings) -> tuple[dict, float]:
+    """Read, render, encode, (pack) and save one split; returns the manifest and the seconds spent
+    doing so (kept out of the manifest, which must not vary).
+
+    Nothing appears at `s.out` unless everything succeeds (it is built in a temp dir and renamed).
+    """
+    from lora_ds.fsutil import atomic_dir, write_json
+    from lora_ds.packing import pack_rows
+    from lora_ds.tasks import get_task
+    from lora_ds.tokenizer import load_tokenizer, tokenizer_record
+
+    reader = importlib.import_module(f"data_prep.{s.task}")
+    template = get_task(s.task)
+    _check_out(s.out)
+    fmt, files = _detect_sources(reader, s.src)
+    counts = dict.fromkeys(("read", "filtered", "skipped", "dropped", "truncated", "kept", "rows"), 0)
+    start = time.perf_counter()
+    ids, pairs, skipped = _read_examples(s, reader, template, fmt, counts)
+
+    # Loaded only now, so bad input fails fast. Loading it and importing `datasets` are fixed start-up
+    # costs, kept out of the throughput.
+    loading = time.perf_counter()
+    tok = load_tokenizer(s.tokenizer)
+    importlib.import_module("datasets")
+    start += time.perf_counter() - loading
+
+    rows = _encode_examples(s, tok, ids, pairs, counts)
     counts["kept"] = len(rows)
     lengths = [r["length"] for r in rows]
     if s.pack:
         rows = pack_rows(rows, s.pack)
     counts["rows"] = len(rows)
-
     manifest = {
         "format_version": FORMAT_VERSION,
         "task": s.task,
@@ -466,6 +483,7 @@ def prepare(s: Settings) -> tuple[dict, float]:
     }
     if s.pack:
         manifest["packed_length_stats"] = length_stats([r["length"] for r in rows])
+    # The manifest pins the data (sources' sha256, tokenizer, settings), so it can name the dataset.
     fingerprint = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
     with atomic_dir(s.out) as tmp:
         save_rows(rows, tmp, s.split, fingerprint)
