@@ -1,12 +1,18 @@
 """Who am I: rank discovery from torchrun / the deepspeed launcher, Slurm, or MPI; process-group setup.
 
 Sources, first match wins:
-  1. torchrun / `deepspeed` launcher: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT.
-  2. Slurm (`srun`): SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS; master = first host of SLURM_JOB_NODELIST
-     (expanded with `scontrol show hostnames`), port from MASTER_PORT or derived from SLURM_JOB_ID.
-  3. MPI (`mpirun`): OMPI_COMM_WORLD_* / PMI_* / PMIX_*; ranks and the master host through mpi4py,
-     as `deepspeed.init_distributed(auto_mpi_discovery=True)` does.
-  4. Nothing set: a single process.
+  1. torchrun / `deepspeed` launcher (also `deepspeed --hostfile ... --no_ssh --node_rank K`):
+     RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT.
+  2. Open MPI's `mpirun` (OMPI_COMM_WORLD_*): through mpi4py, as `deepspeed.init_distributed(
+     auto_mpi_discovery=True)` does. Checked before Slurm: `mpirun` inside an allocation starts its
+     daemons with `srun`, so the SLURM_* variables its ranks inherit describe the daemons, not the ranks.
+  3. A Slurm job step (`srun`; SLURM_STEP_ID set): SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS; the master
+     is the step's first host (`scontrol show hostnames`), the port MASTER_PORT or 20000 + job id % 20000.
+     A batch script itself has SLURM_PROCID=0 but no step id: it is not a rank.
+  4. Another MPI's launcher (PMI_RANK/PMI_SIZE of MPICH's hydra, Intel MPI; PMIX_RANK of PRRTE):
+     through mpi4py.
+  5. Nothing set: a single process.
+MASTER_ADDR and MASTER_PORT, when set, win over what a source would derive.
 """
 from __future__ import annotations
 
@@ -28,21 +34,40 @@ class DistEnv:
     source: str
 
 
-def _slurm_master(nodelist: str) -> str:
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """A Slurm host list (`n[1-3],gpu7`) expanded by Slurm itself."""
     out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True)
-    return out.stdout.split()[0]
+    return out.stdout.split()
+
+
+def _slurm_env(env) -> DistEnv:
+    # With the default block distribution rank 0 runs on the step's first node.
+    master = env.get("MASTER_ADDR") or slurm_hostnames(env.get("SLURM_STEP_NODELIST", env["SLURM_JOB_NODELIST"]))[0]
+    port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000)
+    return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
+                   master, port, "slurm")
 
 
 def _mpi_env(env) -> DistEnv:
+    """Ranks from MPI_COMM_WORLD; the master is rank 0's host name; local rank = rank among its host's ranks."""
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     rank, world = comm.Get_rank(), comm.Get_size()
-    master = comm.bcast(socket.gethostbyname(socket.gethostname()) if rank == 0 else None, root=0)
-    local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", env.get("PMIX_LOCAL_RANK",
-                                                                                             rank))))
-    return DistEnv(rank, local, world, env.get("MASTER_ADDR", master),
-                   int(env.get("MASTER_PORT", DEFAULT_PORT)), "mpi")
+    host = socket.gethostname()
+    hosts = comm.allgather(host)
+    local = hosts[:rank].count(host)
+    return DistEnv(rank, local, world, env.get("MASTER_ADDR") or hosts[0],
+                   int(env.get("MASTER_PORT") or DEFAULT_PORT), "mpi")
+
+
+def in_slurm_step(env) -> bool:
+    """Whether this process is a task of a Slurm job step (srun), rather than a batch script or an MPI rank."""
+    if not all(k in env for k in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID")):
+        return False
+    # A PMI launcher (e.g. hydra's mpiexec) run inside a step sets a PMI_SIZE of its own; under
+    # `srun --mpi=pmi2` the two agree.
+    return env.get("PMI_SIZE", env["SLURM_NTASKS"]) == env["SLURM_NTASKS"]
 
 
 def discover(env=None) -> DistEnv:
@@ -51,12 +76,11 @@ def discover(env=None) -> DistEnv:
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", DEFAULT_PORT)), "torchrun")
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
-        master = env.get("MASTER_ADDR") or _slurm_master(env["SLURM_JOB_NODELIST"])
-        port = int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
-        return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
-                       master, port, "slurm")
-    if any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):
+    if "OMPI_COMM_WORLD_SIZE" in env:
+        return _mpi_env(env)
+    if in_slurm_step(env):
+        return _slurm_env(env)
+    if "PMI_SIZE" in env or "PMIX_RANK" in env:
         return _mpi_env(env)
     return DistEnv(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", _free_port())), "single")
 

@@ -1,0 +1,78 @@
+"""Rank discovery from launcher variables (lora_ds/dist.py), and a two-node `deepspeed --hostfile` launch
+without ssh. Slurm's and MPI's own launchers are in test_slurm.py and test_mpi.py."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import DEEPSPEED, DEMO, REPO, free_port
+from lora_ds.dist import DistEnv, discover, in_slurm_step
+
+
+def test_torchrun_and_deepspeed_launcher_variables_give_the_ranks():
+    env = {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "16", "MASTER_ADDR": "node0", "MASTER_PORT": "29600"}
+    assert discover(env) == DistEnv(5, 1, 16, "node0", 29600, "torchrun")
+
+
+def test_torchrun_started_by_srun_wins_over_the_slurm_step():
+    env = {"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "8", "SLURM_PROCID": "0", "SLURM_NTASKS": "1",
+           "SLURM_STEP_ID": "0"}
+    assert discover(env) == DistEnv(3, 3, 8, "127.0.0.1", 29500, "torchrun")
+
+
+def test_slurm_step_gives_the_ranks_and_the_port_follows_the_job_id():
+    env = {"SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_NTASKS": "16", "SLURM_STEP_ID": "0",
+           "SLURM_JOB_ID": "123456", "MASTER_ADDR": "gpu07"}
+    assert discover(env) == DistEnv(9, 1, 16, "gpu07", 23456, "slurm")
+    assert discover({**env, "MASTER_PORT": "31000"}).master_port == 31000
+
+
+def test_a_batch_script_is_not_a_rank():
+    """sbatch's shell has SLURM_PROCID=0 and SLURM_NTASKS=16 but no step: it must not wait for 15 peers."""
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n[1-2]"}
+    info = discover(env)
+    assert (info.rank, info.local_rank, info.world_size, info.source) == (0, 0, 1, "single")
+
+
+def test_an_mpi_launcher_inside_a_slurm_step_is_not_taken_for_the_step():
+    step = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"}
+    assert in_slurm_step(step)
+    assert in_slurm_step({**step, "PMI_SIZE": "2"})  # srun --mpi=pmi2: the same ranks
+    assert not in_slurm_step({**step, "PMI_SIZE": "16"})  # hydra's proxies, one per node, run 16 ranks
+
+
+def test_no_launcher_is_a_single_process_on_a_free_port():
+    info = discover({})
+    assert (info.rank, info.local_rank, info.world_size, info.source) == (0, 0, 1, "single")
+    assert 1024 <= info.master_port < 65536
+    assert discover({"MASTER_PORT": "29999"}).master_port == 29999
+
+
+@pytest.mark.distributed
+def test_deepspeed_hostfile_launch_of_two_nodes_without_ssh(neox_dir, tmp_path):
+    """Each "node" runs the same `deepspeed --hostfile --no_ssh --node_rank K` line, as on a cluster without
+    ssh; node 0 holds rank 0 (it writes the adapter), and the two train one model together."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node-a slots=1\nnode-b slots=1\n")
+    out = tmp_path / "run"
+    port = str(free_port())
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    flags = ["--model", str(neox_dir), "--data", str(DEMO / "train.jsonl"), "--eval_data", "", "--output_dir",
+             str(out), "--max_steps", "4", "--dtype", "fp32", "--micro_batch", "4", "--lora_r", "4", "--seed", "7"]
+    nodes = [subprocess.Popen([str(DEEPSPEED), "--hostfile", str(hosts), "--no_ssh", "--node_rank", str(k),
+                               "--master_addr", "127.0.0.1", "--master_port", port,
+                               str(REPO / "launcher" / "train.py"), *flags],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for k in (0, 1)]
+    logs = [p.communicate(timeout=600)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "adapter written" in logs[0] and "adapter written" not in logs[1]
+    resolved = json.loads((out / "run_config.json").read_text())["resolved"]
+    assert (resolved["world_size"], resolved["rank_source"]) == (2, "torchrun")
+    assert resolved["ds_config"]["train_batch_size"] == 8
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
