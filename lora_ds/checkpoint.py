@@ -8,10 +8,17 @@ Layout of one tag (written by every rank, then sealed by rank 0):
                                                           a tag without it is incomplete
 `latest` names the newest complete tag and is replaced atomically only after the tag is sealed.
 Data position needs no file: the sampler is a function of the step (lora_ds/data.py).
+
+Elastic resume: a tag written by N ranks resumes on M != N ranks by consolidating the LoRA params and
+their Adam moments (small) and re-partitioning them for M ranks. What changes: the dropout RNG streams
+start fresh, and each step's rows are dealt out as micro × accum × M; keep micro × accum × ranks equal
+(e.g. double --grad_accum when halving the ranks) and every step still reads the same rows.
 """
 from __future__ import annotations
 
+import glob
 import json
+import math
 import os
 import pickle
 import re
@@ -136,6 +143,88 @@ def read_state(root: str, tag: str) -> dict:
         return json.load(f)
 
 
+def _rank_of(path: str) -> int:
+    return int(re.search(r"zero_pp_rank_(\d+)_mp_rank", os.path.basename(path)).group(1))
+
+
+def consolidate_zero3(tag_dir: str) -> tuple[dict, torch.Tensor]:
+    """({param name: {"fp32", "exp_avg", "exp_avg_sq"}}, Adam step) of a ZeRO-3 tag, for any world size.
+
+    Rank r's flat fp32 buffer holds, param after param in `param_shapes` order, that param's r-th
+    slice of ceil(numel / world) elements (the last slice padded). Files are memory-mapped.
+    """
+    files = sorted(glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*_mp_rank_00_optim_states.pt")), key=_rank_of)
+    model_file = os.path.join(tag_dir, "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    if not files or not os.path.isfile(model_file):
+        raise UserError(f"{tag_dir}: no ZeRO-3 optimizer/model state files; is this a ZeRO-3 checkpoint?")
+    world = len(files)
+    if [_rank_of(f) for f in files] != list(range(world)):
+        raise UserError(f"{tag_dir}: optimizer state files of ranks {[_rank_of(f) for f in files]}; "
+                        f"expected ranks 0..{world - 1}: the checkpoint is incomplete")
+    shapes = load_pt(model_file, mmap=True)["param_shapes"]
+    parts = [load_pt(f, mmap=True)["optimizer_state_dict"] for f in files]
+    if any(p["partition_count"] != world for p in parts):
+        raise UserError(f"{tag_dir}: written by {parts[0]['partition_count']} ranks but {world} rank files found")
+    out = {}
+    for g, group in enumerate(shapes):
+        buffers = {"fp32": [p["fp32_flat_groups"][g] for p in parts],
+                   "exp_avg": [p["optimizer_state_dict"]["state"][g]["exp_avg"] for p in parts],
+                   "exp_avg_sq": [p["optimizer_state_dict"]["state"][g]["exp_avg_sq"] for p in parts]}
+        offset = 0
+        for name, shape in group.items():
+            numel = math.prod(shape)
+            size = -(-numel // world)
+            out[name] = {key: torch.cat([b[offset:offset + size] for b in per_rank])[:numel].view(shape).clone()
+                         for key, per_rank in buffers.items()}
+            offset += size
+    return out, parts[0]["optimizer_state_dict"]["state"][0]["step"].clone()
+
+
+def _load_resharded(engine, root: str, tag: str) -> None:
+    """Load a ZeRO-3 tag written by another number of ranks into this engine's partitions."""
+    import torch.distributed as dist
+
+    tag_dir = os.path.join(root, tag)
+    if not engine.zero_optimization_partition_weights():
+        raise UserError(f"{tag_dir}: written by another number of ranks; only ZeRO-3 checkpoints resume "
+                        "elastically: resume with the same number of ranks")
+    tensors, step = consolidate_zero3(tag_dir)
+    rank = dist.get_rank()
+    opt = engine.optimizer
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    state = {}
+    for g, params in enumerate(opt.fp16_groups):
+        flat = opt.fp32_partitioned_groups_flat[g]
+        moments = {"exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+        offset = 0
+        for p in params:
+            saved = tensors.get(names[id(p)])
+            if saved is None:
+                raise UserError(f"{tag_dir}: no saved state for {names[id(p)]}; the checkpoint is of another "
+                                "LoRA configuration (check --lora_targets and the model)")
+            size = p.ds_tensor.numel()
+            for key, dest in (("fp32", flat.data), ("exp_avg", moments["exp_avg"]),
+                              ("exp_avg_sq", moments["exp_avg_sq"])):
+                part = saved[key].reshape(-1)[rank * size:(rank + 1) * size]
+                dest[offset:offset + size].zero_()
+                dest[offset:offset + part.numel()].copy_(part)
+            p.ds_tensor.data.copy_(flat.data[offset:offset + size])
+            offset += size
+        state[g] = {"step": step.clone(), **moments}
+    # Between steps DeepSpeed detaches the fp32 flats from the inner optimizer's groups; attach them so the
+    # state maps onto them, as DeepSpeed's own loader does.
+    opt._set_fp32_optimizer_param_groups()
+    opt.optimizer.load_state_dict({"state": state, "param_groups": opt.optimizer.state_dict()["param_groups"]})
+    opt._clear_fp32_optimizer_param_groups()
+    model_state = load_pt(os.path.join(tag_dir, "zero_pp_rank_0_mp_rank_00_model_states.pt"), mmap=True)
+    engine.lr_scheduler.load_state_dict(model_state["lr_scheduler"])
+    for group, lr in zip(opt.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+        group["lr"] = lr
+    engine.global_steps = model_state["global_steps"]
+    engine.global_samples = model_state["global_samples"]
+    engine.skipped_steps = model_state["skipped_steps"]
+
+
 def load(engine, root: str, tag: str) -> dict:
     """Restore model (LoRA), optimizer, scheduler and this rank's RNG from `tag`. Returns its trainer state."""
     import torch.distributed as dist
@@ -143,10 +232,13 @@ def load(engine, root: str, tag: str) -> dict:
 
     state = read_state(root, tag)
     install_safe_loading(engine)
-    load_path, _ = engine.load_checkpoint(root, tag, load_module_strict=False, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
-    if load_path is None:
-        raise UserError(f"{os.path.join(root, tag)}: DeepSpeed could not load this checkpoint")
+    if state["world_size"] != dist.get_world_size():
+        _load_resharded(engine, root, tag)
+    else:
+        load_path, _ = engine.load_checkpoint(root, tag, load_module_strict=False, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if load_path is None:
+            raise UserError(f"{os.path.join(root, tag)}: DeepSpeed could not load this checkpoint")
     rank = dist.get_rank()
     rng_path = _rng_file(os.path.join(root, tag), rank)
     if state["world_size"] == dist.get_world_size() and os.path.isfile(rng_path):
