@@ -69,7 +69,7 @@ def _write_lines(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def _wikisql_hf_rows(n: int) -> list[dict]:
+def wikisql_hf_rows(n: int) -> list[dict]:
     from lora_ds.tasks.wikisql import render_sql
 
     tables, questions = wikisql_data(n)
@@ -135,7 +135,7 @@ def _write_glue_tsv(path: Path, records: list[dict], labels: int) -> Path:
     return path
 
 
-def _mnli_hf_rows(n: int) -> list[dict]:
+def mnli_hf_rows(n: int) -> list[dict]:
     return [{"premise": r["sentence1"], "hypothesis": r["sentence2"], "label": LABELS.index(r["gold_label"]),
              "idx": i} for i, r in enumerate(r for r in mnli_data(n) if r["gold_label"] != "-")]
 
@@ -179,9 +179,9 @@ def write_fixture(name: str, directory: Path, n: int = 40) -> list[Path]:
         _write_lines(directory / "train.tables.jsonl", tables)
         return [_write_lines(directory / "train.jsonl", questions)]
     if name == "wikisql-hf-parquet":
-        return [_write_parquet(directory / "train-00000-of-00001.parquet", _wikisql_hf_rows(n), _wikisql_hf_schema())]
+        return [_write_parquet(directory / "train-00000-of-00001.parquet", wikisql_hf_rows(n), _wikisql_hf_schema())]
     if name == "wikisql-hf-jsonl":
-        return [_write_lines(directory / "train.jsonl", _wikisql_hf_rows(n))]
+        return [_write_lines(directory / "train.jsonl", wikisql_hf_rows(n))]
     if name == "mnli-glue":
         return [_write_glue_tsv(directory / "train.tsv", mnli_data(n), labels=1)]
     if name == "mnli-glue-dev":
@@ -189,9 +189,9 @@ def write_fixture(name: str, directory: Path, n: int = 40) -> list[Path]:
     if name == "mnli-original":
         return [_write_lines(directory / "multinli_1.0_train.jsonl", mnli_data(n))]
     if name == "mnli-hf-parquet":
-        return [_write_parquet(directory / "train-00000-of-00001.parquet", _mnli_hf_rows(n))]
+        return [_write_parquet(directory / "train-00000-of-00001.parquet", mnli_hf_rows(n))]
     if name == "mnli-hf-jsonl":
-        return [_write_lines(directory / "train.jsonl", _mnli_hf_rows(n))]
+        return [_write_lines(directory / "train.jsonl", mnli_hf_rows(n))]
     if name == "samsum-corpus":
         path = directory / "train.json"
         path.write_text(json.dumps(samsum_data(n), indent=2, ensure_ascii=False), encoding="utf-8")

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures_data import _wikisql_hf_rows, wikisql_data
+import data_prep.wikisql
+from fixtures_data import wikisql_hf_rows, wikisql_data, write_fixture
 from lora_ds.tasks import TASKS, get_task, mnli, samsum, wikisql
 
 
@@ -19,12 +20,22 @@ def assert_round_trip(sql: dict, header: list[str]):
     assert (sel, agg, typed(conds)) == (want_sel, want_agg, typed(want_conds)), text
 
 
-def test_every_fixture_query_parses_back_to_its_sql():
-    tables, questions = wikisql_data(200)
+@pytest.mark.parametrize("name", ["wikisql-original", "wikisql-hf-parquet", "wikisql-hf-jsonl"])
+def test_every_fixture_query_parses_back_to_its_sql(name, tmp_path):
+    [src] = write_fixture(name, tmp_path)
+    fmt, _ = data_prep.wikisql.detect(str(src))
+    records = [record for _, record in data_prep.wikisql.read(str(src), fmt)]
+    assert len(records) == 40
+    for record in records:
+        assert_round_trip(record["sql"], record["header"])
+
+
+def test_generated_queries_parse_back_at_scale():
+    tables, questions = wikisql_data(1000)
     by_id = {t["id"]: t for t in tables}
     for q in questions:
         assert_round_trip(q["sql"], by_id[q["table_id"]]["header"])
-    for row in _wikisql_hf_rows(200):
+    for row in wikisql_hf_rows(1000):
         conds = row["sql"]["conds"]
         sql = {"sel": row["sql"]["sel"], "agg": row["sql"]["agg"],
                "conds": list(zip(conds["column_index"], conds["operator_index"], conds["condition"]))}
