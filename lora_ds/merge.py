@@ -1,0 +1,456 @@
+"""Merging LoRA into the base weights: W = W0 + s·B·A, computed in fp32 and cast once.
+
+    merge_model_dir(base, adapter, out)   an HF model dir + a PEFT adapter -> a plain HF model dir
+    merged_for_eval(model)                a live model (ZeRO-3 or not) merged in place inside a block
+
+The dir merge streams: each base shard is rewritten into an output shard of the same name, tensor by
+tensor. Tensors that do not change are copied byte for byte between the files (in the kernel where it
+can); the others are read, merged or cast, and written one at a time. Peak memory is therefore set by
+the largest tensor and the adapter, never by the model. Everything is checked before the first byte is
+written, and built in a temporary dir that replaces `out` only when complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import math
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+
+import torch
+
+from lora_ds.adapter import read_adapter, scaling
+from lora_ds.errors import UserError
+from lora_ds.fsutil import atomic_dir, write_json
+from lora_ds.lora import delta_weight
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+RECORD_FILE = "lora_merge.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# safetensors names of the floating dtypes a merge may produce or --dtype may cast.
+_FLOAT = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_FLOAT_NAME = {v: k for k, v in _FLOAT.items()}
+# Weight formats never copied into the merged dir (the merged safetensors replace them).
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
+_CHUNK = 64 << 20
+# --verify tolerance on max |logit difference| / max(1, max |logit|), by the coarsest stored dtype. Storing
+# merged weights in bf16 moves tiny random models' logits by ~3e-3 of their scale and 7B models' by ~1e-2;
+# a wrong merge (transpose, scale, module) moves them by the adapter's own effect, typically far more.
+VERIFY_TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
+                  fan_in_fan_out: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W0 + s·B·A in fp32, checked finite, cast once to `dtype` (default: W0's dtype)."""
+    merged = weight.float() + delta_weight(lora_A, lora_B, scale, fan_in_fan_out)
+    if not torch.isfinite(merged).all():
+        raise FloatingPointError("LoRA merge produced non-finite weights")
+    return merged.to(dtype or weight.dtype)
+
+
+# ---------------------------------------------------------------- safetensors layout
+
+@dataclass
+class Shard:
+    """One safetensors file: its tensors' header entries, file metadata and where the data starts."""
+
+    name: str
+    path: str
+    tensors: dict
+    metadata: dict | None
+    data_start: int
+
+
+def read_shard(path: str) -> Shard:
+    """Parse a safetensors header (8-byte little-endian length, JSON) without touching the data."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < length <= min(size - 8, 100 << 20):
+            raise UserError(f"{path}: not a safetensors file (bad header length); re-save the base model")
+        try:
+            tensors = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: corrupt safetensors header ({e}); re-save the base model") from e
+    metadata = tensors.pop("__metadata__", None)
+    for key, info in tensors.items():
+        start, end = info["data_offsets"]
+        if end > size - 8 - length:
+            raise UserError(f"{path}: tensor {key} lies past the end of the file; the shard is truncated")
+    return Shard(os.path.basename(path), path, tensors, metadata, 8 + length)
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+    """Append `count` bytes at `offset` of src to dst: copy_file_range (no user-space copy), else pread."""
+    while count:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, min(count, 1 << 30), offset)
+        except (AttributeError, OSError) as e:  # no such call (not Linux) or not across these file systems
+            if isinstance(e, OSError) and e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP,
+                                                          errno.EINVAL):
+                raise
+            chunk = os.pread(src_fd, min(count, _CHUNK), offset)
+            _write_all(dst_fd, chunk)
+            n = len(chunk)
+        if n == 0:
+            raise UserError("a base shard ended early while copying; the shard is truncated")
+        offset += n
+        count -= n
+
+
+def _tensor_bytes(t: torch.Tensor):
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+# ---------------------------------------------------------------- planning (all checks, nothing written)
+
+@dataclass
+class Plan:
+    """What a merge will do: the shards, which base keys change and how, and the output dtype."""
+
+    base_dir: str
+    shards: list
+    index: dict | None
+    targets: dict          # base key -> adapter module name
+    config: dict
+    tensors: dict
+    dtype: torch.dtype | None
+
+    def out_dtype(self, info: dict) -> str:
+        """safetensors dtype name of a tensor in the output."""
+        if self.dtype is not None and info["dtype"] in _FLOAT:
+            return _FLOAT_NAME[self.dtype]
+        return info["dtype"]
+
+
+def _shard_names(base_dir: str) -> tuple[list, dict | None]:
+    index_path = os.path.join(base_dir, INDEX_FILE)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path) as f:
+                index = json.load(f)
+            names = sorted(set(index["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index_path}: not a safetensors index (needs a 'weight_map'): {e}") from e
+        return names, index
+    if os.path.isfile(os.path.join(base_dir, SINGLE_FILE)):
+        return [SINGLE_FILE], None
+    raise UserError(f"--base {base_dir}: neither {INDEX_FILE} nor {SINGLE_FILE} is there; the base must be a "
+                    "Hugging Face model dir saved as safetensors")
+
+
+def _weight_key(module: str, keys) -> str | None:
+    """The base key of `module`'s weight: `<module>.weight`, or without the head's prefix (e.g. GPT-2
+    files saved from the bare `transformer`, whose modules are named `transformer.h.0...` in the model)."""
+    for key in (f"{module}.weight", f"{module.split('.', 1)[-1]}.weight"):
+        if key in keys:
+            return key
+    return None
+
+
+def plan_merge(base_dir: str, adapter_dir: str, dtype: str | None = None) -> Plan:
+    """Read the adapter and the base's headers; check that the adapter belongs to this base."""
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if not os.path.isfile(os.path.join(base_dir, "config.json")):
+        raise UserError(f"--base {base_dir}: config.json is missing; give a Hugging Face model dir")
+    config, tensors = read_adapter(adapter_dir)
+    names, index = _shard_names(base_dir)
+    shards = []
+    for name in names:
+        path = os.path.join(base_dir, name)
+        if not os.path.isfile(path):
+            raise UserError(f"--base {base_dir}: shard {name} (listed in {INDEX_FILE}) is missing")
+        shards.append(read_shard(path))
+    where = {key: shard for shard in shards for key in shard.tensors}
+    if index is not None:
+        listed = set(index["weight_map"])
+        if listed != set(where):
+            odd = sorted(listed ^ set(where))[:3]
+            raise UserError(f"{os.path.join(base_dir, INDEX_FILE)}: weight_map and the shards disagree "
+                            f"(e.g. {odd}); re-save the base model")
+
+    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
+    if not modules:
+        raise UserError(f"--adapter {adapter_dir}: the adapter holds no LoRA tensors")
+    missing = [m for m in modules if _weight_key(m, where) is None]
+    if missing:
+        raise UserError(f"--adapter {adapter_dir}: {len(missing)} of its {len(modules)} modules have no weight in "
+                        f"--base {base_dir} (e.g. {missing[0]}.weight); the adapter was trained on another base")
+    targets = {}
+    for module in modules:
+        A, B = tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise UserError(f"--adapter {adapter_dir}: {module} has lora_A {list(A.shape)} and lora_B "
+                            f"{list(B.shape)}, which are not (r, in) and (out, r); re-export the adapter")
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise UserError(f"--adapter {adapter_dir}: {module} holds NaN/Inf; the adapter is unusable")
+        key = _weight_key(module, where)
+        info = where[key].tensors[key]
+        linear = [B.shape[0], A.shape[1]]
+        expected = linear[::-1] if fan_in_fan_out else linear
+        if info["shape"] != expected:
+            hint = (f" (it is laid out for fan_in_fan_out={not fan_in_fan_out}; the adapter config says "
+                    f"{fan_in_fan_out})") if info["shape"] == expected[::-1] else ""
+            raise UserError(f"--adapter {adapter_dir}: {module} expects a base weight of shape {expected}, but "
+                            f"{key} in --base is {info['shape']}{hint}; the adapter was trained on another base")
+        if info["dtype"] not in _FLOAT:
+            raise UserError(f"--base {base_dir}: {key} is {info['dtype']}, not a floating-point weight; "
+                            "quantized bases cannot be merged into")
+        targets[key] = module
+    return Plan(base_dir, shards, index, targets, config, tensors, DTYPES[dtype] if dtype else None)
+
+
+# ---------------------------------------------------------------- writing
+
+def _write_shard(plan: Plan, shard: Shard, dst: str) -> int:
+    """Write the merged counterpart of `shard` to `dst`, one tensor at a time. Returns its data bytes."""
+    scale = scaling(plan.config)
+    fan_in_fan_out = bool(plan.config.get("fan_in_fan_out"))
+    order = sorted(shard.tensors, key=lambda k: shard.tensors[k]["data_offsets"][0])
+    header, offset = {}, 0
+    for key in order:
+        info = shard.tensors[key]
+        name = plan.out_dtype(info)
+        start, end = info["data_offsets"]
+        nbytes = end - start if name == info["dtype"] else math.prod(info["shape"]) * _FLOAT[name].itemsize
+        header[key] = {"dtype": name, "shape": info["shape"], "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if shard.metadata is not None:
+        header = {"__metadata__": shard.metadata, **header}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # as safetensors itself pads: data starts 8-byte aligned
+
+    from safetensors import safe_open
+
+    src_fd = os.open(shard.path, os.O_RDONLY)
+    dst_fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(dst_fd, struct.pack("<Q", len(blob)) + blob)
+        with safe_open(shard.path, framework="pt") as reader:
+            for key in order:
+                info, out = shard.tensors[key], header[key]
+                if key not in plan.targets and out["dtype"] == info["dtype"]:
+                    start, end = info["data_offsets"]
+                    _copy_range(src_fd, dst_fd, shard.data_start + start, end - start)
+                    continue
+                tensor = reader.get_tensor(key)
+                if key in plan.targets:
+                    module = plan.targets[key]
+                    try:
+                        tensor = merged_weight(tensor, plan.tensors[f"{module}.lora_A.weight"],
+                                               plan.tensors[f"{module}.lora_B.weight"], scale, fan_in_fan_out,
+                                               _FLOAT[out["dtype"]])
+                    except FloatingPointError as e:
+                        raise UserError(f"{shard.path}: {key} + the adapter's {module} is not finite ({e}); "
+                                        "check the base weights; nothing was written") from e
+                else:
+                    tensor = tensor.to(_FLOAT[out["dtype"]])
+                _write_all(dst_fd, _tensor_bytes(tensor))
+                del tensor
+    finally:
+        os.close(src_fd)
+        os.close(dst_fd)
+    return offset
+
+
+def _copy_side_files(base_dir: str, out_dir: str, dtype: torch.dtype | None) -> list[str]:
+    """Copy config, generation config, tokenizer and every other non-weight file; record a --dtype cast."""
+    copied = []
+    for name in sorted(os.listdir(base_dir)):
+        src = os.path.join(base_dir, name)
+        if not os.path.isfile(src) or name.endswith(_WEIGHT_SUFFIXES) or name == "adapter_config.json":
+            continue
+        if name == "config.json" and dtype is not None:
+            with open(src) as f:
+                model_config = json.load(f)
+            # transformers 5 writes "dtype"; older files have "torch_dtype".
+            field = "torch_dtype" if "torch_dtype" in model_config and "dtype" not in model_config else "dtype"
+            model_config[field] = str(dtype).removeprefix("torch.")
+            write_json(os.path.join(out_dir, name), model_config)
+        else:
+            shutil.copy2(src, os.path.join(out_dir, name))
+        copied.append(name)
+    return copied
+
+
+def merge_model_dir(base_dir: str, adapter_dir: str, out_dir: str, dtype: str | None = None, verify: bool = False,
+                    tolerance: float | None = None) -> dict:
+    """Write base + adapter, merged, to `out_dir` as an HF model dir with no LoRA modules. Returns a report.
+
+    `dtype` casts every floating tensor ("bf16", "fp16", "fp32"); by default each keeps its dtype.
+    With `verify`, logits of base+adapter and of the merged model are compared before `out_dir` appears.
+    """
+    base_dir, adapter_dir, out_dir = (os.path.abspath(p) for p in (base_dir, adapter_dir, out_dir))
+    for flag, path in (("--base", base_dir), ("--adapter", adapter_dir)):
+        if out_dir == path or path.startswith(out_dir + os.sep):
+            raise UserError(f"--out {out_dir}: would replace {flag} {path}; choose another output dir")
+    plan = plan_merge(base_dir, adapter_dir, dtype)
+    report = {"base": base_dir, "adapter": adapter_dir, "out": out_dir, "dtype": dtype or "as base",
+              "shards": len(plan.shards), "tensors": sum(len(s.tensors) for s in plan.shards),
+              "merged_modules": len(plan.targets), "scaling": scaling(plan.config)}
+    with atomic_dir(out_dir) as tmp:
+        total = 0
+        for shard in plan.shards:
+            total += _write_shard(plan, shard, os.path.join(tmp, shard.name))
+        if plan.index is not None:
+            index = dict(plan.index, metadata=dict(plan.index.get("metadata") or {}, total_size=total))
+            write_json(os.path.join(tmp, INDEX_FILE), index)
+        report["bytes_written"] = total
+        report["copied"] = _copy_side_files(base_dir, tmp, plan.dtype)
+        write_json(os.path.join(tmp, RECORD_FILE), {
+            "adapter_config": plan.config, "adapter": adapter_dir, "base": base_dir, "dtype": report["dtype"],
+            "scaling": report["scaling"], "merged": {k: m for k, m in sorted(plan.targets.items())}})
+        if verify:
+            report["verify"] = verify_merge(plan, tmp, tolerance)
+    return report
+
+
+# ---------------------------------------------------------------- verification
+
+VERIFY_PROMPTS = [
+    "The capital of France is",
+    "SELECT name FROM table WHERE",
+    "Summarize the dialogue:\nA: Are we still on for lunch?\nB: Yes, at noon.",
+    "Premise: A man is playing a guitar. Hypothesis: A person makes music. Answer:",
+]
+
+
+def _prompt_ids(base_dir: str, vocab_size: int) -> list[torch.Tensor]:
+    """A few prompts through the base's tokenizer; fixed random ids when the base dir has none."""
+    from lora_ds.tokenizer import HF_TOKENIZER_FILES, load_tokenizer
+
+    if any(os.path.exists(os.path.join(base_dir, f)) for f in (*HF_TOKENIZER_FILES, "tokenizer.model")):
+        tok = load_tokenizer(base_dir)
+        prompts = [([tok.bos_token_id] if tok.add_bos else []) + tok.encode(p) for p in VERIFY_PROMPTS]
+        return [torch.tensor([ids]) for ids in prompts]
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab_size, (1, 32), generator=generator) for _ in VERIFY_PROMPTS]
+
+
+@torch.no_grad()
+def _logits(model, prompts) -> list[torch.Tensor]:
+    return [model(input_ids=ids).logits.float() for ids in prompts]
+
+
+def verify_merge(plan: Plan, merged_dir: str, tolerance: float | None = None) -> dict:
+    """Max |logit| difference of base+adapter (our LoRA layers) against the merged model, both in fp32.
+
+    Loads one model at a time. Raises UserError when the difference exceeds `tolerance` x max(1, max |logit|)
+    (default tolerance by the stored dtype).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from lora_ds.lora import inject_lora, lora_parameters
+
+    model = AutoModelForCausalLM.from_pretrained(plan.base_dir, dtype=torch.float32).eval()
+    prompts = _prompt_ids(plan.base_dir, model.get_input_embeddings().num_embeddings)
+    base_logits = _logits(model, prompts)
+    config = plan.config
+    modules = sorted(set(plan.targets.values()))
+    inject_lora(model, modules, config["r"], config["lora_alpha"], 0.0, bool(config.get("use_rslora")))
+    params = lora_parameters(model)
+    with torch.no_grad():
+        for name, value in plan.tensors.items():
+            found = [p for n, p in params.items() if n == name or n.endswith("." + name)]
+            if len(found) != 1:
+                raise UserError(f"--verify: adapter tensor {name} matches {len(found)} LoRA parameters of the "
+                                "base model; cannot build base+adapter")
+            found[0].copy_(value)
+    ref_logits = _logits(model.eval(), prompts)
+    del model
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    leftover = [n for n, _ in merged.named_modules() if "lora_" in n or n.endswith("base_layer")]
+    out_logits = _logits(merged, prompts)
+    del merged
+    if leftover:
+        raise UserError(f"--verify: the merged model still has LoRA modules ({leftover[0]}); nothing was written")
+    diff = max((a - b).abs().max().item() for a, b in zip(ref_logits, out_logits))
+    effect = max((a - b).abs().max().item() for a, b in zip(ref_logits, base_logits))
+    scale = max(1.0, max(a.abs().max().item() for a in ref_logits))
+    rel = tolerance if tolerance is not None else VERIFY_TOLERANCE[_stored_dtype(plan)]
+    result = {"prompts": len(prompts), "max_abs_diff": diff, "max_abs_logit": scale, "tolerance": rel * scale,
+              "adapter_effect": effect}
+    if not diff <= rel * scale:
+        raise UserError(f"--verify: merged logits differ from base+adapter by {diff:.3g} (> tolerance "
+                        f"{rel:g} x {scale:.3g}; the adapter itself moves them by {effect:.3g}); nothing was written")
+    return result
+
+
+def _stored_dtype(plan: Plan) -> torch.dtype:
+    """The coarsest dtype of any tensor the merge changes (merged or cast): what sets the logit error."""
+    changed = {plan.out_dtype(info) for shard in plan.shards for key, info in shard.tensors.items()
+               if key in plan.targets or plan.out_dtype(info) != info["dtype"]}
+    return max((_FLOAT[name] for name in changed), key=VERIFY_TOLERANCE.get)
+
+
+# ---------------------------------------------------------------- a live model
+
+def _gathered_for_update(params, partitioned: bool):
+    """All of `params`, full, on every rank; changes rank 0 makes are re-partitioned on exit.
+
+    Not `lora_ds.zero.gathered`: that one skips params already available (persisted small weights), and an
+    in-place change to those would never reach their partitions, so a later gather would undo the merge.
+    """
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+def _restore(weight: torch.Tensor, copy: torch.Tensor) -> None:
+    from lora_ds.zero import is_partitioned
+
+    if not is_partitioned(weight):
+        weight.data.copy_(copy)
+        return
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if weight.ds_status == ZeroParamStatus.AVAILABLE:
+        weight.partition()  # drop the gathered merged copy; the next forward gathers the restored partition
+    weight.ds_tensor.copy_(copy)
+
+
+@contextlib.contextmanager
+def merged_for_eval(model):
+    """Merge every LoRA layer of `model` into its base weight inside the block (the forward then costs what
+    the base's does), with the same fp32 math as the dir merge. On exit each base weight is restored bit for
+    bit from a copy of what this rank holds (its ZeRO-3 partition, or the whole weight without ZeRO-3), so
+    training continues from unchanged weights. Under ZeRO-3 every rank must enter: gathering is collective.
+    """
+    from lora_ds.lora import lora_modules
+    from lora_ds.zero import is_partitioned
+
+    layers = [m for _, m in lora_modules(model)]
+    if any(m.merged for m in layers):
+        raise RuntimeError("merged_for_eval: some LoRA layers are already merged; unmerge them first")
+    saved = []
+    try:
+        for layer in layers:
+            weight = layer.base_layer.weight
+            partitioned = is_partitioned(weight)
+            saved.append((layer, (weight.ds_tensor if partitioned else weight.data).detach().clone()))
+            params = [weight, layer.lora_A.weight, layer.lora_B.weight]
+            with _gathered_for_update(params, partitioned), torch.no_grad():
+                weight.copy_(merged_weight(weight, layer.lora_A.weight, layer.lora_B.weight, layer.scaling,
+                                           layer.fan_in_fan_out))
+            layer.merged = True
+        yield model
+    finally:
+        with torch.no_grad():
+            for layer, copy in saved:
+                _restore(layer.base_layer.weight, copy)
+                layer.merged = False
