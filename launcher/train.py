@@ -31,7 +31,7 @@ from lora_ds.lora import inject_lora, lora_parameters
 from lora_ds.loss import defer_lm_head
 from lora_ds.model import build_model, default_targets
 from lora_ds.tokenizer import load_tokenizer, tokenizer_record
-from lora_ds.train_loop import Loop
+from lora_ds.train_loop import Loop, StopSignal
 from lora_ds.zero import full_numel
 
 
@@ -44,6 +44,8 @@ def lora_fp32_state(engine, params: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
+    # Before the (long) start-up: a preemption notice that arrives now is remembered, not fatal.
+    stop = StopSignal()
     env = init_distributed()
     rank, world = env.rank, env.world_size
     ds_config = resolve_ds_config(cfg, world)
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 total_steps=total_steps, output_dir=out, log_every=cfg.train.log_every,
                 eval_every=cfg.train.eval_every, save_every=cfg.train.save_every,
                 halt_at_step=cfg.train.halt_at_step, save_fn=save, rank=rank, world=world, device=engine.device,
-                max_skipped_steps=cfg.train.max_skipped_steps, task_eval=task_eval)
+                max_skipped_steps=cfg.train.max_skipped_steps, task_eval=task_eval, stop=stop)
     outcome = loop.run(start_step)
     if outcome == "nonfinite":
         last = checkpoint.resolve_tag(ckpt_root, "auto")

@@ -1,13 +1,23 @@
 #!/bin/bash
-# Any lora-ds run under Slurm: launcher/train.py's flags follow the script; one process per GPU via srun.
+# Any lora-ds run under Slurm: launcher/train.py's flags follow the script; one process per GPU, started by
+# srun on every node of the allocation (no ssh).
 #
 #   sbatch slurm/train.sh --model /models/llama-7b --data prepared/wikisql --output_dir runs/wikisql
-#   sbatch --nodes=2 --time=4:00:00 slurm/train.sh --config my_run.yaml
+#   sbatch --nodes=2 --time=4:00:00 slurm/train.sh --config my_run.yaml     # sbatch flags win over #SBATCH
 #
-# Copy it and edit the #SBATCH lines for your cluster. PYTHON [python] names the interpreter with lora-ds
-# installed; without GPUs: DS_ACCELERATOR=cpu and sbatch --gpus-per-node=0 --ntasks-per-node=N.
-# Preemption, requeue and exit status work as in slurm/gpt_neox.sh: SIGUSR1 (300 s before the limit, or
-# scancel --signal=USR1 JOBID) -> checkpoint -> exit 124 -> requeued here -> resumes by itself.
+# Submit from the repository root; copy the script and edit the #SBATCH lines for your cluster.
+# PYTHON [python] names the interpreter with lora-ds installed (the job inherits sbatch's environment).
+# Without GPUs: DS_ACCELERATOR=cpu and sbatch --gpus-per-node=0 --ntasks-per-node=N.
+#
+# Preemption and the time limit: Slurm sends SIGUSR1 to every rank 300 s before the limit (--signal; by
+# hand: scancel --signal=USR1 JOBID). Each rank finishes its step, a checkpoint is saved, and the trainer
+# exits 124; this script then requeues the job (--requeue allows it). It does so after srun has returned,
+# that is once every rank has exited and the checkpoint is complete; the requeued job resumes from
+# OUTPUT/checkpoints/latest by itself, and --open-mode=append keeps every attempt's log in one file.
+# SIGTERM (scancel, preemption) also saves a checkpoint before the ranks exit, within Slurm's KillWait or
+# GraceTime; the job then ends (or Slurm requeues it, under PreemptMode=REQUEUE) and resubmitting resumes.
+# Exit status, the trainer's: 0 done; 124 stopped after a checkpoint (requeued); 2 bad settings;
+# 3 too many NaN/Inf steps; anything else a crash (not requeued).
 #
 # Without Slurm or ssh, each node runs the same `deepspeed` line with its own --node_rank:
 #   deepspeed --hostfile hosts --no_ssh --node_rank K --master_addr NODE0 --master_port 29500 \
@@ -27,7 +37,7 @@
 #SBATCH --output=slurm-%x-%j.out
 set -euo pipefail
 
-PYTHON=${PYTHON:-python}
+# Rank 0 runs on the first node; the port is fixed per job id, which a requeued job keeps.
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR
 export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
@@ -36,9 +46,10 @@ echo "job $SLURM_JOB_ID attempt $((${SLURM_RESTART_COUNT:-0} + 1)): $SLURM_JOB_N
     "$SLURM_NTASKS_PER_NODE ranks, master $MASTER_ADDR:$MASTER_PORT"
 
 status=0
-srun --cpus-per-task="$SLURM_CPUS_PER_TASK" "$PYTHON" launcher/train.py "$@" || status=$?
+# Slurm 22.05's srun does not inherit --cpus-per-task from sbatch.
+srun --cpus-per-task="$SLURM_CPUS_PER_TASK" "${PYTHON:-python}" launcher/train.py "$@" || status=$?
 if [[ $status -eq 124 ]]; then
-    echo "job $SLURM_JOB_ID: stopped after a checkpoint; requeued, it resumes from its latest checkpoint"
+    echo "job $SLURM_JOB_ID: stopped after a checkpoint; requeued, it resumes from there"
     scontrol requeue "$SLURM_JOB_ID"
 fi
 exit "$status"

@@ -1,0 +1,172 @@
+"""The Slurm scripts on a real two-node Slurm cluster (tests/slurm_cluster.py): rank discovery under srun,
+`sbatch slurm/gpt_neox.sh` on 2 nodes, and preemption: SIGUSR1 -> checkpoint -> requeue -> resume."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import DEMO, REPO
+from slurm_cluster import SlurmCluster
+
+SCRIPTS = [REPO / "slurm" / "gpt_neox.sh", REPO / "slurm" / "train.sh"]
+STEPS = 30
+# The tiny model on CPU, in the shape of the 20B run: LoRA with dropout (its RNG must resume too).
+TRAIN_ARGS = (f"--max_steps {STEPS} --dtype fp32 --micro_batch 4 --grad_accum 2 --lora_r 4 --lora_alpha 8 "
+              "--lora_dropout 0.1 --lr 1e-2 --seed 7 --max_len 128 --save_every 10")
+# One rank per node, each on its own CPU of this 2-core host; no GPUs.
+CPU_NODES = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0"]
+PROBE = ("import dataclasses, json, os; from lora_ds.dist import discover; "
+         "print(json.dumps({**dataclasses.asdict(discover()), 'job': int(os.environ['SLURM_JOB_ID']), "
+         "'node': os.environ['SLURMD_NODENAME']}))")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+def job_env(cluster: SlurmCluster, model: Path, output: Path) -> dict:
+    return cluster.env(MODEL=str(model), DATA=str(DEMO / "train.jsonl"), EVAL_DATA="", OUTPUT=str(output),
+                       TRAIN_ARGS=TRAIN_ARGS, PYTHON=sys.executable, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+                       PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+
+
+def submit(cluster: SlurmCluster, opts: list[str], env: dict, log: Path, *script_args: str) -> int:
+    """sbatch from the repository root, as a user would; returns the job id (after the job, with --wait)."""
+    out = cluster.run(["sbatch", "--parsable", f"--output={log}", *opts, *script_args], env=env, cwd=REPO,
+                      timeout=900)
+    return int(out.stdout.split()[0].split(";")[0])
+
+
+def excerpt(log: str) -> str:
+    """The job log without progress bars and library warnings."""
+    noise = re.compile(r"^(train: |\s*return func|.*Warning)")
+    return "\n".join(line for line in log.splitlines() if line.strip() and not noise.match(line))
+
+
+def wait_done(cluster: SlurmCluster, job_id: int, timeout: float = 600) -> dict:
+    """Poll until the job has ended for good (a requeued job passes through PENDING and runs again)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = cluster.job(job_id)
+        if job["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} still {cluster.job(job_id)['JobState']} after {timeout} s")
+
+
+def adapter(run: Path) -> dict:
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def metric_steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def neox_job(cluster, neox_dir, tmp_path_factory):
+    """`sbatch --wait slurm/gpt_neox.sh` on 2 nodes, run to the end: (job record, output dir, job log)."""
+    root = tmp_path_factory.mktemp("neox_job")
+    start = time.monotonic()
+    job_id = submit(cluster, ["--wait", *CPU_NODES], job_env(cluster, neox_dir, root / "run"),
+                    root / "slurm-%x-%j.out", str(SCRIPTS[0]))
+    log = (root / f"slurm-lora-gpt-neox-20b-{job_id}.out").read_text()
+    print(f"\n--- sbatch --wait slurm/gpt_neox.sh: job {job_id}, {time.monotonic() - start:.1f} s\n{excerpt(log)}")
+    return cluster.job(job_id), root / "run", log
+
+
+def test_scripts_pass_shellcheck_and_ask_for_what_a_preemptible_multinode_run_needs():
+    subprocess.run(["shellcheck", *map(str, SCRIPTS)], check=True)
+    for script in SCRIPTS:
+        opts = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", script.read_text(), re.M))
+        assert set(opts) >= {"nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "time", "signal",
+                             "requeue", "open-mode", "output"}, script
+        assert opts["ntasks-per-node"] == opts["gpus-per-node"] == "8"  # one rank per GPU
+        assert opts["signal"] == "USR1@300" and opts["open-mode"] == "append" and "%j" in opts["output"]
+        assert "ssh" not in script.read_text().split("#SBATCH")[-1]  # the body starts ranks with srun only
+
+
+def test_slurm_expands_a_nodelist_for_the_master(cluster, monkeypatch):
+    from lora_ds.dist import slurm_hostnames
+
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))  # scontrol finds the cluster through it
+    assert slurm_hostnames("gpu[07-09],login1") == ["gpu07", "gpu08", "gpu09", "login1"]
+
+
+@pytest.mark.parametrize("shape, nodes, local_ranks", [
+    (["--nodes=2", "--ntasks-per-node=1"], ["n1", "n2"], [0, 0]),
+    (["--nodes=1", "--ntasks-per-node=2"], ["n1", "n1"], [0, 1]),
+])
+def test_srun_tasks_find_their_ranks_and_the_master_from_slurm(cluster, shape, nodes, local_ranks):
+    proc = cluster.run(["srun", *shape, "--cpus-per-task=1", sys.executable, "-c", PROBE], cwd=REPO, timeout=120)
+    tasks = sorted((json.loads(line) for line in proc.stdout.splitlines()), key=lambda t: t["rank"])
+    job = tasks[0]["job"]
+    assert [t["rank"] for t in tasks] == [0, 1]
+    assert [t["node"] for t in tasks] == nodes
+    assert [t["local_rank"] for t in tasks] == local_ranks
+    for t in tasks:
+        assert (t["world_size"], t["source"], t["master_addr"]) == (2, "slurm", "n1")
+        assert t["master_port"] == 20000 + job % 20000
+
+
+@pytest.mark.distributed
+def test_gpt_neox_script_trains_on_two_nodes(neox_job):
+    job, run, log = neox_job
+    assert (job["JobState"], job["ExitCode"], job["Restarts"], job["NumNodes"]) == ("COMPLETED", "0:0", "0", "2")
+    assert re.search(rf"job {job['JobId']} attempt 1: 2 nodes x 1 ranks, master n1:{20000 + int(job['JobId'])}",
+                     log)
+    assert f"OUTPUT={run} " in log and "adapter written to" in log
+    resolved = json.loads((run / "run_config.json").read_text())["resolved"]
+    assert (resolved["world_size"], resolved["rank_source"], resolved["total_steps"]) == (2, "slurm", STEPS)
+    assert resolved["ds_config"]["train_batch_size"] == 4 * 2 * 2
+    assert metric_steps(run) == list(range(1, STEPS + 1))
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
+    b = [v for k, v in adapter(run).items() if "lora_B" in k]
+    assert len(b) == 2 and min(v.abs().max().item() for v in b) > 1e-3  # trained: B starts at 0
+
+
+@pytest.mark.distributed
+def test_preempted_job_checkpoints_requeues_and_resumes_to_the_uninterrupted_adapter(cluster, neox_dir, neox_job,
+                                                                                     tmp_path):
+    """SIGUSR1 as Slurm sends it before the time limit, to every rank: the job saves, requeues itself,
+    resumes at the step after the last completed one, and ends with the same adapter, bit for bit."""
+    run = tmp_path / "run"
+    start = time.monotonic()
+    job_id = submit(cluster, CPU_NODES, job_env(cluster, neox_dir, run), tmp_path / "slurm-%j.out",
+                    str(SCRIPTS[0]))
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert time.monotonic() < deadline and cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING")
+        time.sleep(0.1)
+    cluster.run(["scancel", "--signal=USR1", str(job_id)])
+    job = wait_done(cluster, job_id)
+    log = (tmp_path / f"slurm-{job_id}.out").read_text()
+    print(f"\n--- slurm/gpt_neox.sh, USR1 at step >= 2: job {job_id}, {time.monotonic() - start:.1f} s\n"
+          f"{excerpt(log)}")
+
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1")
+    assert "attempt 1:" in log and "attempt 2:" in log
+    assert "stopped after a checkpoint (SIGUSR1)" in log
+    assert f"job {job_id}: stopped after a checkpoint; requeued" in log
+    assert log.count("Exited with exit code 124") == 2  # both ranks, each on its node
+    stopped_at = int(re.search(r"resumed from \S+/step_(\d+) at step (\d+)", log).group(2))
+    assert 2 <= stopped_at < STEPS
+    assert metric_steps(run) == list(range(1, STEPS + 1))  # no step lost, none done twice
+    ours, whole = adapter(run), adapter(neox_job[1])
+    assert sorted(ours) == sorted(whole)
+    for name in whole:
+        assert torch.equal(ours[name], whole[name]), name
