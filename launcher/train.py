@@ -29,7 +29,7 @@ from lora_ds.errors import UserError
 from lora_ds.fsutil import write_json
 from lora_ds.lora import inject_lora, lora_parameters
 from lora_ds.loss import defer_lm_head
-from lora_ds.model import build_model, default_targets
+from lora_ds.model import build_model, check_model_dir, default_targets, preset_config
 from lora_ds.tokenizer import load_tokenizer, tokenizer_record
 from lora_ds.train_loop import Loop, StopSignal
 from lora_ds.zero import full_numel
@@ -46,16 +46,23 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
     # Before the (long) start-up: a preemption notice that arrives now is remembered, not fatal.
     stop = StopSignal()
-    env = init_distributed()
-    rank, world = env.rank, env.world_size
-    ds_config = resolve_ds_config(cfg, world)
-    torch.manual_seed(cfg.train.seed)
-
+    # Inputs are checked before the process group starts, so bad input fails fast and alike on every rank.
     is_preset = cfg.model.name.startswith("preset:")
+    if is_preset:
+        preset_config(cfg.model.name[len("preset:"):])
+    else:
+        check_model_dir(cfg.model.name)
     tok = load_tokenizer(cfg.model.tokenizer or (os.path.join(DEMO_DIR, "tokenizer") if is_preset
                                                  else cfg.model.name))
     rows = load_rows(cfg.data.path, tok, cfg.data.max_len)
     eval_rows = load_rows(cfg.data.eval_path, tok, cfg.data.max_len) if cfg.data.eval_path else None
+    ckpt_root = os.path.join(cfg.train.output_dir, "checkpoints")
+    tag = checkpoint.resolve_tag(ckpt_root, cfg.train.resume)
+
+    env = init_distributed()
+    rank, world = env.rank, env.world_size
+    ds_config = resolve_ds_config(cfg, world)
+    torch.manual_seed(cfg.train.seed)
     sampler = StepSampler(len(rows), cfg.train.micro_batch, cfg.train.grad_accum, world, cfg.train.seed)
     total_steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * sampler.steps_per_epoch))
 
@@ -71,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     engine = build_engine(model, list(lora.values()), cfg, ds_config, total_steps)
 
     out = cfg.train.output_dir
-    ckpt_root = os.path.join(out, "checkpoints")
     trainable = sum(full_numel(p) for p in lora.values())
     run_record = {
         **cfg.to_dict(),
@@ -94,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
         write_json(os.path.join(out, "run_config.json"), run_record)
 
     start_step = 0
-    tag = checkpoint.resolve_tag(ckpt_root, cfg.train.resume)
     if tag is not None:
         start_step = checkpoint.load(engine, ckpt_root, tag)["step"]
         if rank == 0:
@@ -142,9 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """main() with bad input reported as one line on stderr and exit status 2."""
     try:
-        sys.exit(main())
+        return main(argv)
     except UserError as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        print(f"train: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
