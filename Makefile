@@ -10,7 +10,10 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
 .PHONY: setup demo test
 
+# setup also installs what the cluster tests need (Slurm, OpenMPI, shellcheck, mpi4py; as root, Debian);
+# tests/system_deps.sh returns at once when all of it is there. The demo needs only the venv.
 setup: $(VENV)/.installed
+	bash tests/system_deps.sh $(PY)
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-demo: setup
+demo: $(VENV)/.installed
 ifeq ($(HAS_GPU),1)
 	$(VENV)/bin/deepspeed launcher/train.py --ds_config ds_configs/zero3.json
 else

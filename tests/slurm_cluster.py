@@ -27,7 +27,7 @@ def _host_resources() -> tuple[int, int]:
 
 
 class SlurmCluster:
-    """Two nodes, n1 and n2, each with all of this host's CPUs; one partition `debug`."""
+    """Two nodes, n1 and n2, each with all of this host's CPUs; one partition `debug` whose CPUs jobs share."""
 
     nodes = ("n1", "n2")
 
@@ -73,7 +73,8 @@ SlurmctldLogFile={r}/log/slurmctld.log
 SlurmdLogFile={r}/log/slurmd.%n.log
 NodeName=n[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port={NODE_PORTS[0]}-{NODE_PORTS[1]} \
 CPUs={cpus} RealMemory={mem} State=UNKNOWN
-PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
+# Up to 4 jobs share a CPU: tests run several small jobs at once.
+PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 """)
 
     def _add_hosts(self) -> None:

@@ -1,5 +1,5 @@
 """The Slurm scripts on a real two-node Slurm cluster (tests/slurm_cluster.py): rank discovery under srun,
-`sbatch slurm/gpt_neox.sh` on 2 nodes, and preemption: SIGUSR1 -> checkpoint -> requeue -> resume."""
+`sbatch slurm/gpt_neox.sh` on 2 nodes, and preemption: SIGUSR1 or SIGTERM -> checkpoint -> requeue -> resume."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ from conftest import DEMO, REPO
 from slurm_cluster import SlurmCluster
 
 SCRIPTS = [REPO / "slurm" / "gpt_neox.sh", REPO / "slurm" / "train.sh"]
-STEPS = 30
+STEPS = 20
 # The tiny model on CPU, in the shape of the 20B run: LoRA with dropout (its RNG must resume too).
 TRAIN_ARGS = (f"--max_steps {STEPS} --dtype fp32 --micro_batch 4 --grad_accum 2 --lora_r 4 --lora_alpha 8 "
               "--lora_dropout 0.1 --lr 1e-2 --seed 7 --max_len 128 --save_every 10")
@@ -45,7 +45,7 @@ def job_env(cluster: SlurmCluster, model: Path, output: Path) -> dict:
 
 
 def submit(cluster: SlurmCluster, opts: list[str], env: dict, log: Path, *script_args: str) -> int:
-    """sbatch from the repository root, as a user would; returns the job id (after the job, with --wait)."""
+    """sbatch from the repository root, as a user would; returns the job id."""
     out = cluster.run(["sbatch", "--parsable", f"--output={log}", *opts, *script_args], env=env, cwd=REPO,
                       timeout=900)
     return int(out.stdout.split()[0].split(";")[0])
@@ -76,16 +76,44 @@ def metric_steps(run: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+# How a running job is stopped: the command, the signal its ranks get, and whether the batch script requeues
+# the job (else Slurm does).
+STOPS = {
+    "usr1-before-time-limit": (["scancel", "--signal=USR1"], "SIGUSR1", True),  # what --signal=USR1@300 sends
+    "sigterm-requeue": (["scontrol", "requeue"], "SIGTERM", False),  # as preemption with PreemptMode=REQUEUE
+}
+
+
 @pytest.fixture(scope="module")
-def neox_job(cluster, neox_dir, tmp_path_factory):
-    """`sbatch --wait slurm/gpt_neox.sh` on 2 nodes, run to the end: (job record, output dir, job log)."""
-    root = tmp_path_factory.mktemp("neox_job")
+def jobs(cluster, neox_dir, tmp_path_factory) -> dict:
+    """Three jobs of slurm/gpt_neox.sh at once, 2 nodes each: "whole" by `sbatch --wait`, left alone, and one
+    stopped each way of STOPS once its metrics show step 2. Per job: (scontrol record, run dir, log)."""
+    root = tmp_path_factory.mktemp("jobs")
     start = time.monotonic()
-    job_id = submit(cluster, ["--wait", *CPU_NODES], job_env(cluster, neox_dir, root / "run"),
-                    root / "slurm-%x-%j.out", str(SCRIPTS[0]))
-    log = (root / f"slurm-lora-gpt-neox-20b-{job_id}.out").read_text()
-    print(f"\n--- sbatch --wait slurm/gpt_neox.sh: job {job_id}, {time.monotonic() - start:.1f} s\n{excerpt(log)}")
-    return cluster.job(job_id), root / "run", log
+    whole = subprocess.Popen(["sbatch", "--wait", "--parsable", f"--output={root}/whole.out", *CPU_NODES,
+                              str(SCRIPTS[0])], cwd=REPO, env=job_env(cluster, neox_dir, root / "whole"),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ids = {name: submit(cluster, CPU_NODES, job_env(cluster, neox_dir, root / name), root / f"{name}.out",
+                        str(SCRIPTS[0])) for name in STOPS}
+    waiting = dict(STOPS)
+    while waiting:
+        for name in list(waiting):
+            metrics = root / name / "metrics.jsonl"
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                cluster.run([*waiting.pop(name)[0], str(ids[name])])
+            else:
+                assert cluster.job(ids[name])["JobState"] in ("PENDING", "RUNNING"), (name, cluster.logs())
+        assert time.monotonic() - start < 600, cluster.logs()
+        time.sleep(0.1)
+    out, _ = whole.communicate(timeout=600)
+    assert whole.returncode == 0, out
+    ids["whole"] = int(out.split()[0].split(";")[0])
+    results = {name: (wait_done(cluster, job_id), root / name, (root / f"{name}.out").read_text())
+               for name, job_id in ids.items()}
+    print(f"\n=== three 2-node jobs of slurm/gpt_neox.sh, all ended {time.monotonic() - start:.1f} s after submission")
+    for name, (job, _, log) in results.items():
+        print(f"\n--- {name}: job {job['JobId']}, ended {job['EndTime']}, {job['JobState']}\n{excerpt(log)}")
+    return results
 
 
 def test_scripts_pass_shellcheck_and_ask_for_what_a_preemptible_multinode_run_needs():
@@ -123,8 +151,8 @@ def test_srun_tasks_find_their_ranks_and_the_master_from_slurm(cluster, shape, n
 
 
 @pytest.mark.distributed
-def test_gpt_neox_script_trains_on_two_nodes(neox_job):
-    job, run, log = neox_job
+def test_gpt_neox_script_trains_on_two_nodes(jobs):
+    job, run, log = jobs["whole"]
     assert (job["JobState"], job["ExitCode"], job["Restarts"], job["NumNodes"]) == ("COMPLETED", "0:0", "0", "2")
     assert re.search(rf"job {job['JobId']} attempt 1: 2 nodes x 1 ranks, master n1:{20000 + int(job['JobId'])}",
                      log)
@@ -139,34 +167,21 @@ def test_gpt_neox_script_trains_on_two_nodes(neox_job):
 
 
 @pytest.mark.distributed
-def test_preempted_job_checkpoints_requeues_and_resumes_to_the_uninterrupted_adapter(cluster, neox_dir, neox_job,
-                                                                                     tmp_path):
-    """SIGUSR1 as Slurm sends it before the time limit, to every rank: the job saves, requeues itself,
-    resumes at the step after the last completed one, and ends with the same adapter, bit for bit."""
-    run = tmp_path / "run"
-    start = time.monotonic()
-    job_id = submit(cluster, CPU_NODES, job_env(cluster, neox_dir, run), tmp_path / "slurm-%j.out",
-                    str(SCRIPTS[0]))
-    metrics = run / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        assert time.monotonic() < deadline and cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING")
-        time.sleep(0.1)
-    cluster.run(["scancel", "--signal=USR1", str(job_id)])
-    job = wait_done(cluster, job_id)
-    log = (tmp_path / f"slurm-{job_id}.out").read_text()
-    print(f"\n--- slurm/gpt_neox.sh, USR1 at step >= 2: job {job_id}, {time.monotonic() - start:.1f} s\n"
-          f"{excerpt(log)}")
-
+@pytest.mark.parametrize("stop", STOPS)
+def test_stopped_job_checkpoints_requeues_and_resumes_to_the_uninterrupted_adapter(jobs, stop):
+    """Signalled mid-run, every rank finishes its step and a checkpoint is saved; the job is requeued, resumes
+    at the step after the last completed one, and ends with the uninterrupted run's adapter, bit for bit."""
+    job, run, log = jobs[stop]
+    _, signal, requeued_by_script = STOPS[stop]
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1")
     assert "attempt 1:" in log and "attempt 2:" in log
-    assert "stopped after a checkpoint (SIGUSR1)" in log
-    assert f"job {job_id}: stopped after a checkpoint; requeued" in log
+    assert f"stopped after a checkpoint ({signal})" in log
     assert log.count("Exited with exit code 124") == 2  # both ranks, each on its node
+    assert (f"job {job['JobId']}: stopped after a checkpoint; requeued" in log) == requeued_by_script
     stopped_at = int(re.search(r"resumed from \S+/step_(\d+) at step (\d+)", log).group(2))
     assert 2 <= stopped_at < STEPS
     assert metric_steps(run) == list(range(1, STEPS + 1))  # no step lost, none done twice
-    ours, whole = adapter(run), adapter(neox_job[1])
+    ours, whole = adapter(run), adapter(jobs["whole"][1])
     assert sorted(ours) == sorted(whole)
     for name in whole:
         assert torch.equal(ours[name], whole[name]), name
