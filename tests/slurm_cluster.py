@@ -40,7 +40,7 @@ class SlurmCluster:
     def env(self, **extra) -> dict:
         return dict(os.environ, SLURM_CONF=str(self.conf), **extra)
 
-    def write_conf(self) -> None:
+    def _write_conf(self) -> None:
         cpus, mem = _host_resources()
         r = self.root
         for d in ("state", "log", *(f"spool/{n}" for n in self.nodes)):
@@ -92,7 +92,7 @@ PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubsc
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     raise RuntimeError(f"port {port} is taken: is another Slurm running? (ss -ltnp)")
-        self.write_conf()
+        self._write_conf()
         self._add_hosts()
         log = open(self.root / "log" / "daemons.out", "ab")
         cmds = [["slurmctld", "-D"], *(["slurmd", "-D", "-N", n] for n in self.nodes)]
