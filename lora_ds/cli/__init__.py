@@ -17,6 +17,8 @@ SUBCOMMANDS = {
     "merge": "merge",
     "eval": "eval",
     "score": "score",
+    "analyze": "analyze",
+    "plot": "plot",
 }
 
 
