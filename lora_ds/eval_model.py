@@ -1,11 +1,11 @@
 """The model an evaluation runs: a base with its LoRA merged in, in one process or partitioned by ZeRO-3.
 
-The LoRA comes from a PEFT adapter dir (--adapter) or a training checkpoint (--checkpoint, read through a
-DeepSpeed engine on as many ranks as wrote it). It is merged
-into the base weights by `LoRALinear.merge()` (W0 + s·B·A in fp32 from the fp32 factors, cast once),
-under ZeRO-3 on the gathered weights, and the wrappers are then removed: the evaluated model is a plain
-Hugging Face model with no added latency, the same weights in one process as on N ranks. A model dir that
-is already merged needs neither flag.
+The LoRA comes from a PEFT adapter dir (--adapter) or a training checkpoint (--checkpoint: its fp32 masters,
+consolidated from the ZeRO-3 partitions by `lora_ds.consolidate`, whatever the world size). It is merged into
+the base weights by `LoRALinear.merge()` (W0 + s·B·A in fp32 from the fp32 factors, cast once), under ZeRO-3
+on the gathered weights, and the wrappers are then removed: the evaluated model is a plain Hugging Face model
+with no added latency, the same weights in one process as on N ranks. A model dir that is already merged
+needs neither flag.
 """
 from __future__ import annotations
 
@@ -23,11 +23,9 @@ DEFAULT_SEED = 42  # TrainConfig's default seed: the base a preset run trained o
 @dataclass
 class LoRAWeights:
     config: dict  # adapter_config.json (PEFT's LoraConfig fields)
-    tensors: dict | None  # {"<module>.lora_A.weight": fp32 tensor, ...}; None until read from a checkpoint
+    tensors: dict  # {"<module>.lora_A.weight": fp32 tensor, ...}
     source: str
     run_config: dict | None  # the training run's run_config.json, when the source has it
-    checkpoint: tuple[str, str] | None = None  # (root, tag) of a training checkpoint
-    world_size: int | None = None  # ranks that wrote the checkpoint
 
 
 def _read_json(path: str) -> dict | None:
@@ -48,71 +46,17 @@ def read_lora(adapter: str | None, checkpoint: str | None) -> LoRAWeights | None
         return LoRAWeights(config, {k: v.float() for k, v in tensors.items()}, adapter,
                            _read_json(os.path.join(adapter, "run_config.json")))
     if checkpoint:
-        root, tag = checkpoint_tag(checkpoint)
-        tag_dir = os.path.join(root, tag)
+        from lora_ds.consolidate import check_lora, read_zero3_params, resolve_tag_dir
+
+        tag_dir = resolve_tag_dir(checkpoint)
         config = _read_json(os.path.join(tag_dir, "adapter_config.json"))
         if config is None:
             raise UserError(f"--checkpoint {tag_dir}: no adapter_config.json; is this a lora-ds checkpoint?")
-        from lora_ds.checkpoint import read_state
-
-        return LoRAWeights(config, None, tag_dir, _read_json(os.path.join(tag_dir, "run_config.json")),
-                           (root, tag), read_state(root, tag)["world_size"])
+        run_config = _read_json(os.path.join(tag_dir, "run_config.json"))
+        tensors, _ = read_zero3_params(tag_dir)
+        check_lora(tensors, config, tag_dir, (run_config or {}).get("resolved", {}).get("adapted_modules"))
+        return LoRAWeights(config, tensors, tag_dir, run_config)
     return None
-
-
-def checkpoint_tag(path: str) -> tuple[str, str]:
-    """(root, tag) of `--checkpoint`: OUTPUT/checkpoints (the tag `latest` names) or one complete tag dir."""
-    from lora_ds.checkpoint import is_complete, resolve_tag
-
-    path = os.path.abspath(path)
-    if is_complete(path):
-        return os.path.dirname(path), os.path.basename(path)
-    if not os.path.isdir(path):
-        raise UserError(f"--checkpoint {path}: no such directory; give OUTPUT/checkpoints or a tag in it")
-    tag = resolve_tag(path, "auto")
-    if tag is None:
-        raise UserError(f"--checkpoint {path}: no complete checkpoint (no 'latest' file); give OUTPUT/checkpoints "
-                        "of a run that saved one, or one of its step_* dirs")
-    return path, tag
-
-
-def read_checkpoint_tensors(name: str, tok, lora: LoRAWeights, dtype: str, ds_config: dict) -> LoRAWeights:
-    """`lora` with its fp32 tensors, read from the training checkpoint by DeepSpeed itself: the training
-    model and engine are rebuilt, the LoRA weights loaded (not the optimizer state), then both dropped.
-
-    Collective. DeepSpeed reads a ZeRO checkpoint only on as many ranks as wrote it.
-    """
-    import torch.distributed as dist
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    from lora_ds.checkpoint import install_safe_loading
-    from lora_ds.config import RunConfig
-    from lora_ds.engine import build_engine
-    from lora_ds.lora import inject_lora, lora_parameters
-    from lora_ds.model import build_model
-
-    world = dist.get_world_size()
-    if lora.world_size != world:
-        raise UserError(f"--checkpoint {lora.source}: written by {lora.world_size} rank(s), and DeepSpeed loads "
-                        f"it only on as many; launch eval on {lora.world_size} rank(s), or export the adapter "
-                        "(lora-ds export-adapter) and pass --adapter")
-    torch.manual_seed(base_seed(lora))
-    model, keepalive = build_model(name, dtype, ds_config, vocab_size=tok.vocab_size)
-    cfg = lora.config
-    inject_lora(model, cfg["target_modules"], int(cfg["r"]), float(cfg["lora_alpha"]), 0.0,
-                bool(cfg.get("use_rslora")))
-    params = lora_parameters(model)
-    engine = build_engine(model, list(params.values()), RunConfig(), ds_config, total_steps=1)
-    install_safe_loading(engine)
-    root, tag = lora.checkpoint
-    load_path, _ = engine.load_checkpoint(root, tag, load_module_strict=False, load_optimizer_states=False,
-                                          load_lr_scheduler_states=False)
-    if load_path is None:
-        raise UserError(f"--checkpoint {lora.source}: DeepSpeed could not load it")
-    tensors = {n: safe_get_full_fp32_param(p).detach().float().cpu().clone() for n, p in params.items()}
-    engine.destroy()
-    del keepalive
-    return LoRAWeights(lora.config, tensors, lora.source, lora.run_config, lora.checkpoint, lora.world_size)
 
 
 def base_seed(lora: LoRAWeights | None) -> int:
@@ -163,10 +107,6 @@ def build_eval_model(name: str, tok, lora: LoRAWeights | None, dtype: str, ds_co
     inference engine when `ds_config` is given (collective then). `keepalive` must outlive the model."""
     from lora_ds.model import build_model
 
-    if lora is not None and lora.tensors is None:
-        if ds_config is None:
-            raise UserError(f"--checkpoint {lora.source}: reading a checkpoint needs DeepSpeed; pass --ds_config")
-        lora = read_checkpoint_tensors(name, tok, lora, dtype, ds_config)
     torch.manual_seed(base_seed(lora))  # a preset base has random weights: draw those the run trained on
     model, keepalive = build_model(name, dtype, ds_config, attn_implementation, vocab_size=tok.vocab_size)
     if lora is not None:

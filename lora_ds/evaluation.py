@@ -311,7 +311,8 @@ def format_table(task: str, by_split: dict) -> str:
 
 class TaskEval:
     """Generation eval during training: a fixed, seeded sample of a task's validation file, generated greedily
-    by the live model (LoRA unmerged, ZeRO-3 ranks in lockstep) and scored with the task's metrics.
+    by the live model (LoRA unmerged, ZeRO-3 ranks in lockstep; up to the longest reference + 16 tokens) and
+    scored with the task's metrics.
 
     Each call writes OUTPUT/eval/<step>/ (predictions.jsonl, metrics.json) and returns flat metrics for
     metrics.jsonl (`eval_<task>_<metric>`) on rank 0, {} elsewhere.
@@ -326,7 +327,9 @@ class TaskEval:
 
     def __call__(self, model, step: int) -> dict:
         task = self.evalset.task
-        max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS[task], self.max_len - 1)
+        # Enough for the longest reference of the sample plus a margin: an eval in training stays cheap.
+        longest = max(len(self.tok.encode(" " + e.reference)) for e in self.evalset.examples)
+        max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS[task], longest + 16, self.max_len - 1)
         generated, constrained = predict(model, self.tok, self.evalset, max_new_tokens=max_new_tokens,
                                          batch_size=self.batch_size, max_len=self.max_len, device=self.device,
                                          rank=self.rank, world=self.world, progress=False)

@@ -9,9 +9,8 @@
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --no_local_rank --module lora_ds eval ...  # 2 CPU ranks
     torchrun --nproc_per_node 8 -m lora_ds eval ...                                      # the same, torchrun
 
-In one process the model is loaded whole. Launched on several ranks (or given --ds_config or --checkpoint)
-it is partitioned by ZeRO-3 and all ranks generate in lockstep; both ways give the same predictions.
-A --checkpoint is read by DeepSpeed, which needs as many ranks as wrote it. The LoRA of
+In one process the model is loaded whole. Launched on several ranks (or given --ds_config) it is
+partitioned by ZeRO-3 and all ranks generate in lockstep; both ways give the same predictions. The LoRA of
 --adapter (a PEFT adapter dir) or --checkpoint (OUTPUT/checkpoints, or one tag in it) is merged into the
 base weights first. --data takes the downloaded files (any format `lora-ds prep` reads); prompts are
 rendered by the task's template, the text the model was trained on. Decoding is greedy unless --num-beams
@@ -95,7 +94,7 @@ def run(args) -> int:
     is_preset = args.model.startswith("preset:")
     tok = load_tokenizer(args.tokenizer or (os.path.join(DEMO_DIR, "tokenizer") if is_preset else args.model))
     rank, world, ds_config = 0, discover().world_size, None
-    if world > 1 or args.ds_config or args.checkpoint:
+    if world > 1 or args.ds_config:
         env = init_distributed()
         rank, world = env.rank, env.world_size
         cfg = RunConfig(model=ModelConfig(name=args.model, dtype=args.dtype),

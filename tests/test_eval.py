@@ -1,0 +1,241 @@
+"""lora-ds eval on 2 ranks under ZeRO-3 against one process on the merged model, lora-ds score on what eval
+wrote, and the generation eval during training (real `deepspeed` launches on CPU, gloo)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DEEPSPEED, REPO, free_port, launch
+from eval_fixtures import write_mnli, write_wikisql
+from lora_ds.cli import main as cli
+
+EOS_LIKE = 102  # a token the tiny random model often generates
+
+
+def run_ranks(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    """`lora-ds ARGS` on `nproc` CPU ranks through the deepspeed launcher."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [str(DEEPSPEED), "--num_gpus", str(nproc), "--master_port", str(free_port()), "--no_local_rank",
+           "--module", "lora_ds", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def read_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+def read_metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, dst / f.name)
+
+
+@pytest.fixture(scope="module")
+def base_dir(neox_dir, tmp_path_factory) -> Path:
+    """The tiny GPT-NeoX with EOS's output row made 1.05 × that of a token it often generates, so that
+    generations end at different lengths (as a trained model's do) and ranks finish at different steps."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("eos_neox")
+    model = AutoModelForCausalLM.from_pretrained(neox_dir, dtype=torch.float32)
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[0] = head[EOS_LIKE] * 1.05  # id 0 is the demo tokenizer's EOS
+    model.save_pretrained(out, max_shard_size="100KB")
+    copy_tokenizer(neox_dir, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def random_adapter(base_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter (PEFT format) with random, non-zero A and B on the fused QKV projections: it changes the
+    model a lot, and its generations still end at different lengths."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_ds.adapter import peft_config, write_adapter
+    from lora_ds.lora import inject_lora, lora_parameters
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    inject_lora(model, ["query_key_value"], 4, 8)
+    gen = torch.Generator().manual_seed(1)
+    tensors = {k: 0.5 * torch.randn(v.shape, generator=gen) for k, v in lora_parameters(model).items()}
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    write_adapter(str(out), tensors, peft_config(r=4, alpha=8, dropout=0.0, target_modules=["query_key_value"],
+                                                 use_rslora=False, fan_in_fan_out=False, base_model=str(base_dir)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def wikisql_file(tmp_path_factory) -> Path:
+    return write_wikisql(tmp_path_factory.mktemp("wikisql"))
+
+
+@pytest.fixture(scope="module")
+def run_dir(base_dir, wikisql_file, tmp_path_factory) -> Path:
+    """A 2-rank ZeRO-3 training run on the WikiSQL fixture (prepared by data_prep) with --eval_task at steps
+    1 and 2: its adapter and checkpoints are what the tests below evaluate."""
+    from data_prep.common import Settings, prepare
+
+    root = tmp_path_factory.mktemp("train")
+    prepare(Settings(task="wikisql", src=[str(wikisql_file)], tokenizer=str(base_dir), out=str(root / "prepared")))
+    launch(["--model", str(base_dir), "--data", str(root / "prepared"), "--eval_data", "", "--output_dir",
+            str(root / "run"), "--eval_task", f"wikisql:{wikisql_file}", "--eval_task_samples", "3",
+            "--eval_every", "1", "--max_steps", "2", "--micro_batch", "1", "--dtype", "fp32", "--lr", "1e-2"])
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def merged_dir(base_dir, random_adapter, tmp_path_factory) -> Path:
+    """base + the random adapter merged (W0 + s·B·A) and saved as a plain Hugging Face model dir."""
+    from lora_ds.eval_model import build_eval_model, read_lora
+    from lora_ds.tokenizer import load_tokenizer
+
+    out = tmp_path_factory.mktemp("merged")
+    lora = read_lora(str(random_adapter), None)
+    model, _, _ = build_eval_model(str(base_dir), load_tokenizer(str(base_dir)), lora, "fp32", None)
+    model.save_pretrained(out)
+    copy_tokenizer(base_dir, out)
+    return out
+
+
+MAX_NEW = 28
+
+
+@pytest.fixture(scope="module")
+def wikisql_runs(base_dir, random_adapter, merged_dir, wikisql_file, tmp_path_factory):
+    """(2-rank ZeRO-3 eval of base + adapter into zero3/, merged/ for the 1-process eval, their flags)."""
+    root = tmp_path_factory.mktemp("wikisql_runs")
+    common = ["--task", "wikisql", "--data", str(wikisql_file), "--dtype", "fp32", "--batch-size", "2",
+              "--max-new-tokens", str(MAX_NEW)]
+    run_ranks(["eval", "--model", str(base_dir), "--adapter", str(random_adapter), "--out", str(root / "zero3"),
+               "--no-progress", *common])
+    return root / "zero3", root / "merged", common
+
+
+def generated_lengths(model_dir: Path, wikisql_file: Path) -> list[int]:
+    """Tokens each WikiSQL prompt generates greedily before EOS (capped at MAX_NEW), one prompt at a time."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_ds.evaluation import load_eval_set
+    from lora_ds.generate import prompt_ids
+    from lora_ds.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    lengths = []
+    for example in load_eval_set("wikisql", [str(wikisql_file)]).examples:
+        ids = torch.tensor([prompt_ids(tok, example.prompt, 1024)])
+        out = model.generate(input_ids=ids, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+        lengths.append(out.shape[1] - ids.shape[1])
+    return lengths
+
+
+@pytest.mark.distributed
+def test_greedy_under_two_rank_zero3_equals_one_process_on_the_merged_model(wikisql_runs, merged_dir,
+                                                                             wikisql_file, capsys):
+    # Batches of 2 on 2 ranks: rank 0 runs examples [1, 2] and [5], rank 1 [3, 4] and a dummy; some
+    # generations end at EOS while the others run to the limit, so ranks finish at different steps.
+    lengths = generated_lengths(merged_dir, wikisql_file)
+    assert min(lengths) < MAX_NEW and max(lengths) == MAX_NEW, lengths
+    zero3, merged, common = wikisql_runs
+    capsys.readouterr()
+    assert cli(["eval", "--model", str(merged_dir), "--out", str(merged), *common]) == 0
+    out, err = capsys.readouterr()
+    a, b = read_rows(zero3), read_rows(merged)
+    assert [r["id"] for r in a] == [f"dev.jsonl:{i}" for i in range(1, 6)] == [r["id"] for r in b]
+    assert [r["prediction"] for r in a] == [r["prediction"] for r in b]
+    ma, mb = read_metrics(zero3), read_metrics(merged)
+    assert ma["metrics"] == mb["metrics"] and ma["metrics"]["dev"]["n"] == 5
+    assert (ma["world_size"], ma["zero3"], mb["world_size"], mb["zero3"]) == (2, True, 1, False)
+    assert ma["decoding"] == {"strategy": "greedy", "num_beams": 1, "max_new_tokens": MAX_NEW, "max_len": 1024}
+    assert set(a[0]) == {"id", "split", "prompt", "prediction", "reference", "score"}
+    assert a[0]["reference"] == "SELECT \"Position\" FROM table WHERE \"Player\" = 'Alan Smith'"
+    assert len((zero3 / "predictions.official.jsonl").read_text().splitlines()) == 5
+    assert "split  n  lf_accuracy  ex_accuracy  unparsed  gold_exec_errors" in out
+    assert "wikisql generate" in err  # the progress bar
+
+
+def test_score_of_eval_predictions_reproduces_eval_metrics(wikisql_runs, wikisql_file, tmp_path, capsys):
+    zero3, _, _ = wikisql_runs
+    assert cli(["score", "--task", "wikisql", "--data", str(wikisql_file), "--predictions",
+                str(zero3 / "predictions.jsonl"), "--out", str(tmp_path / "by_id")]) == 0
+    assert read_metrics(tmp_path / "by_id")["metrics"] == read_metrics(zero3)["metrics"]
+    assert cli(["score", "--task", "wikisql", "--data", str(wikisql_file), "--predictions",
+                str(zero3 / "predictions.official.jsonl"), "--out", str(tmp_path / "official")]) == 0
+    assert read_metrics(tmp_path / "official")["metrics"] == read_metrics(zero3)["metrics"]
+    assert "lf_accuracy" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def run_dir(base_dir, wikisql_file, tmp_path_factory) -> Path:
+    """A 2-rank ZeRO-3 training run on the WikiSQL fixture (prepared by data_prep) with --eval_task at steps
+    1 and 2; its checkpoint and adapter are evaluated below."""
+    from data_prep.common import Settings, prepare
+
+    root = tmp_path_factory.mktemp("train")
+    prepare(Settings(task="wikisql", src=[str(wikisql_file)], tokenizer=str(base_dir), out=str(root / "prepared")))
+    launch(["--model", str(base_dir), "--data", str(root / "prepared"), "--eval_data", "", "--output_dir",
+            str(root / "run"), "--eval_task", f"wikisql:{wikisql_file}", "--eval_task_samples", "3",
+            "--eval_every", "1", "--max_steps", "2", "--micro_batch", "1", "--dtype", "fp32", "--lr", "1e-2"])
+    return root / "run"
+
+
+@pytest.mark.distributed
+def test_generation_eval_during_training_is_logged_at_eval_steps(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_wikisql_lf_accuracy" in r] == [1, 2]
+    for r in records:
+        assert r["eval_wikisql_n"] == 3 and 0 <= r["eval_wikisql_unparsed"] <= 3
+        assert r["eval_wikisql_lf_accuracy"] in (0.0, 100 / 3, 200 / 3, 100.0)
+    sample = read_rows(run_dir / "eval" / "step_00000002")
+    assert len(sample) == 3 and read_metrics(run_dir / "eval" / "step_00000002")["step"] == 2
+    assert {r["id"] for r in sample} == {r["id"] for r in read_rows(run_dir / "eval" / "step_00000001")}
+
+
+@pytest.mark.distributed
+def test_beam_search_and_label_choice_from_a_checkpoint_match_its_adapter_in_one_process(base_dir, run_dir,
+                                                                                         tmp_path):
+    """MNLI, 7 examples in batches of 3 on 2 ranks (rank 1 runs a dummy batch to keep step), LoRA read from
+    the training checkpoint by DeepSpeed; against the run's adapter merged in one process."""
+    data = [str(p) for p in write_mnli(tmp_path / "mnli")]
+    common = ["--model", str(base_dir), "--task", "mnli", "--data", *data, "--dtype", "fp32", "--batch-size", "3",
+              "--num-beams", "2", "--max-new-tokens", "6", "--no-progress"]
+    run_ranks(["eval", *common, "--checkpoint", str(run_dir / "checkpoints"), "--out", str(tmp_path / "zero3")])
+    assert cli(["eval", *common, "--adapter", str(run_dir / "adapter"), "--out", str(tmp_path / "one")]) == 0
+    a, b = read_rows(tmp_path / "zero3"), read_rows(tmp_path / "one")
+    assert [(r["split"], r["id"]) for r in a] == [("matched", "m1"), ("matched", "m2"), ("matched", "m3"),
+                                                  ("matched", "m4"), ("mismatched", "x1"), ("mismatched", "x2"),
+                                                  ("mismatched", "x3")]
+    assert [(r["prediction"], r["constrained"]) for r in a] == [(r["prediction"], r["constrained"]) for r in b]
+    assert all(r["constrained"] in ("entailment", "neutral", "contradiction") for r in a)
+    metrics = read_metrics(tmp_path / "zero3")
+    assert metrics["metrics"] == read_metrics(tmp_path / "one")["metrics"]
+    assert metrics["lora"].endswith("checkpoints/step_00000002")
+    assert metrics["decoding"]["strategy"] == "beam" and set(metrics["metrics"]) == {"matched", "mismatched"}
+    expected = 100 * sum(r["constrained"] == r["reference"] for r in a[:4]) / 4
+    assert metrics["metrics"]["matched"]["accuracy_constrained"] == expected
+
+
+def test_flag_and_data_errors_name_what_to_fix(wikisql_file, tmp_path, capsys):
+    base = ["eval", "--model", "preset:tiny-gpt-neox", "--task", "wikisql", "--out", str(tmp_path)]
+    assert cli([*base, "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "--data" in capsys.readouterr().err
+    assert cli([*base, "--data", str(wikisql_file), "--max-new-tokens", "2000"]) == 2
+    assert "--max-new-tokens 2000 leaves no room for the prompt in --max-len 1024" in capsys.readouterr().err
+    assert cli([*base, "--data", str(wikisql_file), "--checkpoint", str(tmp_path / "none")]) == 2
+    assert "none: no such directory; give OUTPUT/checkpoints of a run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli([*base, "--data", str(wikisql_file), "--adapter", "a", "--checkpoint", "b"])
