@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_ds.adapter import peft_config, write_adapter
-from lora_ds.analyze import (amplification, analyze, effective_rank, energy, spectrum, subspace_similarity)
+from lora_ds.analyze import amplification, analyze, effective_rank, energy, spectrum, subspace_similarity
 from lora_ds.cli import main
 from lora_ds.plots import read_metrics
 
@@ -166,7 +166,7 @@ def test_fan_in_fan_out_adapter_on_a_transposed_base_gives_the_linear_numbers(tw
     a, _, _, w = two_adapters
     from lora_ds.adapter import read_adapter
 
-    config, tensors = read_adapter(a)
+    _, tensors = read_adapter(a)
     conv = _write(tmp_path / "conv", tensors["model.layers.0.q.lora_A.weight"],
                   tensors["model.layers.0.q.lora_B.weight"], r=2, alpha=2, fan_in_fan_out=True)
     base = tmp_path / "conv_base"
