@@ -21,7 +21,7 @@ STEPS = 20
 # The tiny model on CPU, in the shape of the 20B run: LoRA with dropout (its RNG must resume too).
 TRAIN_ARGS = (f"--max_steps {STEPS} --dtype fp32 --micro_batch 4 --grad_accum 2 --lora_r 4 --lora_alpha 8 "
               "--lora_dropout 0.1 --lr 1e-2 --seed 7 --max_len 128 --save_every 10")
-# One rank per node, each on its own CPU of this 2-core host; no GPUs.
+# One rank per node, one CPU per rank, no GPUs (the test cluster lets concurrent jobs share CPUs).
 CPU_NODES = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0"]
 PROBE = ("import dataclasses, json, os; from lora_ds.dist import discover; "
          "print(json.dumps({**dataclasses.asdict(discover()), 'job': int(os.environ['SLURM_JOB_ID']), "
@@ -44,10 +44,9 @@ def job_env(cluster: SlurmCluster, model: Path, output: Path) -> dict:
                        PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
 
 
-def submit(cluster: SlurmCluster, opts: list[str], env: dict, log: Path, *script_args: str) -> int:
+def submit(cluster: SlurmCluster, args: list[str], env: dict, log: Path) -> int:
     """sbatch from the repository root, as a user would; returns the job id."""
-    out = cluster.run(["sbatch", "--parsable", f"--output={log}", *opts, *script_args], env=env, cwd=REPO,
-                      timeout=900)
+    out = cluster.run(["sbatch", "--parsable", f"--output={log}", *args], env=env, cwd=REPO, timeout=60)
     return int(out.stdout.split()[0].split(";")[0])
 
 
@@ -93,8 +92,8 @@ def jobs(cluster, neox_dir, tmp_path_factory) -> dict:
     whole = subprocess.Popen(["sbatch", "--wait", "--parsable", f"--output={root}/whole.out", *CPU_NODES,
                               str(SCRIPTS[0])], cwd=REPO, env=job_env(cluster, neox_dir, root / "whole"),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ids = {name: submit(cluster, CPU_NODES, job_env(cluster, neox_dir, root / name), root / f"{name}.out",
-                        str(SCRIPTS[0])) for name in STOPS}
+    ids = {name: submit(cluster, [*CPU_NODES, str(SCRIPTS[0])], job_env(cluster, neox_dir, root / name),
+                        root / f"{name}.out") for name in STOPS}
     waiting = dict(STOPS)
     while waiting:
         for name in list(waiting):
@@ -178,8 +177,8 @@ def test_stopped_job_checkpoints_requeues_and_resumes_to_the_uninterrupted_adapt
     assert f"stopped after a checkpoint ({signal})" in log
     assert log.count("Exited with exit code 124") == 2  # both ranks, each on its node
     assert (f"job {job['JobId']}: stopped after a checkpoint; requeued" in log) == requeued_by_script
-    stopped_at = int(re.search(r"resumed from \S+/step_(\d+) at step (\d+)", log).group(2))
-    assert 2 <= stopped_at < STEPS
+    tag_step, stopped_at = map(int, re.search(r"resumed from \S+/step_(\d+) at step (\d+)", log).groups())
+    assert tag_step == stopped_at and 2 <= stopped_at < STEPS
     assert metric_steps(run) == list(range(1, STEPS + 1))  # no step lost, none done twice
     ours, whole = adapter(run), adapter(jobs["whole"][1])
     assert sorted(ours) == sorted(whole)
