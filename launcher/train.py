@@ -29,7 +29,7 @@ from lora_ds.errors import UserError
 from lora_ds.fsutil import write_json
 from lora_ds.lora import inject_lora, lora_parameters
 from lora_ds.loss import defer_lm_head
-from lora_ds.model import build_model, check_model_dir, default_targets, preset_config
+from lora_ds.model import DTYPES, build_model, check_model_dir, default_targets, preset_config
 from lora_ds.tokenizer import load_tokenizer, tokenizer_record
 from lora_ds.train_loop import Loop, StopSignal
 from lora_ds.zero import full_numel
@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                 total_steps=total_steps, output_dir=out, log_every=cfg.train.log_every,
                 eval_every=cfg.train.eval_every, save_every=cfg.train.save_every,
                 halt_at_step=cfg.train.halt_at_step, save_fn=save, rank=rank, world=world, device=engine.device,
-                max_skipped_steps=cfg.train.max_skipped_steps, task_eval=task_eval, stop=stop)
+                max_skipped_steps=cfg.train.max_skipped_steps, mask_dtype=DTYPES[cfg.model.dtype],
+                task_eval=task_eval, stop=stop)
     outcome = loop.run(start_step)
     if outcome == "nonfinite":
         last = checkpoint.resolve_tag(ckpt_root, "auto")

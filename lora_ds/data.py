@@ -140,7 +140,7 @@ def _is_packed(position_ids) -> bool:
     return any(p == 0 for p in position_ids[1:])
 
 
-def collate(rows: list[dict], pad_id: int):
+def collate(rows: list[dict], pad_id: int, mask_dtype=None):
     """Right-pad rows into tensors: input_ids, labels, position_ids, attention_mask.
 
     Packed rows (position ids restarting at 0) get a 4-D block-causal mask, so attention never
@@ -163,5 +163,6 @@ def collate(rows: list[dict], pad_id: int):
     if any(_is_packed(r["position_ids"]) for r in rows):
         from lora_ds.packing import block_causal_mask
 
-        batch["attention_mask"] = block_causal_mask(pos, mask, torch.float32)
+        # Additive mask in the compute dtype: SDPA needs the mask's dtype to match the queries'.
+        batch["attention_mask"] = block_causal_mask(pos, mask, mask_dtype or torch.float32)
     return batch

@@ -57,6 +57,7 @@ class Loop:
     halt_at_step: int
     save_fn: object  # save_fn(step) -> tag
     max_skipped_steps: int = 10
+    mask_dtype: torch.dtype = torch.float32
     task_eval: object = None  # task_eval(model, step) -> metrics: generation eval (collective), at eval steps
     rank: int = 0
     world: int = 1
@@ -73,7 +74,7 @@ class Loop:
         for indices in self.sampler.micro_batches(step, self.rank):
             rows = [self.rows[i] for i in indices]
             tokens += sum(len(r["input_ids"]) for r in rows)
-            loss, _ = lm_loss(self.engine, self._to_device(collate(rows, self.pad_id)))
+            loss, _ = lm_loss(self.engine, self._to_device(collate(rows, self.pad_id, self.mask_dtype)))
             self.engine.backward(loss)
             self.engine.step()
             loss_sum += loss.detach()
@@ -94,7 +95,7 @@ class Loop:
                 if i < 0:  # padding so this rank keeps step with the others: counts for nothing
                     row["labels"] = [IGNORE_INDEX] * len(row["labels"])
                 rows.append(row)
-            batch = self._to_device(collate(rows, self.pad_id))
+            batch = self._to_device(collate(rows, self.pad_id, self.mask_dtype))
             loss, n = lm_loss(self.engine, batch)
             # A batch of padding only has a NaN mean loss and weight 0.
             totals += torch.stack([torch.nan_to_num(loss.double()) * n, n.double()])

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tokenizers_util import train_sentencepiece_model
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "launcher" / "demo"
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
@@ -49,20 +51,6 @@ def save_tiny(model_type: str, vocab_size: int, out: Path, **overrides) -> Path:
     return out
 
 
-def train_sentencepiece(texts: list[str], out_file: Path, vocab_size: int = 300) -> Path:
-    """A Llama-style SentencePiece BPE model (bos=1, eos=2, unk=0) trained on `texts`."""
-    import sentencepiece as spm
-
-    corpus = out_file.with_suffix(".txt")
-    corpus.write_text("\n".join(texts))
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(out_file.with_suffix("")),
-                                   vocab_size=vocab_size, model_type="bpe", bos_id=1, eos_id=2, unk_id=0,
-                                   pad_id=-1, minloglevel=2)
-    corpus.unlink()
-    out_file.with_suffix(".vocab").unlink()
-    return out_file
-
-
 def demo_texts() -> list[str]:
     import json
 
@@ -84,6 +72,6 @@ def neox_dir(tmp_path_factory) -> Path:
 def llama_dir(tmp_path_factory) -> Path:
     """Tiny Llama dir whose only tokenizer file is a SentencePiece tokenizer.model (as many Llama repos)."""
     out = tmp_path_factory.mktemp("llama")
-    train_sentencepiece(demo_texts(), out / "tokenizer.model", vocab_size=300)
-    save_tiny("llama", 320, out)
+    train_sentencepiece_model(demo_texts(), out / "tokenizer.model")
+    save_tiny("llama", 448, out)
     return out

@@ -6,10 +6,11 @@ import json
 import pytest
 import torch
 
-from conftest import DEMO, demo_texts, train_sentencepiece
+from conftest import DEMO, demo_texts
 from lora_ds.data import IGNORE_INDEX, StepSampler, collate, encode_pair, eval_shards, load_rows
 from lora_ds.errors import UserError
 from lora_ds.tokenizer import load_tokenizer
+from tokenizers_util import train_sentencepiece_model
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def hf_tok():
 @pytest.fixture(scope="module")
 def sp_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("sp")
-    train_sentencepiece(demo_texts(), out / "tokenizer.model")
+    train_sentencepiece_model(demo_texts(), out / "tokenizer.model")
     return out
 
 

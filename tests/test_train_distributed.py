@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -202,3 +203,25 @@ def test_zero3_partitions_base_and_optimizes_only_lora(neox_dir, tmp_path):
         assert report["optimizer_param_count"] == report["lora_param_count"]
         assert report["trainable_outside_lora"] == []
         assert report["step0_max_abs_diff"] == 0.0
+
+
+def test_training_reads_a_packed_prepared_dir_in_bf16(neox_dir, tmp_path):
+    """lora-ds prep output (packed rows, block-causal masks) trains on 2 ranks in bf16."""
+    import subprocess
+    import sys
+
+    from fixtures_data import write_fixture
+
+    src = write_fixture("samsum-corpus", tmp_path / "raw", n=60)
+    prepared = tmp_path / "prepared"
+    subprocess.run([sys.executable, "-m", "lora_ds", "prep", "samsum", "--src", *map(str, src), "--tokenizer",
+                    str(neox_dir), "--out", str(prepared), "--pack", "256", "--max-len", "256"], check=True,
+                   capture_output=True, text=True)
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    assert manifest["pack"] == 256
+    out = tmp_path / "run"
+    launch(["--model", str(neox_dir), "--data", str(prepared), "--eval_data", str(prepared), "--output_dir",
+            str(out), "--max_steps", "2", "--micro_batch", "1", "--dtype", "bf16", "--lora_r", "4"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
+    assert math.isfinite(records[-1]["eval_loss"]) and (out / "adapter" / "adapter_model.safetensors").exists()
