@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     if outcome != "done":
         if rank == 0:
-            print(f"stopped after a checkpoint ({outcome}); rerun the same command to resume", flush=True)
+            print(f"stopped after a checkpoint ({outcome}); rerun the same command to resume "
+                  "(the Slurm scripts requeue the job, which does so by itself)", flush=True)
         return 0 if outcome == "halt" else 124
 
     tensors = lora_fp32_state(engine, lora)
