@@ -83,20 +83,6 @@ def wikisql_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run_dir(base_dir, wikisql_file, tmp_path_factory) -> Path:
-    """A 2-rank ZeRO-3 training run on the WikiSQL fixture (prepared by data_prep) with --eval_task at steps
-    1 and 2: its adapter and checkpoints are what the tests below evaluate."""
-    from data_prep.common import Settings, prepare
-
-    root = tmp_path_factory.mktemp("train")
-    prepare(Settings(task="wikisql", src=[str(wikisql_file)], tokenizer=str(base_dir), out=str(root / "prepared")))
-    launch(["--model", str(base_dir), "--data", str(root / "prepared"), "--eval_data", "", "--output_dir",
-            str(root / "run"), "--eval_task", f"wikisql:{wikisql_file}", "--eval_task_samples", "3",
-            "--eval_every", "1", "--max_steps", "2", "--micro_batch", "1", "--dtype", "fp32", "--lr", "1e-2"])
-    return root / "run"
-
-
-@pytest.fixture(scope="module")
 def merged_dir(base_dir, random_adapter, tmp_path_factory) -> Path:
     """base + the random adapter merged (W0 + s·B·A) and saved as a plain Hugging Face model dir."""
     from lora_ds.eval_model import build_eval_model, read_lora
