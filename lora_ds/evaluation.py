@@ -117,14 +117,16 @@ def load_eval_set(task: str, paths: list[str], splits: list[str] | None = None,
         fmt, files = reader.detect(path)
         sources += files
         split = splits[k] if splits else split_name(path, task)
-        if task == "wikisql":
+        read = list(reader.read(path, fmt))
+        for _, record in read:
+            if isinstance(record, Exception):
+                raise UserError(f"{record}; evaluation needs every record of --data {path} to be valid")
+        if task == "wikisql":  # read once the reader has checked every record
             by_loc, tables = _wikisql_tables(path, fmt)
             all_tables.update(tables)
         taken, n_lines = 0, 0
-        for loc, record in reader.read(path, fmt):
+        for loc, record in read:
             n_lines += 1
-            if isinstance(record, Exception):
-                raise UserError(f"{record}; evaluation needs every record of --data {path} to be valid")
             if record is None or (limit is not None and taken >= limit):
                 continue
             if task == "wikisql":
