@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 
 from lora_ds.errors import UserError
+from lora_ds.fsutil import sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -304,14 +305,6 @@ def length_stats(lengths: list[int]) -> dict:
 
     return {"count": len(s), "min": s[0], "mean": round(sum(s) / len(s), 2), "p50": rank(50), "p90": rank(90),
             "p99": rank(99), "max": s[-1], "total": sum(s)}
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_rows(rows: list[dict], directory: str, split: str, fingerprint: str) -> None:

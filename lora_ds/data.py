@@ -39,26 +39,18 @@ def encode_pair(tok, prompt: str, completion: str, max_len: int | None = None, t
 
 def read_jsonl_pairs(path: str, tok, max_len: int) -> list[dict]:
     """Rows of a JSONL file of {"prompt", "completion"} records (overlong contexts are cut from the left)."""
-    import json
+    from lora_ds.fsutil import read_jsonl
 
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg}); fix or remove the line") from e
-            for key in ("prompt", "completion"):
-                if not isinstance(record, dict) or not isinstance(record.get(key), str):
-                    raise UserError(f"{where}: field {key!r} is missing or not a string; each line needs "
-                                    "{\"prompt\": ..., \"completion\": ...}")
-            row, _ = encode_pair(tok, record["prompt"], record["completion"], max_len)
-            if row is None:
-                raise UserError(f"{where}: the completion alone exceeds --max_len {max_len}; raise --max_len")
-            rows.append(row)
+    for lineno, record in read_jsonl(path):
+        for key in ("prompt", "completion"):
+            if not isinstance(record.get(key), str):
+                raise UserError(f"{path}:{lineno}: field {key!r} is missing or not a string; each line needs "
+                                "{\"prompt\": ..., \"completion\": ...}")
+        row, _ = encode_pair(tok, record["prompt"], record["completion"], max_len)
+        if row is None:
+            raise UserError(f"{path}:{lineno}: the completion alone exceeds --max_len {max_len}; raise --max_len")
+        rows.append(row)
     if not rows:
         raise UserError(f"{path}: no records; the data file is empty")
     return rows

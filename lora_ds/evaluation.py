@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from lora_ds import metrics
 from lora_ds.errors import UserError
-from lora_ds.fsutil import write_json, write_text
+from lora_ds.fsutil import read_jsonl, write_json, write_text
 from lora_ds.tasks import TASKS, get_task
 from lora_ds.tasks.wikisql import parse_sql
 
@@ -215,18 +215,7 @@ def read_predictions(path: str, evalset: EvalSet) -> tuple[list, list[str] | Non
     """
     if not os.path.isfile(path):
         raise UserError(f"--predictions {path}: no such file")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove the line") from e
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object per line")
-            records.append((lineno, record))
+    records = list(read_jsonl(path))
     if not records:
         raise UserError(f"--predictions {path}: the file has no predictions")
     if evalset.task == "wikisql" and _is_official(records[0][1]):

@@ -6,11 +6,11 @@
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 
 from lora_ds.errors import UserError
+from lora_ds.fsutil import read_jsonl
 
 
 def _figure(rows: int = 1, cols: int = 1, size=(5.0, 3.5)):
@@ -107,17 +107,10 @@ def read_metrics(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise UserError(f"{path}: missing; give a run's output dir (the one holding metrics.jsonl)")
     by_step = {}
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{number}: not JSON ({e})") from e
-            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-                raise UserError(f"{path}:{number}: a record needs an integer 'step'")
-            by_step[record["step"]] = record
+    for number, record in read_jsonl(path):
+        if not isinstance(record.get("step"), int):
+            raise UserError(f"{path}:{number}: a record needs an integer 'step'")
+        by_step[record["step"]] = record
     if not by_step:
         raise UserError(f"{path}: no records; the run logged no step yet")
     return [by_step[s] for s in sorted(by_step)]

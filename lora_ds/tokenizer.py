@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from lora_ds.errors import UserError
+from lora_ds.fsutil import sha256_file
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -37,14 +38,6 @@ class Tokenizer:
         return self.decode_fn([int(i) for i in ids])
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _from_sentencepiece(model_file: str) -> Tokenizer:
     import sentencepiece as spm
 
@@ -63,7 +56,7 @@ def _from_sentencepiece(model_file: str) -> Tokenizer:
         vocab_size=sp.get_piece_size(),
         add_bos=bos is not None,
         source=model_file,
-        identity=f"sentencepiece:{_sha256(model_file)}",
+        identity=f"sentencepiece:{sha256_file(model_file)}",
     )
 
 
@@ -79,7 +72,7 @@ def _from_hf(directory: str) -> Tokenizer:
     digest = hashlib.sha256()
     for name in files:
         digest.update(name.encode())
-        digest.update(_sha256(os.path.join(directory, name)).encode())
+        digest.update(sha256_file(os.path.join(directory, name)).encode())
     return Tokenizer(
         encode_fn=lambda text: tok(text, add_special_tokens=False).input_ids,
         decode_fn=lambda ids: tok.decode(ids, skip_special_tokens=True),

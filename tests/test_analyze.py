@@ -213,4 +213,4 @@ def test_plot_reads_resumed_metrics_and_writes_the_four_curves(tmp_path, capsys)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')
     assert main(["plot", str(tmp_path / "bad")]) == 2
-    assert "metrics.jsonl:2: not JSON" in capsys.readouterr().err
+    assert "metrics.jsonl:2: not valid JSON" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import traceback
 
 import pytest
 
-from conftest import DEMO, REPO
+from conftest import REPO
 
 DS = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
 
