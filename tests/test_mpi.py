@@ -13,8 +13,10 @@ import pytest
 from conftest import DEMO, REPO
 
 MPIRUN = ["mpirun", "--allow-run-as-root", "-np", "2", "--bind-to", "none"]
+# Each rank writes its own file: two ranks printing to one forwarded stdout can interleave within a line.
 PROBE = ("import dataclasses, json, os; from lora_ds.dist import discover; "
-         "[os.environ.pop(k) for k in {drop!r}]; print(json.dumps(dataclasses.asdict(discover())))")
+         "[os.environ.pop(k) for k in {drop!r}]; d = discover(); "
+         "open(os.path.join({out!r}, f'rank{{d.rank}}.json'), 'w').write(json.dumps(dataclasses.asdict(d)))")
 
 
 def mpirun(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
@@ -27,9 +29,12 @@ def mpirun(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
 
 
 def probe(*mpirun_opts: str, drop: tuple[str, ...] = ()) -> list[dict]:
-    proc = mpirun([*mpirun_opts, sys.executable, "-c", PROBE.format(drop=list(drop))])
-    return sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
-                  key=lambda r: r["rank"])
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        mpirun([*mpirun_opts, sys.executable, "-c", PROBE.format(drop=list(drop), out=out)])
+        return sorted((json.loads(open(os.path.join(out, f)).read()) for f in os.listdir(out)),
+                      key=lambda r: r["rank"])
 
 
 def expected(master_port: int = 29500) -> list[dict]:
