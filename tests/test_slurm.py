@@ -105,7 +105,7 @@ def jobs(cluster, neox_dir, tmp_path_factory) -> dict:
         assert time.monotonic() - start < 600, cluster.logs()
         time.sleep(0.1)
     out, _ = whole.communicate(timeout=600)
-    assert whole.returncode == 0, out
+    assert whole.returncode == 0, (out, (root / "whole.out").read_text()[-4000:], cluster.logs())
     ids["whole"] = int(out.split()[0].split(";")[0])
     results = {name: (wait_done(cluster, job_id), root / name, (root / f"{name}.out").read_text())
                for name, job_id in ids.items()}
