@@ -5,16 +5,17 @@ The layout, as DeepSpeed writes it (and deepspeed/utils/zero_to_fp32.py reads it
     zero_pp_rank_<r>_mp_rank_00_model_states.pt   param_shapes: one {name: shape} per param group, in the
                                                   order the flat partitions hold them; frozen_param_shapes /
                                                   frozen_param_fragments too when frozen params were saved
-    zero_pp_rank_<r>_mp_rank_00_optim_states.pt   optimizer_state_dict.fp32_flat_groups[g]: rank r's fp32
+    [bf16_]zero_pp_rank_<r>_mp_rank_00_optim_states.pt
+                                                  optimizer_state_dict.fp32_flat_groups[g]: rank r's fp32
                                                   master partition of group g (plus Adam moments)
 
 Rank r's flat group holds, for each param p of the group in order, ceil(n_p / W) elements: elements
 r·ceil(n_p / W) onwards of p flattened, zero-padded at the end of p only. So p is the concatenation over ranks
 of flat_r[off_p : off_p + ceil(n_p / W)], cut to n_p elements.
 
-Every file is opened with mmap and unpickled with the checkpoint allowlist (`lora_ds.checkpoint.load_pt`):
-only the pages of the LoRA partitions are read, so frozen fragments and optimizer moments stay on disk
-however large they are.
+Only rank 0's model-state file and the optimizer files are opened, each with mmap and unpickled with the
+checkpoint allowlist (`lora_ds.checkpoint.load_pt`): only the pages of the LoRA partitions are read, so
+frozen fragments and optimizer moments stay on disk however large they are.
 """
 from __future__ import annotations
 

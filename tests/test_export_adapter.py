@@ -48,6 +48,7 @@ def rank_program(argv=None) -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--with_frozen", action="store_true", help="save the frozen base fragments too")
     parser.add_argument("--live_merge", action="store_true", help="also check merged_for_eval on the engine")
+    parser.add_argument("--lora_r", type=int, default=R)
     parser.add_argument("--persistence_threshold", type=int, default=0,
                         help="ZeRO-3 keeps params up to this size gathered (0: every param is partitioned)")
     args = parser.parse_args(argv)
@@ -61,7 +62,7 @@ def rank_program(argv=None) -> None:
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=dtype)
     targets = args.targets.split(",")
-    inject_lora(model, targets, R, ALPHA, seed=SEED)
+    inject_lora(model, targets, args.lora_r, ALPHA, seed=SEED)
     lora = lora_parameters(model)
     optimizer = torch.optim.AdamW(list(lora.values()), lr=1e-2)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=list(lora.values()), optimizer=optimizer,
@@ -86,7 +87,7 @@ def rank_program(argv=None) -> None:
         report = live_merge_report(engine, vocab)
     if rank == 0:
         write_json(root / TAG / "adapter_config.json",
-                   peft_config(r=R, alpha=ALPHA, dropout=0.0, target_modules=targets, use_rslora=False,
+                   peft_config(r=args.lora_r, alpha=ALPHA, dropout=0.0, target_modules=targets, use_rslora=False,
                                fan_in_fan_out=fan_in_fan_out, base_model=args.base))
         write_json(root / TAG / "trainer_state.json", {"step": 2, "world_size": world})
         adapted = sorted({n.rsplit(".lora_", 1)[0] for n in lora})

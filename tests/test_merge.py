@@ -16,7 +16,7 @@ from conftest import DEMO, save_tiny
 from lora_ds.adapter import peft_config, write_adapter
 from lora_ds.cli import main
 from lora_ds.errors import UserError
-from lora_ds.lora import inject_lora, lora_parameters
+from lora_ds.lora import delta_weight, inject_lora, lora_parameters
 from lora_ds.merge import INDEX_FILE, RECORD_FILE, merge_model_dir, merged_for_eval, merged_weight
 
 TARGETS = {"gpt_neox": ["query_key_value"], "llama": ["q_proj", "v_proj"], "gpt2": ["c_attn", "c_proj"]}
@@ -155,6 +155,27 @@ def test_dtype_bf16_merges_in_fp32_and_casts_once(tiny, tmp_path):
     assert verify["tolerance"] == pytest.approx(5e-2 * verify["max_abs_logit"])
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+@pytest.mark.parametrize("dtype", [None, "fp16"])
+def test_merging_in_blocks_of_rows_equals_merging_whole_tensors(tiny, model_type, dtype, tmp_path, monkeypatch):
+    """Real bases have tensors of many blocks; here 1 KiB blocks split every tiny tensor the same way."""
+    import lora_ds.merge
+
+    base, adapter, _ = tiny[model_type]
+    merge_model_dir(base, adapter, tmp_path / "whole", dtype=dtype)
+    monkeypatch.setattr(lora_ds.merge, "_BLOCK_BYTES", 1024)
+    merge_model_dir(base, adapter, tmp_path / "blocks", dtype=dtype)
+    whole, blocks = safetensors_state(tmp_path / "whole"), safetensors_state(tmp_path / "blocks")
+    assert sorted(whole) == sorted(blocks)
+    merged = set(json.loads((tmp_path / "whole" / RECORD_FILE).read_text())["merged"])
+    for key in whole:
+        assert whole[key].dtype == blocks[key].dtype and whole[key].shape == blocks[key].shape
+        if key in merged:  # BLAS may sum a GEMM of a few rows in another order: 1 fp32 ulp
+            torch.testing.assert_close(blocks[key], whole[key], msg=key)
+        else:
+            assert torch.equal(whole[key], blocks[key]), key
+
+
 def test_cli_merge_with_verify_reports_fp32_logit_diff(tiny, tmp_path, capsys):
     base, adapter, _ = tiny["gpt_neox"]
     assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "m"),
@@ -231,16 +252,21 @@ def test_truncated_base_shard_is_refused(tiny, tmp_path):
     assert not (tmp_path / "merged").exists()
 
 
-def test_merged_weight_is_fp32_math_cast_once():
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_merged_weight_is_delta_weight_in_fp32_cast_once(fan_in_fan_out):
     torch.manual_seed(0)
-    w0 = torch.randn(6, 5).to(torch.bfloat16)
-    A, B = torch.randn(2, 5), torch.randn(6, 2)
-    expected = (w0.float() + 0.5 * B @ A).to(torch.bfloat16)
-    assert torch.equal(merged_weight(w0, A, B, 0.5, False), expected)
-    assert torch.equal(merged_weight(w0.T.contiguous(), A, B, 0.5, True), expected.T)
-    assert merged_weight(w0, A, B, 0.5, False, torch.float32).dtype == torch.float32
+    w0 = torch.randn(96, 80).to(torch.bfloat16)
+    A, B = torch.randn(4, 96 if fan_in_fan_out else 80), torch.randn(80 if fan_in_fan_out else 96, 4)
+    exact = w0.float() + delta_weight(A, B, 0.5, fan_in_fan_out)
+    assert torch.equal(merged_weight(w0, A, B, 0.5, fan_in_fan_out, torch.float32), exact)
+    assert torch.equal(merged_weight(w0, A, B, 0.5, fan_in_fan_out), exact.to(torch.bfloat16))
+    w32 = w0.float()
+    assert torch.equal(merged_weight(w32, A, B, 0.5, fan_in_fan_out), exact)
+    assert torch.equal(w32, w0.float())  # the input is never modified
     with pytest.raises(FloatingPointError):
-        merged_weight(w0, A, B * float("inf"), 0.5, False)
+        merged_weight(w0, A, B * float("inf"), 0.5, fan_in_fan_out)
+    with pytest.raises(FloatingPointError):  # finite in fp32, beyond fp16's 65504 once cast
+        merged_weight(w0.float() + 7e4, A, B, 0.5, fan_in_fan_out, torch.float16)
 
 
 def test_merged_for_eval_skips_the_lora_path_and_restores_the_base_bitwise(tiny):
