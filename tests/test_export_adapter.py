@@ -170,21 +170,21 @@ def runs(tmp_path_factory, neox_dir):
     started together: the runs wait on each other's startup and gloo, so together they share the two cores."""
     root = tmp_path_factory.mktemp("export")
     trainer_run = root / "trainer"
-    trainer = concurrent.futures.ThreadPoolExecutor(1).submit(
-        launch, ["--model", str(neox_dir), "--output_dir", str(trainer_run), *TRAINER_ARGS])
-    started = {}
-    for world, (model_type, targets, dtype, extra) in RUNS.items():
-        base = save_tiny(model_type, VOCAB, root / f"base_w{world}")
-        ckpt = root / f"w{world}" / "checkpoints"
-        args = ["--base", str(base), "--root", str(ckpt), "--targets", targets, "--dtype", dtype, *extra]
-        started[world] = (base, ckpt, start_ranks(world, args, root / f"w{world}"))
-    failed = []
-    for world, (_, _, procs) in started.items():
-        codes = [p.wait(timeout=900) for p in procs]
-        if any(codes):
-            logs = "\n".join((root / f"w{world}.rank{r}.log").read_text()[-3000:] for r in range(world))
-            failed.append(f"{world} ranks: exit codes {codes}\n{logs}")
-    trainer.result()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        trainer = pool.submit(launch, ["--model", str(neox_dir), "--output_dir", str(trainer_run), *TRAINER_ARGS])
+        started = {}
+        for world, (model_type, targets, dtype, extra) in RUNS.items():
+            base = save_tiny(model_type, VOCAB, root / f"base_w{world}")
+            ckpt = root / f"w{world}" / "checkpoints"
+            args = ["--base", str(base), "--root", str(ckpt), "--targets", targets, "--dtype", dtype, *extra]
+            started[world] = (base, ckpt, start_ranks(world, args, root / f"w{world}"))
+        failed = []
+        for world, (_, _, procs) in started.items():
+            codes = [p.wait(timeout=900) for p in procs]
+            if any(codes):
+                logs = "\n".join((root / f"w{world}.rank{r}.log").read_text()[-3000:] for r in range(world))
+                failed.append(f"{world} ranks: exit codes {codes}\n{logs}")
+        trainer.result()  # re-raises the launcher's failure, with its output
     assert not failed, "\n".join(failed)
     return {"trainer": trainer_run, **{world: (base, ckpt) for world, (base, ckpt, _) in started.items()}}
 
