@@ -30,11 +30,13 @@ def local_numel(p: torch.Tensor) -> int:
 def gathered(params, modifier_rank: int | None = None):
     """Make full `params` available inside the block; gathers only those that are partitioned.
 
-    With `modifier_rank`, changes that rank makes are re-partitioned on exit. All ranks must enter.
+    With `modifier_rank`, changes that rank makes are re-partitioned on exit, so every ZeRO param is
+    passed on, also one already available (else its shard would keep the old value). All ranks must enter.
     """
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    todo = [p for p in params if is_partitioned(p) and p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    todo = [p for p in params if is_partitioned(p)
+            and (modifier_rank is not None or p.ds_status == ZeroParamStatus.NOT_AVAILABLE)]
     if not todo:
         yield
         return
