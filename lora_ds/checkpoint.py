@@ -91,7 +91,7 @@ def save(engine, root: str, step: int, trainer_state: dict, extra_json: dict, ke
     tag = tag_for(step)
     tag_dir = os.path.join(root, tag)
     if rank == 0 and os.path.isdir(tag_dir):
-        shutil.rmtree(tag_dir)  # a leftover from a run that died mid-save, or a re-run of this step
+        _remove_tag(tag_dir)  # the leftover of a run that died after its last complete checkpoint
     dist.barrier()
     engine.save_checkpoint(root, tag, exclude_frozen_parameters=True, save_latest=False)
     save_file(_rng_state(), _rng_file(tag_dir, rank))
@@ -107,9 +107,27 @@ def save(engine, root: str, step: int, trainer_state: dict, extra_json: dict, ke
 
 
 def _prune(root: str, keep: int) -> None:
-    tags = sorted(t for t in os.listdir(root) if TAG_RE.match(t))
-    for old in tags[:-keep]:
-        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    """Keep the newest `keep` complete tags; remove older ones and the leftovers of saves that died
+    (unsealed tags, a `latest` never renamed into place).
+
+    Runs on rank 0 after every rank has finished this save, so nothing here is being written.
+    """
+    names = os.listdir(root)
+    tags = sorted(t for t in names if TAG_RE.match(t))
+    complete = [t for t in tags if is_complete(os.path.join(root, t))]
+    for old in set(tags) - set(complete[-keep:]):
+        _remove_tag(os.path.join(root, old))
+    for name in names:
+        if name.startswith(f"{LATEST}.tmp-"):
+            os.remove(os.path.join(root, name))
+
+
+def _remove_tag(tag_dir: str) -> None:
+    """Unseal first, so a removal cut short never leaves a dir that looks complete."""
+    state = os.path.join(tag_dir, STATE_FILE)
+    if os.path.isfile(state):
+        os.remove(state)
+    shutil.rmtree(tag_dir, ignore_errors=True)
 
 
 def is_complete(tag_dir: str) -> bool:
@@ -135,6 +153,10 @@ def resolve_tag(root: str, requested: str) -> str | None:
     if not is_complete(os.path.join(root, tag)):
         raise UserError(f"{latest} names {tag!r}, which is missing or incomplete; "
                         f"point it at a complete tag or pass --resume never")
+    ignored = sorted(t for t in os.listdir(root) if TAG_RE.match(t) and t > tag)
+    if ignored:
+        warnings.warn(f"{root}: ignoring {', '.join(ignored)}, newer than 'latest' ({tag}): a save that a dying "
+                      f"rank left unfinished; resuming from {tag}, the run writes these steps again")
     return tag
 
 

@@ -102,8 +102,8 @@ def analysis_figures(analysis: dict, out_dir: str) -> list[str]:
 # ---------------------------------------------------------------- lora-ds plot
 
 def read_metrics(path: str) -> list[dict]:
-    """The records of a metrics.jsonl by step. A resumed run appends the steps it redoes after its checkpoint;
-    the later record of a step wins, as it belongs to the run that continued."""
+    """The records of a metrics.jsonl by step. The trainer drops the records past the checkpoint it resumes
+    from; should a file still hold a step twice (concatenated logs), the later record wins."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: missing; give a run's output dir (the one holding metrics.jsonl)")
     by_step = {}

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lora_ds.data import IGNORE_INDEX, collate, eval_shards
+from lora_ds.fsutil import write_text
 from lora_ds.loss import lm_loss
 
 
@@ -38,6 +39,25 @@ class StopSignal:
         flag = torch.tensor([1.0 if self.received else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def drop_metrics_after(path: str, step: int) -> None:
+    """Remove metrics.jsonl records past `step` (and a line cut short): a run that died after its last
+    checkpoint logged steps that the resumed run does again."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+
+    def before(line: str) -> bool:
+        try:
+            return line.endswith("\n") and json.loads(line)["step"] <= step
+        except json.JSONDecodeError:
+            return False
+
+    kept = [line for line in lines if before(line)]
+    if len(kept) != len(lines):
+        write_text(path, "".join(kept))
 
 
 @dataclass
@@ -117,7 +137,10 @@ class Loop:
         self.engine.train()
         bar = tqdm(total=self.total_steps, initial=start_step, desc="train", disable=self.rank != 0,
                    dynamic_ncols=True)
-        metrics = open(os.path.join(self.output_dir, "metrics.jsonl"), "a") if self.rank == 0 else None
+        metrics = None
+        if self.rank == 0:
+            drop_metrics_after(os.path.join(self.output_dir, "metrics.jsonl"), start_step)
+            metrics = open(os.path.join(self.output_dir, "metrics.jsonl"), "a")
         window = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, micro-batches, tokens
         window_start, outcome = time.perf_counter(), "done"
         try:

@@ -17,7 +17,7 @@
 # SIGTERM (scancel, preemption) also saves a checkpoint before the ranks exit, within Slurm's KillWait or
 # GraceTime; the job then ends (or Slurm requeues it, under PreemptMode=REQUEUE) and resubmitting resumes.
 # Exit status, the trainer's: 0 done; 124 stopped after a checkpoint (requeued); 2 bad settings;
-# 3 too many NaN/Inf steps; anything else a crash (not requeued).
+# 3 too many NaN/Inf steps; anything else a crash (not requeued; resubmit to resume from `latest`).
 #
 # Without Slurm or ssh, each node runs the same `deepspeed` line with its own --node_rank:
 #   deepspeed --hostfile hosts --no_ssh --node_rank K --master_addr NODE0 --master_port 29500 \
@@ -46,8 +46,11 @@ echo "job $SLURM_JOB_ID attempt $((${SLURM_RESTART_COUNT:-0} + 1)): $SLURM_JOB_N
     "$SLURM_NTASKS_PER_NODE ranks, master $MASTER_ADDR:$MASTER_PORT"
 
 status=0
-# Slurm 22.05's srun does not inherit --cpus-per-task from sbatch.
-srun --cpus-per-task="$SLURM_CPUS_PER_TASK" "${PYTHON:-python}" launcher/train.py "$@" || status=$?
+# Slurm 22.05's srun does not inherit --cpus-per-task from sbatch. --kill-on-bad-exit: a rank that dies
+# (kill -9, the OOM killer, a lost node) ends the step at once instead of leaving the others blocked in a
+# collective; the job then fails, and resubmitting it resumes from the last complete checkpoint.
+srun --kill-on-bad-exit=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" "${PYTHON:-python}" launcher/train.py "$@" \
+    || status=$?
 if [[ $status -eq 124 ]]; then
     echo "job $SLURM_JOB_ID: stopped after a checkpoint; requeued, it resumes from there"
     scontrol requeue "$SLURM_JOB_ID"

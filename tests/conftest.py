@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -23,17 +24,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], nproc: int = 2, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run launcher/train.py with the real `deepspeed` launcher on `nproc` CPU ranks (gloo)."""
+def start(args: list[str], nproc: int = 2, env: dict | None = None, **popen) -> subprocess.Popen:
+    """Start launcher/train.py with the real `deepspeed` launcher on `nproc` CPU ranks (gloo)."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
+               TOKENIZERS_PARALLELISM="false", **(env or {}))
     cmd = [str(DEEPSPEED), "--num_gpus", str(nproc), "--master_port", str(free_port()),
            str(REPO / "launcher" / "train.py"), *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    # Its own process group, so that a test can stop the launcher and every rank at once.
+    return subprocess.Popen(cmd, cwd=REPO, env=env, text=True, start_new_session=True, **popen)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher started by `start` and everything it started."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def launch(args: list[str], nproc: int = 2, check: bool = True, timeout: int = 900,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run launcher/train.py on `nproc` CPU ranks to the end."""
+    proc = start(args, nproc, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_group(proc)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"launch timed out after {timeout} s: {' '.join(args)}\n{stdout[-6000:]}\n"
+                             f"{stderr[-6000:]}") from None
     if check and proc.returncode != 0:
         raise AssertionError(f"launch failed ({proc.returncode}): {' '.join(args)}\n"
-                             f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
-    return proc
+                             f"{stdout[-6000:]}\n{stderr[-6000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def save_tiny(model_type: str, vocab_size: int, out: Path, **overrides) -> Path:

@@ -45,6 +45,38 @@ def test_explicit_resume_tag_must_be_complete(tmp_path):
         resolve_tag(str(tmp_path), "step_00000002")
 
 
+def test_tags_newer_than_latest_are_ignored_with_a_warning(tmp_path):
+    make_tag(tmp_path, "step_00000002")
+    make_tag(tmp_path, "step_00000004", complete=False)
+    make_tag(tmp_path, "step_00000006")  # sealed, but the rank died before renaming `latest`
+    (tmp_path / "latest").write_text("step_00000002\n")
+    with pytest.warns(UserWarning, match=r"ignoring step_00000004, step_00000006, newer than 'latest' "
+                                         r"\(step_00000002\)"):
+        assert resolve_tag(str(tmp_path), "auto") == "step_00000002"
+
+
+def test_prune_keeps_the_newest_complete_tags_and_drops_leftovers(tmp_path):
+    from lora_ds.checkpoint import _prune
+
+    for step in (2, 4, 6, 8):
+        make_tag(tmp_path, f"step_0000000{step}", complete=step != 8)
+    (tmp_path / "latest").write_text("step_00000006\n")
+    (tmp_path / "latest.tmp-123").write_text("step_00000008\n")
+    _prune(str(tmp_path), keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000004", "step_00000006"]
+
+
+def test_resumed_metrics_drop_the_records_past_the_checkpoint(tmp_path):
+    from lora_ds.train_loop import drop_metrics_after
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4')  # killed mid-line
+    drop_metrics_after(str(path), 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    drop_metrics_after(str(path), 0)
+    assert path.read_text() == ""
+
+
 class Payload:
     """Unpickling this runs a shell command: what a poisoned checkpoint would carry."""
 

@@ -1,15 +1,143 @@
-"""Faults a long run meets: non-finite gradients."""
+"""Faults a long run meets: a rank killed at any step or in the middle of a save, non-finite gradients."""
 from __future__ import annotations
 
 import json
+import os
+import random
 import shutil
+import subprocess
+import time
 
+import psutil
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import DEMO, launch, save_tiny
+from conftest import DEMO, REPO, launch, save_tiny, start, stop_group
+from lora_ds.consolidate import export_adapter
 
 pytestmark = pytest.mark.distributed
+
+STEPS = 24
+KEEP_ALL = ["--keep_checkpoints", "100"]
+
+
+def run_args(model_dir, out) -> list[str]:
+    return ["--model", str(model_dir), "--output_dir", str(out), "--max_steps", str(STEPS), "--save_every", "2",
+            "--log_every", "1", "--lora_dropout", "0.1", "--dtype", "fp32", "--micro_batch", "2", "--seed", "3",
+            "--data", str(DEMO / "train.jsonl"), "--eval_data", "", *KEEP_ALL]
+
+
+def adapter(path) -> dict:
+    return load_file(os.path.join(path, "adapter_model.safetensors"))
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def losses(run) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(neox_dir, tmp_path_factory):
+    """The run every interrupted one must reproduce: all its checkpoints kept."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    launch(run_args(neox_dir, out))
+    return out
+
+
+def rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if "launcher/train.py" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
+                return child.pid
+        except psutil.NoSuchProcess:
+            continue
+    return None
+
+
+def last_logged_step(run) -> int:
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1])["step"] if lines and lines[-1].endswith("}") else 0
+
+
+def assert_resumes_to_the_uninterrupted_adapter(neox_dir, run, uninterrupted, from_step: int) -> str:
+    """Rerun the same command: it resumes at `from_step` and ends where the uninterrupted run ended, bit for bit."""
+    resumed = launch(run_args(neox_dir, run))
+    assert f"at step {from_step}" in resumed.stdout, resumed.stdout[-3000:]
+    assert_same_tensors(adapter(run / "adapter"), adapter(uninterrupted / "adapter"))
+    assert losses(run) == losses(uninterrupted)
+    tags = sorted(os.listdir(run / "checkpoints"))
+    assert tags == sorted(os.listdir(uninterrupted / "checkpoints"))
+    return resumed.stderr
+
+
+def test_kill_9_of_one_rank_at_a_random_step_loses_nothing(neox_dir, uninterrupted, tmp_path):
+    seed = int(os.environ.get("LORA_DS_TEST_SEED", time.time_ns() % 10**6))
+    kill_at = random.Random(seed).randint(3, STEPS - 6)
+    why = f"LORA_DS_TEST_SEED={seed}: kill rank 1 once step {kill_at} is logged"
+    run = tmp_path / "run"
+    proc = start(run_args(neox_dir, run), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 600
+        while last_logged_step(run) < kill_at:
+            assert proc.poll() is None and time.monotonic() < deadline, f"{why}: the run ended first"
+            time.sleep(0.005)
+        victim = rank_pid(proc, 1)
+        assert victim is not None, why
+        os.kill(victim, 9)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        stop_group(proc)
+    killed_after = last_logged_step(run)
+    assert proc.returncode != 0, f"{why}\n{output[-3000:]}"
+    assert killed_after < STEPS and not (run / "adapter").exists(), why
+
+    # The newest complete checkpoint is intact: it exports to the uninterrupted run's adapter at that step.
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    step = int(tag[len("step_"):])
+    assert 2 <= step <= killed_after, why
+    export_adapter(str(run / "checkpoints"), str(tmp_path / "at_kill"))
+    export_adapter(str(uninterrupted / "checkpoints"), str(tmp_path / "reference"), tag=tag)
+    assert_same_tensors(adapter(tmp_path / "at_kill"), adapter(tmp_path / "reference"))
+
+    assert_resumes_to_the_uninterrupted_adapter(neox_dir, run, uninterrupted, step)
+
+
+KILL_POINTS = {
+    # rank 1 dies with half of its optimizer shard on disk; rank 0 waits in the barrier and is taken down
+    "rank 1 mid-write of its optimizer shard": "1:step_00000004:zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    # every rank's files are complete, but the tag is never sealed
+    "rank 0 before sealing the tag": "0:step_00000004:trainer_state.json",
+    # the tag is sealed, but `latest` still names the previous one
+    "rank 0 before naming the tag latest": "0:step_00000004:latest",
+}
+
+
+@pytest.mark.parametrize("point", sorted(KILL_POINTS))
+def test_a_kill_during_a_save_keeps_the_previous_checkpoint_and_latest(neox_dir, uninterrupted, tmp_path, point):
+    run = tmp_path / "run"
+    killed = launch(run_args(neox_dir, run), check=False,
+                    env={"LORA_DS_KILL_DURING": KILL_POINTS[point],
+                         "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "faults"),
+                                                        os.environ.get("PYTHONPATH", "")])})
+    assert killed.returncode != 0, killed.stderr[-3000:]
+    ckpt = run / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step_00000002"
+    assert (ckpt / "step_00000004").is_dir() and not (run / "adapter").exists()
+    export_adapter(str(ckpt), str(tmp_path / "latest"))
+    export_adapter(str(uninterrupted / "checkpoints"), str(tmp_path / "reference"), tag="step_00000002")
+    assert_same_tensors(adapter(tmp_path / "latest"), adapter(tmp_path / "reference"))
+
+    stderr = assert_resumes_to_the_uninterrupted_adapter(neox_dir, run, uninterrupted, 2)
+    assert "ignoring step_00000004, newer than 'latest' (step_00000002)" in stderr
+    leftovers = [p for p in ckpt.rglob("*") if ".tmp-" in p.name]
+    assert leftovers == []
 
 
 @pytest.fixture(scope="module")
