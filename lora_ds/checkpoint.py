@@ -16,9 +16,7 @@ start fresh, and each step's rows are dealt out as micro × accum × M; keep mic
 """
 from __future__ import annotations
 
-import glob
 import json
-import math
 import os
 import pickle
 import re
@@ -144,9 +142,16 @@ def resolve_tag(root: str, requested: str) -> str | None:
         return requested
     latest = os.path.join(root, LATEST)
     if not os.path.isfile(latest):
-        partial = [t for t in os.listdir(root) if TAG_RE.match(t)] if os.path.isdir(root) else []
-        if partial:
-            warnings.warn(f"{root}: checkpoint dirs {sorted(partial)} but no 'latest' file; starting fresh")
+        tags = sorted(t for t in os.listdir(root) if TAG_RE.match(t)) if os.path.isdir(root) else []
+        complete = [t for t in tags if is_complete(os.path.join(root, t))]
+        if complete:
+            # Starting over would overwrite these tags as it reaches their steps.
+            raise UserError(f"{root}: complete checkpoints ({', '.join(complete)}) but no '{LATEST}' file; pass "
+                            f"--resume {complete[-1]} to continue from the newest, or --resume never to start over "
+                            "(which replaces them)")
+        if tags:
+            warnings.warn(f"{root}: unfinished checkpoint dirs {tags} (the first save died) and no '{LATEST}'; "
+                          "starting fresh")
         return None
     with open(latest) as f:
         tag = f.read().strip()
@@ -165,43 +170,6 @@ def read_state(root: str, tag: str) -> dict:
         return json.load(f)
 
 
-def _rank_of(path: str) -> int:
-    return int(re.search(r"zero_pp_rank_(\d+)_mp_rank", os.path.basename(path)).group(1))
-
-
-def consolidate_zero3(tag_dir: str) -> tuple[dict, torch.Tensor]:
-    """({param name: {"fp32", "exp_avg", "exp_avg_sq"}}, Adam step) of a ZeRO-3 tag, for any world size.
-
-    Rank r's flat fp32 buffer holds, param after param in `param_shapes` order, that param's r-th
-    slice of ceil(numel / world) elements (the last slice padded). Files are memory-mapped.
-    """
-    files = sorted(glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*_mp_rank_00_optim_states.pt")), key=_rank_of)
-    model_file = os.path.join(tag_dir, "zero_pp_rank_0_mp_rank_00_model_states.pt")
-    if not files or not os.path.isfile(model_file):
-        raise UserError(f"{tag_dir}: no ZeRO-3 optimizer/model state files; is this a ZeRO-3 checkpoint?")
-    world = len(files)
-    if [_rank_of(f) for f in files] != list(range(world)):
-        raise UserError(f"{tag_dir}: optimizer state files of ranks {[_rank_of(f) for f in files]}; "
-                        f"expected ranks 0..{world - 1}: the checkpoint is incomplete")
-    shapes = load_pt(model_file, mmap=True)["param_shapes"]
-    parts = [load_pt(f, mmap=True)["optimizer_state_dict"] for f in files]
-    if any(p["partition_count"] != world for p in parts):
-        raise UserError(f"{tag_dir}: written by {parts[0]['partition_count']} ranks but {world} rank files found")
-    out = {}
-    for g, group in enumerate(shapes):
-        buffers = {"fp32": [p["fp32_flat_groups"][g] for p in parts],
-                   "exp_avg": [p["optimizer_state_dict"]["state"][g]["exp_avg"] for p in parts],
-                   "exp_avg_sq": [p["optimizer_state_dict"]["state"][g]["exp_avg_sq"] for p in parts]}
-        offset = 0
-        for name, shape in group.items():
-            numel = math.prod(shape)
-            size = -(-numel // world)
-            out[name] = {key: torch.cat([b[offset:offset + size] for b in per_rank])[:numel].view(shape).clone()
-                         for key, per_rank in buffers.items()}
-            offset += size
-    return out, parts[0]["optimizer_state_dict"]["state"][0]["step"].clone()
-
-
 def _load_resharded(engine, root: str, tag: str) -> None:
     """Load a ZeRO-3 tag written by another number of ranks into this engine's partitions."""
     import torch.distributed as dist
@@ -210,7 +178,9 @@ def _load_resharded(engine, root: str, tag: str) -> None:
     if not engine.zero_optimization_partition_weights():
         raise UserError(f"{tag_dir}: written by another number of ranks; only ZeRO-3 checkpoints resume "
                         "elastically: resume with the same number of ranks")
-    tensors, step = consolidate_zero3(tag_dir)
+    from lora_ds.consolidate import read_zero3_state  # consolidate imports this module
+
+    tensors, _, step = read_zero3_state(tag_dir, moments=True)
     rank = dist.get_rank()
     opt = engine.optimizer
     names = {id(p): n for n, p in engine.module.named_parameters()}

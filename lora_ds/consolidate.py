@@ -103,8 +103,12 @@ def _group_layout(param_shapes: list, world: int) -> list[list]:
     return layout
 
 
-def read_zero3_params(tag_dir: str) -> tuple[dict, int]:
-    """({name: fp32 tensor} of every param the optimizer owns, world size), from a ZeRO-3 tag dir."""
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def read_zero3_state(tag_dir: str, moments: bool = False) -> tuple[dict, int, torch.Tensor | None]:
+    """({name: {"fp32": tensor[, "exp_avg", "exp_avg_sq"]}} of every param the optimizer owns, world size,
+    Adam step) from a ZeRO-3 tag dir. The moments are read only when asked for (elastic resume)."""
     model_file = os.path.join(tag_dir, MODEL_STATES.format(0))
     if not os.path.isfile(model_file):
         raise UserError(f"{tag_dir}: {MODEL_STATES.format(0)} is missing; not a complete ZeRO-3 checkpoint")
@@ -125,7 +129,8 @@ def read_zero3_params(tag_dir: str) -> tuple[dict, int]:
                         "; a rank's files were lost or mixed in from another run")
 
     layout = _group_layout(param_shapes, world)
-    flat = []  # flat[r][g]: rank r's partition of group g (mmapped)
+    keys = ("fp32", *MOMENTS) if moments else ("fp32",)
+    flat = []  # flat[r][g][key]: rank r's partition of group g (mmapped)
     for rank in range(world):
         path = files[rank]
         state = first if rank == 0 else _optim_state(path)
@@ -134,19 +139,35 @@ def read_zero3_params(tag_dir: str) -> tuple[dict, int]:
             raise UserError(f"{path}: partition_count {state.get('partition_count')} / "
                             f"{len(groups) if isinstance(groups, list) else 'no'} fp32 groups, expected {world} / "
                             f"{len(layout)}; the files come from different runs")
+        per_group = []
         for g, (group, entries) in enumerate(zip(groups, layout)):
+            buffers = {"fp32": group}
+            if moments:
+                adam = state.get("optimizer_state_dict", {}).get("state", {}).get(g, {})
+                buffers.update({key: adam.get(key) for key in MOMENTS})
             expected = sum(part for *_, part in entries)
-            if group.dtype != torch.float32 or group.dim() != 1 or group.numel() != expected:
-                raise UserError(f"{path}: fp32 group {g} has {group.numel()} {group.dtype} elements, but its "
-                                f"params need {expected} fp32 per rank; the shapes do not match this checkpoint")
-        flat.append(groups)
+            for key, buffer in buffers.items():
+                if (not isinstance(buffer, torch.Tensor) or buffer.dtype != torch.float32 or buffer.dim() != 1
+                        or buffer.numel() != expected):
+                    found = f"{buffer.numel()} {buffer.dtype}" if isinstance(buffer, torch.Tensor) else "no"
+                    raise UserError(f"{path}: {key} of group {g} has {found} elements, but its params need "
+                                    f"{expected} fp32 per rank; the shapes do not match this checkpoint")
+            per_group.append(buffers)
+        flat.append(per_group)
 
     params = {}
     for g, entries in enumerate(layout):
         for name, shape, offset, part in entries:
-            pieces = [flat[rank][g][offset:offset + part] for rank in range(world)]
-            params[name] = torch.cat(pieces)[:shape.numel()].view(shape).clone()
-    return params, world
+            params[name] = {key: torch.cat([flat[rank][g][key][offset:offset + part] for rank in range(world)])
+                            [:shape.numel()].view(shape).clone() for key in keys}
+    step = first.get("optimizer_state_dict", {}).get("state", {}).get(0, {}).get("step") if moments else None
+    return params, world, step
+
+
+def read_zero3_params(tag_dir: str) -> tuple[dict, int]:
+    """({name: fp32 tensor} of every param the optimizer owns, world size), from a ZeRO-3 tag dir."""
+    params, world, _ = read_zero3_state(tag_dir)
+    return {name: t["fp32"] for name, t in params.items()}, world
 
 
 def _matches_target(module: str, targets) -> bool:

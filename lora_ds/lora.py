@@ -33,6 +33,23 @@ def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, fan_i
     return delta.T if fan_in_fan_out else delta
 
 
+def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
+                  fan_in_fan_out: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W0 + s·B·A in fp32, cast once to `dtype` (default: W0's dtype), checked finite after the cast (so that
+    an fp16 overflow is caught too).
+
+    The sum is `W0.float() + delta_weight(A, B, s, fan_in_fan_out)` (tests hold them bitwise equal), computed
+    as one GEMM that accumulates into an fp32 copy of W0: one pass over the weight instead of three.
+    """
+    A, B = lora_A.float(), lora_B.float()
+    m1, m2 = (A.T, B.T) if fan_in_fan_out else (B, A)  # (B·A)ᵀ = Aᵀ·Bᵀ for (in, out) weights
+    merged = weight.to(torch.float32, copy=True).addmm_(m1, m2, alpha=scale).to(dtype or weight.dtype)
+    # min and max are NaN or infinite iff some element is; much cheaper than isfinite over every element.
+    if merged.numel() and not all(math.isfinite(v.item()) for v in torch.aminmax(merged)):
+        raise FloatingPointError("LoRA merge produced non-finite weights")
+    return merged
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
@@ -109,10 +126,8 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def _add_delta(self, sign: int) -> None:
         weight = self.base_layer.weight
-        new = weight.float() + sign * self.delta_weight()
-        if not torch.isfinite(new).all():
-            raise FloatingPointError("LoRA merge produced non-finite weights; the adapter holds NaN/Inf")
-        weight.copy_(new.to(weight.dtype))
+        weight.copy_(merged_weight(weight, self.lora_A.weight, self.lora_B.weight, sign * self.scaling,
+                                   self.fan_in_fan_out))
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, fan_in_fan_out={self.fan_in_fan_out}"

@@ -26,6 +26,7 @@ import torch
 from lora_ds.adapter import read_adapter, scaling
 from lora_ds.errors import UserError
 from lora_ds.fsutil import atomic_dir, write_json
+from lora_ds.lora import merged_weight
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -43,23 +44,6 @@ _BLOCK_BYTES = 4 << 20
 # merged weights in bf16 moves tiny random models' logits by ~3e-3 of their scale and 7B models' by ~1e-2;
 # a wrong merge (transpose, scale, module) moves them by the adapter's own effect, typically far more.
 VERIFY_TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-
-
-def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
-                  fan_in_fan_out: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """W0 + s·B·A in fp32, cast once to `dtype` (default: W0's dtype), checked finite after the cast (so that
-    an fp16 overflow is caught too).
-
-    The sum is `W0.float() + delta_weight(A, B, s, fan_in_fan_out)` (tests hold them bitwise equal), computed
-    as one GEMM that accumulates into an fp32 copy of W0: one pass over the weight instead of three.
-    """
-    A, B = lora_A.float(), lora_B.float()
-    m1, m2 = (A.T, B.T) if fan_in_fan_out else (B, A)  # (B·A)ᵀ = Aᵀ·Bᵀ for (in, out) weights
-    merged = weight.to(torch.float32, copy=True).addmm_(m1, m2, alpha=scale).to(dtype or weight.dtype)
-    # min and max are NaN or infinite iff some element is; much cheaper than isfinite over every element.
-    if merged.numel() and not all(math.isfinite(v.item()) for v in torch.aminmax(merged)):
-        raise FloatingPointError("LoRA merge produced non-finite weights")
-    return merged
 
 
 # ---------------------------------------------------------------- safetensors layout
@@ -451,19 +435,6 @@ def _stored_dtype(plan: Plan) -> torch.dtype:
 
 # ---------------------------------------------------------------- a live model
 
-def _gathered_for_update(params, partitioned: bool):
-    """All of `params`, full, on every rank; changes rank 0 makes are re-partitioned on exit.
-
-    Not `lora_ds.zero.gathered`: that one skips params already available (persisted small weights), and an
-    in-place change to those would never reach their partitions, so a later gather would undo the merge.
-    """
-    if not partitioned:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-
-
 def _restore(weight: torch.Tensor, copy: torch.Tensor) -> None:
     from lora_ds.zero import is_partitioned
 
@@ -485,7 +456,7 @@ def merged_for_eval(model):
     training continues from unchanged weights. Under ZeRO-3 every rank must enter: gathering is collective.
     """
     from lora_ds.lora import lora_modules
-    from lora_ds.zero import is_partitioned
+    from lora_ds.zero import gathered, is_partitioned
 
     layers = [m for _, m in lora_modules(model)]
     if any(m.merged for m in layers):
@@ -497,7 +468,7 @@ def merged_for_eval(model):
             partitioned = is_partitioned(weight)
             saved.append((layer, (weight.ds_tensor if partitioned else weight.data).detach().clone()))
             params = [weight, layer.lora_A.weight, layer.lora_B.weight]
-            with _gathered_for_update(params, partitioned), torch.no_grad():
+            with gathered(params, modifier_rank=0), torch.no_grad():
                 weight.copy_(merged_weight(weight, layer.lora_A.weight, layer.lora_B.weight, layer.scaling,
                                            layer.fan_in_fan_out))
             layer.merged = True

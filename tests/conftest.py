@@ -24,14 +24,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_shm_buffers(port: int) -> None:
+    """DeepSpeed's CPU all-reduce maps a /dev/shm buffer per rank (66 MB) named after the master port and never
+    unlinks it: left there, a test session's runs fill the machine's memory."""
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        path.unlink(missing_ok=True)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_leaked_shm_buffers():
+    before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    yield
+    for path in set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before:
+        path.unlink(missing_ok=True)
+
+
 def start(args: list[str], nproc: int = 2, env: dict | None = None, **popen) -> subprocess.Popen:
     """Start launcher/train.py with the real `deepspeed` launcher on `nproc` CPU ranks (gloo)."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false", **(env or {}))
-    cmd = [str(DEEPSPEED), "--num_gpus", str(nproc), "--master_port", str(free_port()),
+    port = free_port()
+    cmd = [str(DEEPSPEED), "--num_gpus", str(nproc), "--master_port", str(port),
            str(REPO / "launcher" / "train.py"), *args]
     # Its own process group, so that a test can stop the launcher and every rank at once.
-    return subprocess.Popen(cmd, cwd=REPO, env=env, text=True, start_new_session=True, **popen)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, text=True, start_new_session=True, **popen)
+    proc.master_port = port
+    return proc
 
 
 def stop_group(proc: subprocess.Popen) -> None:
@@ -40,6 +58,7 @@ def stop_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    free_shm_buffers(proc.master_port)
 
 
 def launch(args: list[str], nproc: int = 2, check: bool = True, timeout: int = 900,
@@ -53,6 +72,7 @@ def launch(args: list[str], nproc: int = 2, check: bool = True, timeout: int = 9
         stdout, stderr = proc.communicate()
         raise AssertionError(f"launch timed out after {timeout} s: {' '.join(args)}\n{stdout[-6000:]}\n"
                              f"{stderr[-6000:]}") from None
+    free_shm_buffers(proc.master_port)
     if check and proc.returncode != 0:
         raise AssertionError(f"launch failed ({proc.returncode}): {' '.join(args)}\n"
                              f"{stdout[-6000:]}\n{stderr[-6000:]}")

@@ -41,7 +41,8 @@ def checkpoint_dir(tmp, latest, complete=False):
     (ckpt / "step_00000002").mkdir(parents=True)
     if complete:
         (ckpt / "step_00000002" / "trainer_state.json").write_text("{}")
-    (ckpt / "latest").write_text(latest)
+    if latest is not None:
+        (ckpt / "latest").write_text(latest)
     return []
 
 
@@ -90,6 +91,8 @@ CASES = [
      "names 'step_00000009', which is missing or incomplete"),
     ("latest names a partial tag", lambda t, m: checkpoint_dir(t, "step_00000002"),
      "names 'step_00000002', which is missing or incomplete"),
+    ("checkpoints without latest", lambda t, m: checkpoint_dir(t, None, complete=True),
+     "no 'latest' file; pass --resume step_00000002 to continue"),
     ("resume tag incomplete", lambda t, m: checkpoint_dir(t, "step_00000002") + ["--resume", "step_00000002"],
      "--resume step_00000002"),
 ]

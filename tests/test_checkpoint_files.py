@@ -24,10 +24,19 @@ def test_latest_names_the_tag_to_resume(tmp_path):
     assert resolve_tag(str(tmp_path), "never") is None
 
 
-def test_tags_without_latest_warn_and_start_fresh(tmp_path):
+def test_unfinished_tags_without_latest_warn_and_start_fresh(tmp_path):
     make_tag(tmp_path, "step_00000004", complete=False)
-    with pytest.warns(UserWarning, match="no 'latest' file"):
+    with pytest.warns(UserWarning, match="unfinished checkpoint dirs"):
         assert resolve_tag(str(tmp_path), "auto") is None
+
+
+def test_complete_tags_without_latest_are_an_error_naming_the_tag_to_resume(tmp_path):
+    make_tag(tmp_path, "step_00000002")
+    make_tag(tmp_path, "step_00000004")
+    with pytest.raises(UserError, match="no 'latest' file; pass --resume step_00000004 to continue"):
+        resolve_tag(str(tmp_path), "auto")
+    assert resolve_tag(str(tmp_path), "step_00000002") == "step_00000002"
+    assert resolve_tag(str(tmp_path), "never") is None
 
 
 @pytest.mark.parametrize("complete", [False, None])

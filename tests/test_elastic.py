@@ -23,14 +23,15 @@ def reference_step(model_dir, tag_dir, world: int, step: int = 2) -> dict:
     from torch.optim.lr_scheduler import LambdaLR
     from transformers import AutoModelForCausalLM
 
-    from lora_ds.checkpoint import consolidate_zero3, load_pt
+    from lora_ds.checkpoint import load_pt
+    from lora_ds.consolidate import read_zero3_state
     from lora_ds.data import StepSampler, collate, read_jsonl_pairs
     from lora_ds.engine import WarmupLinear
     from lora_ds.lora import inject_lora, lora_parameters
     from lora_ds.loss import lm_loss
     from lora_ds.tokenizer import load_tokenizer
 
-    saved, adam_step = consolidate_zero3(str(tag_dir))
+    saved, _, adam_step = read_zero3_state(str(tag_dir), moments=True)
     tok = load_tokenizer(str(model_dir))
     rows = read_jsonl_pairs(str(DEMO / "train.jsonl"), tok, 128)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

@@ -17,7 +17,8 @@ from lora_ds.adapter import peft_config, write_adapter
 from lora_ds.cli import main
 from lora_ds.errors import UserError
 from lora_ds.lora import delta_weight, inject_lora, lora_parameters
-from lora_ds.merge import INDEX_FILE, RECORD_FILE, merge_model_dir, merged_for_eval, merged_weight
+from lora_ds.lora import merged_weight
+from lora_ds.merge import INDEX_FILE, RECORD_FILE, merge_model_dir, merged_for_eval
 
 TARGETS = {"gpt_neox": ["query_key_value"], "llama": ["q_proj", "v_proj"], "gpt2": ["c_attn", "c_proj"]}
 # Adapted modules per tiny model: 2 layers x targets (GPT-2's c_proj names both attn.c_proj and mlp.c_proj).
