@@ -19,9 +19,15 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
+from pathlib import Path
+
+from lora_ds.errors import UserError
 
 DEFAULT_PORT = 29500
+# DeepSpeed's ops build in well under this; a build lock older than that was left by a killed build.
+STALE_BUILD_LOCK_S = 600
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,7 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     from deepspeed.accelerator import get_accelerator
 
     info = discover()
+    check_build_locks()
     os.environ.update(RANK=str(info.rank), LOCAL_RANK=str(info.local_rank), WORLD_SIZE=str(info.world_size),
                       MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
     accel = get_accelerator()
@@ -109,7 +116,39 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
         backend = "gloo"  # the CPU accelerator names oneCCL, which plain torch builds lack
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    if accel.device_name() == "cpu":
+        _unlink_shm_buffer(info)
     return info
+
+
+def stale_build_locks(root: str | None = None, now: float | None = None) -> list[Path]:
+    """Lock files of torch JIT extension builds (DeepSpeed's ops) older than STALE_BUILD_LOCK_S."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(root or os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    now = time.time() if now is None else now
+    return sorted(p for p in root.glob("*/*/lock") if now - p.stat().st_mtime > STALE_BUILD_LOCK_S)
+
+
+def check_build_locks(root: str | None = None) -> None:
+    """torch waits forever on the lock of a build that was killed: say so instead of hanging."""
+    stale = stale_build_locks(root)
+    if stale:
+        minutes = (time.time() - stale[0].stat().st_mtime) / 60
+        raise UserError(f"{stale[0]} is {minutes:.0f} min old: a build of DeepSpeed's ops was killed and every "
+                        "later run would wait on it forever; delete the file (when no other build is running) "
+                        "and relaunch")
+
+
+def _unlink_shm_buffer(info: DistEnv) -> None:
+    """DeepSpeed's CPU all-reduce maps a 66 MB /dev/shm buffer per rank and never unlinks it. Once every rank
+    has mapped its peers' (they have all returned from init), each rank unlinks the name of its own: the
+    mappings stay valid and the memory goes back when the job ends, even on kill -9."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{info.master_addr}_{info.master_port}_{info.rank}"
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def is_main() -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lora_ds.dist import stale_build_locks
 from tokenizers_util import train_sentencepiece_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,11 +25,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def free_shm_buffers(port: int) -> None:
+def free_shm_buffers(port: int) -> list[str]:
     """DeepSpeed's CPU all-reduce maps a /dev/shm buffer per rank (66 MB) named after the master port and never
-    unlinks it: left there, a test session's runs fill the machine's memory."""
-    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+    unlinks it; the trainer unlinks its own after init. A run killed before that leaves them: left there, a test
+    session's runs fill the machine's memory. Returns the names it removed."""
+    paths = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    for path in paths:
         path.unlink(missing_ok=True)
+    return [p.name for p in paths]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_stale_build_locks():
+    """A build killed in an earlier session (a test timed out mid-compile) leaves its lock, which the trainer
+    refuses (lora_ds.dist.check_build_locks): this machine's tests clear it as the message says."""
+    for lock in stale_build_locks():
+        lock.unlink(missing_ok=True)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -72,11 +84,13 @@ def launch(args: list[str], nproc: int = 2, check: bool = True, timeout: int = 9
         stdout, stderr = proc.communicate()
         raise AssertionError(f"launch timed out after {timeout} s: {' '.join(args)}\n{stdout[-6000:]}\n"
                              f"{stderr[-6000:]}") from None
-    free_shm_buffers(proc.master_port)
+    leftovers = free_shm_buffers(proc.master_port)
     if check and proc.returncode != 0:
         raise AssertionError(f"launch failed ({proc.returncode}): {' '.join(args)}\n"
                              f"{stdout[-6000:]}\n{stderr[-6000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    done.shm_leftovers = leftovers
+    return done
 
 
 def save_tiny(model_type: str, vocab_size: int, out: Path, **overrides) -> Path:

@@ -9,7 +9,8 @@ import subprocess
 import pytest
 
 from conftest import DEEPSPEED, DEMO, REPO, free_port
-from lora_ds.dist import DistEnv, discover, in_slurm_step
+from lora_ds.dist import STALE_BUILD_LOCK_S, DistEnv, check_build_locks, discover, in_slurm_step
+from lora_ds.errors import UserError
 
 
 def test_torchrun_and_deepspeed_launcher_variables_give_the_ranks():
@@ -76,3 +77,15 @@ def test_deepspeed_hostfile_launch_of_two_nodes_without_ssh(neox_dir, tmp_path):
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+
+
+def test_a_build_lock_left_by_a_killed_build_is_an_error_not_a_hang(tmp_path):
+    lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    check_build_locks(str(tmp_path))  # a build running now: wait on it, as torch does
+    old = lock.stat().st_mtime - STALE_BUILD_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.raises(UserError, match=r"deepspeed_shm_comm/lock is 11 min old: a build of DeepSpeed's ops was "
+                                        r"killed .* delete the file"):
+        check_build_locks(str(tmp_path))

@@ -65,9 +65,15 @@ def adapter_tensors(run: Path) -> dict:
 @pytest.fixture(scope="module")
 def neox_run(neox_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("neox_run")
-    launch(["--model", str(neox_dir), "--output_dir", str(out), "--max_steps", str(STEPS), "--save_every", "4",
-            "--eval_every", "4", *COMMON])
+    done = launch(["--model", str(neox_dir), "--output_dir", str(out), "--max_steps", str(STEPS), "--save_every", "4",
+                   "--eval_every", "4", *COMMON])
+    (out / "shm_leftovers.json").write_text(json.dumps(done.shm_leftovers))
     return out
+
+
+def test_a_cpu_run_leaves_no_shared_memory_behind(neox_run):
+    """DeepSpeed's CPU all-reduce buffers (66 MB per rank) are unlinked once every rank has mapped them."""
+    assert json.loads((neox_run / "shm_leftovers.json").read_text()) == []
 
 
 def test_zero3_two_ranks_match_single_process_reference(neox_run, neox_dir):
