@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -185,3 +186,52 @@ def test_stopped_job_checkpoints_requeues_and_resumes_to_the_uninterrupted_adapt
     for name in whole:
         assert torch.equal(ours[name], whole[name]), name
 
+
+def rank_process(job_id: int, rank: int) -> psutil.Process | None:
+    """Rank `rank`'s trainer process of a Slurm job (the test cluster's nodes share this host)."""
+    for proc in psutil.process_iter():
+        try:
+            env = proc.environ()
+            if (env.get("SLURM_JOB_ID") == str(job_id) and env.get("SLURM_PROCID") == str(rank)
+                    and "launcher/train.py" in " ".join(proc.cmdline())):
+                return proc
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return None
+
+
+@pytest.mark.distributed
+def test_a_rank_killed_by_sigkill_fails_the_job_and_resubmitting_resumes_to_the_uninterrupted_adapter(
+        cluster, jobs, neox_dir, tmp_path):
+    """kill -9 is no preemption notice: nothing is saved, srun (--kill-on-bad-exit) ends the other rank, the job
+    fails and is not requeued. Resubmitting the same script resumes from the last complete checkpoint."""
+    run, log = tmp_path / "run", tmp_path / "job.out"
+    env = job_env(cluster, neox_dir, run)
+    job_id = submit(cluster, [*CPU_NODES, str(SCRIPTS[0])], env, log)
+    deadline = time.monotonic() + 600
+    while not (run / "metrics.jsonl").exists() or len(metric_steps(run)) < 11:
+        assert cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING") and time.monotonic() < deadline, \
+            (log.read_text() if log.exists() else "", cluster.logs())
+        time.sleep(0.05)
+    victim = rank_process(job_id, 1)
+    assert victim is not None, cluster.logs()
+    victim.kill()
+    killed = wait_done(cluster, job_id)
+    text = log.read_text()
+    assert (killed["JobState"], killed["Restarts"]) == ("FAILED", "0") and killed["ExitCode"] != "0:0", \
+        (killed, excerpt(text))
+    assert "requeued" not in text and not (run / "adapter").exists()
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000010"
+
+    again = submit(cluster, [*CPU_NODES, str(SCRIPTS[0])], env, tmp_path / "again.out")
+    job = wait_done(cluster, again)
+    text = (tmp_path / "again.out").read_text()
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), excerpt(text)
+    assert re.search(r"resumed from \S+/step_00000010 at step 10", text)
+    assert metric_steps(run) == list(range(1, STEPS + 1))
+    ours, whole = adapter(run), adapter(jobs["whole"][1])
+    assert sorted(ours) == sorted(whole)
+    for name in whole:
+        assert torch.equal(ours[name], whole[name]), name
+    print(f"\n--- kill -9 of rank 1 after step 11: job {job_id} {killed['JobState']}, exit {killed['ExitCode']}\n"
+          f"{excerpt(log.read_text())}\n--- resubmitted: job {again} {job['JobState']}\n{excerpt(text)}")
