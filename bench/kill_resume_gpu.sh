@@ -17,7 +17,7 @@ for run in whole whole2; do
 done
 start "$out/killed"
 launcher=$!
-until [ "$(wc -l < "$out/killed/metrics.jsonl" 2>/dev/null || echo 0)" -ge "$kill_after" ]; do
+until [ "$( (wc -l < "$out/killed/metrics.jsonl") 2>/dev/null || echo 0)" -ge "$kill_after" ]; do
   kill -0 "$launcher" 2>/dev/null || { echo "killed run ended before step $kill_after"; tail -30 "$out/killed.log"; exit 1; }
   sleep 0.2
 done
