@@ -121,12 +121,12 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
     return info
 
 
-def stale_build_locks(root: str | None = None, now: float | None = None) -> list[Path]:
+def stale_build_locks(root: str | None = None) -> list[Path]:
     """Lock files of torch JIT extension builds (DeepSpeed's ops) older than STALE_BUILD_LOCK_S."""
     from torch.utils.cpp_extension import get_default_build_root
 
     root = Path(root or os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    now = time.time() if now is None else now
+    now = time.time()
     return sorted(p for p in root.glob("*/*/lock") if now - p.stat().st_mtime > STALE_BUILD_LOCK_S)
 
 
