@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
+import time
 import traceback
 
 import pytest
@@ -98,8 +100,9 @@ CASES = [
 ]
 
 
-def run_trainer(argv: list[str], log) -> tuple[int, str]:
-    """launcher/train.py's cli(argv) in a forked process (imports are shared, the exit status is real)."""
+def run_trainer(argv: list[str], log, timeout: int = 600) -> tuple[int, str]:
+    """launcher/train.py's cli(argv) in a forked process (imports are shared, the exit status is real); one that
+    hangs is killed and fails the test with its output."""
     from launcher import train
 
     pid = os.fork()
@@ -117,8 +120,14 @@ def run_trainer(argv: list[str], log) -> tuple[int, str]:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), log.read_text()
+    deadline = time.monotonic() + timeout
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"the trainer still ran after {timeout} s: {argv}\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+    return os.waitstatus_to_exitcode(done[1]), log.read_text()
 
 
 @pytest.mark.parametrize("flags,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
