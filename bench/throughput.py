@@ -166,6 +166,8 @@ def main():
     times, model = (run_ours if args.stack == "ours" else run_anchor)(args)
     import torch.distributed as dist
 
+    from lora_ds.dist import shutdown
+
     world = dist.get_world_size()
     cuda = torch.cuda.is_available()
     peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
@@ -191,6 +193,7 @@ def main():
             record["model_tflops_per_gpu"] = fpt * tokens_per_gpu / 1e12
             record["mfu_vs_790"] = record["model_tflops_per_gpu"] / PEAK_BF16_TFLOPS
         print("BENCH " + json.dumps(record), flush=True)
+    shutdown()
 
 
 if __name__ == "__main__":

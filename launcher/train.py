@@ -23,7 +23,7 @@ from lora_ds import checkpoint
 from lora_ds.adapter import peft_config, write_adapter
 from lora_ds.config import DEMO_DIR, parse_config, resolve_ds_config
 from lora_ds.data import StepSampler, load_rows
-from lora_ds.dist import init_distributed
+from lora_ds.dist import init_distributed, shutdown
 from lora_ds.engine import build_engine
 from lora_ds.errors import UserError
 from lora_ds.fsutil import write_json
@@ -43,6 +43,13 @@ def lora_fp32_state(engine, params: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train; the exit status says how it ended. Every normal end is reached by all ranks together."""
+    code = train(argv)
+    shutdown()
+    return code
+
+
+def train(argv: list[str] | None) -> int:
     cfg = parse_config(argv)
     # Before the (long) start-up: a preemption notice that arrives now is remembered, not fatal.
     stop = StopSignal()

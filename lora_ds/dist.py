@@ -151,6 +151,17 @@ def _unlink_shm_buffer(info: DistEnv) -> None:
     Path("/dev/shm", name).unlink(missing_ok=True)
 
 
+def shutdown() -> None:
+    """Wait for every rank, then tear the process group down. Collective. A rank that exits while its peers still
+    work leaves gloo threads talking to a closed socket, which can abort a peer at exit ("terminate called
+    without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def is_main() -> bool:
     import torch.distributed as dist
 

@@ -38,6 +38,7 @@ def rank_program(argv=None) -> None:
     from transformers.integrations import HfDeepSpeedConfig
 
     from lora_ds.adapter import peft_config
+    from lora_ds.dist import shutdown
     from lora_ds.fsutil import write_json, write_text
     from lora_ds.lora import inject_lora, lora_parameters
 
@@ -96,7 +97,7 @@ def rank_program(argv=None) -> None:
         save_file(live, root / "live.safetensors")
         save_file(master, root / "master.safetensors")
     write_json(root / f"report_rank{rank}.json", report)
-    torch.distributed.barrier()
+    shutdown()
 
 
 def live_merge_report(engine, vocab: int) -> dict:

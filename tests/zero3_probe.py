@@ -7,7 +7,7 @@ import os
 import torch
 
 from lora_ds.config import parse_config, resolve_ds_config
-from lora_ds.dist import init_distributed
+from lora_ds.dist import init_distributed, shutdown
 from lora_ds.engine import build_engine
 from lora_ds.lora import inject_lora, lora_parameters
 from lora_ds.model import build_model
@@ -59,6 +59,7 @@ def main():
     report["step0_max_abs_diff"] = (ours - reference).abs().max().item()
     with open(os.path.join(args.out, f"probe_rank{env.rank}.json"), "w") as f:
         json.dump(report, f)
+    shutdown()
 
 
 if __name__ == "__main__":

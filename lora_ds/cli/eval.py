@@ -81,7 +81,7 @@ def run(args) -> int:
     import time
 
     from lora_ds.config import ModelConfig, RunConfig, TrainConfig, resolve_ds_config
-    from lora_ds.dist import discover, init_distributed
+    from lora_ds.dist import discover, init_distributed, shutdown
     from lora_ds.eval_model import build_eval_model, read_lora
     from lora_ds.evaluation import DEFAULT_MAX_NEW_TOKENS, format_table, load_eval_set, predict, score, write_outputs
     from lora_ds.tokenizer import load_tokenizer
@@ -121,4 +121,5 @@ def run(args) -> int:
               f"{report['decoding']['strategy']} decoding, {seconds:.1f} s -> {args.out}")
         print(format_table(args.task, by_split))
     del keepalive
+    shutdown()
     return 0
