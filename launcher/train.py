@@ -31,7 +31,7 @@ from lora_ds.lora import inject_lora, lora_parameters
 from lora_ds.loss import defer_lm_head
 from lora_ds.model import DTYPES, build_model, check_model_dir, default_targets, preset_config
 from lora_ds.tokenizer import load_tokenizer, tokenizer_record
-from lora_ds.train_loop import Loop, StopSignal
+from lora_ds.train_loop import Loop, StopSignal, report_stopped
 from lora_ds.zero import full_numel
 
 
@@ -144,6 +144,8 @@ def train(argv: list[str] | None) -> int:
         if rank == 0:
             print(f"stopped after a checkpoint ({outcome}); rerun the same command to resume "
                   "(the Slurm scripts requeue the job, which does so by itself)", flush=True)
+            if outcome != "halt":
+                report_stopped(checkpoint.resolve_tag(ckpt_root, "auto"))
         return 0 if outcome == "halt" else 124
 
     tensors = lora_fp32_state(engine, lora)

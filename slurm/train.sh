@@ -45,14 +45,21 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}
 echo "job $SLURM_JOB_ID attempt $((${SLURM_RESTART_COUNT:-0} + 1)): $SLURM_JOB_NUM_NODES nodes x" \
     "$SLURM_NTASKS_PER_NODE ranks, master $MASTER_ADDR:$MASTER_PORT"
 
+# Rank 0 writes the checkpoint's tag here when the run stops for a requeue (see below); beside the job's log.
+export LORA_DS_STOPPED_FILE="${SLURM_SUBMIT_DIR:-$PWD}/.lora-ds-$SLURM_JOB_ID.stopped"
+rm -f "$LORA_DS_STOPPED_FILE"
 status=0
 # Slurm 22.05's srun does not inherit --cpus-per-task from sbatch. --kill-on-bad-exit: a rank that dies
 # (kill -9, the OOM killer, a lost node) ends the step at once instead of leaving the others blocked in a
-# collective; the job then fails, and resubmitting it resumes from the last complete checkpoint.
+# collective; the job then fails, and resubmitting it resumes from the last complete checkpoint. It also
+# counts a rank's 124 as a bad exit and may kill the last ranks as they exit 124 too, so the stop is read from
+# LORA_DS_STOPPED_FILE, not from srun's status.
 srun --kill-on-bad-exit=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" "${PYTHON:-python}" launcher/train.py "$@" \
     || status=$?
-if [[ $status -eq 124 ]]; then
-    echo "job $SLURM_JOB_ID: stopped after a checkpoint; requeued, it resumes from there"
+if [[ -f $LORA_DS_STOPPED_FILE ]]; then
+    echo "job $SLURM_JOB_ID: stopped after checkpoint $(cat "$LORA_DS_STOPPED_FILE"); requeued, it resumes from there"
+    rm -f "$LORA_DS_STOPPED_FILE"
     scontrol requeue "$SLURM_JOB_ID"
+    status=124
 fi
 exit "$status"

@@ -176,8 +176,11 @@ def test_stopped_job_checkpoints_requeues_and_resumes_to_the_uninterrupted_adapt
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1")
     assert "attempt 1:" in log and "attempt 2:" in log
     assert f"stopped after a checkpoint ({signal})" in log
-    assert log.count("Exited with exit code 124") == 2  # both ranks, each on its node
-    assert (f"job {job['JobId']}: stopped after a checkpoint; requeued" in log) == requeued_by_script
+    # A rank still exiting when srun sees the first 124 may be killed by --kill-on-bad-exit: the batch script
+    # reads the stop from the file rank 0 writes before the final barrier, not from srun's status.
+    assert log.count("Exited with exit code 124") >= 1
+    assert (f"job {job['JobId']}: stopped after checkpoint step_" in log) == requeued_by_script
+    assert not list(REPO.glob(f".lora-ds-{job['JobId']}.stopped"))
     tag_step, stopped_at = map(int, re.search(r"resumed from \S+/step_(\d+) at step (\d+)", log).groups())
     assert tag_step == stopped_at and 2 <= stopped_at < STEPS
     assert metric_steps(run) == list(range(1, STEPS + 1))  # no step lost, none done twice
