@@ -44,12 +44,12 @@ class StopSignal:
 STOPPED_FILE_ENV = "LORA_DS_STOPPED_FILE"
 
 
-def report_stopped(tag: str, env=None) -> None:
+def report_stopped(tag: str) -> None:
     """Tell the job script that the run stopped after the complete checkpoint `tag` and should be requeued:
     write `tag` to the file its LORA_DS_STOPPED_FILE names. Rank 0 calls it before the final barrier, so it exists
     before any rank exits. The exit status 124 alone is not enough under `srun --kill-on-bad-exit`: the first
     rank to exit 124 makes srun kill the others, and srun then reports their signal instead."""
-    path = (os.environ if env is None else env).get(STOPPED_FILE_ENV)
+    path = os.environ.get(STOPPED_FILE_ENV)
     if path:
         write_text(path, tag + "\n")
 
