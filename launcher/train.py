@@ -1,4 +1,4 @@
-"""LoRA fine-tuning on DeepSpeed ZeRO-3: config -> ranks -> model -> data -> engine -> loop -> adapter.
+"""LoRA fine-tuning on DeepSpeed ZeRO-3: setup (config, ranks, data, model, engine) -> train -> save -> cleanup.
 
     deepspeed launcher/train.py --ds_config ds_configs/zero3.json          # the demo, on every local GPU
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launcher/train.py            # the demo on 2 CPU ranks (gloo)
@@ -21,141 +21,160 @@ import torch
 
 from lora_ds import checkpoint
 from lora_ds.adapter import peft_config, write_adapter
-from lora_ds.config import DEMO_DIR, parse_config, resolve_ds_config
-from lora_ds.data import StepSampler, load_rows
+from lora_ds.build import build
+from lora_ds.config import DEMO_DIR, RunConfig, parse_config, resolve_ds_config
+from lora_ds.data import EvalBatches, StepSampler, TrainBatches, load_rows
 from lora_ds.dist import init_distributed, shutdown
-from lora_ds.engine import build_engine
 from lora_ds.errors import UserError
 from lora_ds.fsutil import write_json
-from lora_ds.lora import inject_lora, lora_parameters
-from lora_ds.loss import defer_lm_head
-from lora_ds.model import DTYPES, build_model, check_model_dir, default_targets, preset_config
+from lora_ds.model import DTYPES, check_model_dir, preset_config
 from lora_ds.tokenizer import load_tokenizer, tokenizer_record
-from lora_ds.train_loop import Loop, StopSignal, report_stopped
+from lora_ds.train_loop import Checkpointer, Evaluator, Loop, MetricsLog, Outcome, StopSignal, report_stopped
 from lora_ds.zero import full_numel
 
 
-def lora_fp32_state(engine, params: dict) -> dict:
-    """Full fp32 LoRA tensors from the optimizer's master copies (collective)."""
-    from deepspeed.utils import safe_get_full_fp32_param
+class Recipe:
+    """One training run, as torchtune's recipes: setup(), train(), save(outcome), cleanup()."""
 
-    return {name: safe_get_full_fp32_param(p).detach().cpu().clone() for name, p in params.items()}
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        # Before the (long) start-up: a preemption notice that arrives now is remembered, not fatal.
+        self.stop = StopSignal()
+        self.ckpt_root = os.path.join(cfg.train.output_dir, "checkpoints")
+
+    def setup(self) -> None:
+        self._check_inputs()
+        self.env = init_distributed()
+        cfg, world = self.cfg, self.env.world_size
+        self.ds_config = resolve_ds_config(cfg, world)
+        torch.manual_seed(cfg.train.seed)
+        self.sampler = StepSampler(len(self.rows), cfg.train.micro_batch, cfg.train.grad_accum, world,
+                                   cfg.train.seed)
+        self.total_steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * self.sampler.steps_per_epoch))
+        self.trainable, self.engine = build(cfg, self.ds_config, self.total_steps, vocab_size=self.tok.vocab_size)
+        self._write_run_record()
+        self.start_step = 0
+        if self.tag is not None:
+            self.start_step = checkpoint.load(self.engine, self.ckpt_root, self.tag)["step"]
+            if self.env.rank == 0:
+                print(f"resumed from {os.path.join(self.ckpt_root, self.tag)} at step {self.start_step}", flush=True)
+        self.loop = self._setup_loop()
+
+    def _check_inputs(self) -> None:
+        """Model, tokenizer, data and resume tag, checked before the process group starts: bad input fails
+        fast and alike on every rank."""
+        cfg = self.cfg
+        is_preset = cfg.model.name.startswith("preset:")
+        if is_preset:
+            preset_config(cfg.model.name[len("preset:"):])
+        else:
+            check_model_dir(cfg.model.name)
+        self.tok = load_tokenizer(cfg.model.tokenizer or (os.path.join(DEMO_DIR, "tokenizer") if is_preset
+                                                          else cfg.model.name))
+        self.rows = load_rows(cfg.data.path, self.tok, cfg.data.max_len)
+        self.eval_rows = load_rows(cfg.data.eval_path, self.tok, cfg.data.max_len) if cfg.data.eval_path else None
+        self.tag = checkpoint.resolve_tag(self.ckpt_root, cfg.train.resume)
+
+    def _write_run_record(self) -> None:
+        cfg, model, lora = self.cfg, self.trainable.model, self.trainable.lora
+        self.trainable_params = sum(full_numel(p) for p in lora.values())
+        self.run_record = {
+            **cfg.to_dict(),
+            "resolved": {
+                "world_size": self.env.world_size, "rank_source": self.env.source, "total_steps": self.total_steps,
+                "steps_per_epoch": self.sampler.steps_per_epoch, "lora_targets": self.trainable.targets,
+                "adapted_modules": self.trainable.adapted, "fused_kernels": self.trainable.fused,
+                "trainable_params": self.trainable_params,
+                "total_params": sum(full_numel(p) for p in model.parameters()),
+                "tokenizer": tokenizer_record(self.tok), "ds_config": self.ds_config,
+                "versions": {"torch": torch.__version__, "deepspeed": __import__("deepspeed").__version__,
+                             "transformers": __import__("transformers").__version__},
+            },
+        }
+        self.adapter_config = peft_config(
+            r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, target_modules=self.trainable.targets,
+            use_rslora=cfg.lora.rslora, base_model=cfg.model.name,
+            fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in model.modules()))
+        if self.env.rank == 0:
+            os.makedirs(cfg.train.output_dir, exist_ok=True)
+            write_json(os.path.join(cfg.train.output_dir, "run_config.json"), self.run_record)
+
+    def _setup_loop(self) -> Loop:
+        cfg, engine, rank, world = self.cfg, self.engine, self.env.rank, self.env.world_size
+        out, mask_dtype = cfg.train.output_dir, DTYPES[cfg.model.dtype]
+        task_eval = None
+        if cfg.data.eval_task:
+            from lora_ds.evaluation import TaskEval
+
+            task_eval = TaskEval(cfg.data.eval_task, cfg.data.eval_task_samples, cfg.train.seed, self.tok,
+                                 max_len=cfg.data.max_len, batch_size=cfg.train.micro_batch, output_dir=out,
+                                 rank=rank, world=world, device=engine.device)
+        eval_batches = None if self.eval_rows is None else EvalBatches(
+            self.eval_rows, cfg.train.micro_batch, rank, world, self.tok.pad_token_id, mask_dtype)
+        per_step = self.sampler.per_step
+
+        def state(step: int) -> dict:
+            return {"step": step, "samples": step * per_step, "world_size": world, "time": time.time()}
+
+        return Loop(
+            engine=engine, data=TrainBatches(self.rows, self.sampler, rank, self.tok.pad_token_id, mask_dtype),
+            metrics=MetricsLog(os.path.join(out, "metrics.jsonl"), cfg.train.log_every, engine, rank),
+            evaluator=Evaluator(engine, cfg.train.eval_every, eval_batches, task_eval, engine.device),
+            checkpointer=Checkpointer(engine, self.ckpt_root, cfg.train.save_every, cfg.train.keep_checkpoints,
+                                      state, {"adapter_config.json": self.adapter_config,
+                                              "run_config.json": self.run_record}),
+            stop=self.stop, total_steps=self.total_steps, halt_at_step=cfg.train.halt_at_step,
+            max_skipped_steps=cfg.train.max_skipped_steps, device=engine.device)
+
+    def train(self) -> Outcome:
+        return self.loop.run(self.start_step)
+
+    def save(self, outcome: Outcome) -> int:
+        """The adapter when the run is done, else a report of how it stopped. Returns the exit status."""
+        rank = self.env.rank
+        if outcome is Outcome.NONFINITE:
+            last = checkpoint.resolve_tag(self.ckpt_root, "auto")
+            if rank == 0:
+                print(f"train: error: more than {self.cfg.train.max_skipped_steps} steps had NaN/Inf gradients "
+                      f"(--max_skipped_steps); stopped without saving. The last good checkpoint is "
+                      f"{os.path.join(self.ckpt_root, last) if last else 'none (no checkpoint was saved)'}; "
+                      f"check the data and --lr before resuming", file=sys.stderr, flush=True)
+        elif outcome is not Outcome.DONE:
+            if rank == 0:
+                why = "halt" if outcome is Outcome.HALTED else self.stop.received or "signal"
+                print(f"stopped after a checkpoint ({why}); rerun the same command to resume "
+                      "(the Slurm scripts requeue the job, which does so by itself)", flush=True)
+                if outcome is Outcome.PREEMPTED:
+                    report_stopped(checkpoint.resolve_tag(self.ckpt_root, "auto"))
+        else:
+            self._write_adapter()
+        return outcome.exit_status
+
+    def _write_adapter(self) -> None:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        # The fp32 master copies, gathered from the optimizer's partitions (collective).
+        tensors = {name: safe_get_full_fp32_param(p).detach().cpu().clone()
+                   for name, p in self.trainable.lora.items()}
+        if self.env.rank == 0:
+            path = os.path.join(self.cfg.train.output_dir, "adapter")
+            write_adapter(path, tensors, self.adapter_config, extra_json={"run_config.json": self.run_record})
+            print(f"adapter written to {path} ({self.trainable_params:,} trainable of "
+                  f"{self.run_record['resolved']['total_params']:,} params)", flush=True)
+
+    def cleanup(self) -> None:
+        """Every rank together, on a normal end only: a rank's error never waits in a barrier."""
+        del self.trainable, self.engine
+        shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train; the exit status says how it ended. Every normal end is reached by all ranks together."""
-    code = train(argv)
-    shutdown()
+    """Train; the exit status says how it ended."""
+    recipe = Recipe(parse_config(argv))
+    recipe.setup()
+    code = recipe.save(recipe.train())
+    recipe.cleanup()
     return code
-
-
-def train(argv: list[str] | None) -> int:
-    cfg = parse_config(argv)
-    # Before the (long) start-up: a preemption notice that arrives now is remembered, not fatal.
-    stop = StopSignal()
-    # Inputs are checked before the process group starts, so bad input fails fast and alike on every rank.
-    is_preset = cfg.model.name.startswith("preset:")
-    if is_preset:
-        preset_config(cfg.model.name[len("preset:"):])
-    else:
-        check_model_dir(cfg.model.name)
-    tok = load_tokenizer(cfg.model.tokenizer or (os.path.join(DEMO_DIR, "tokenizer") if is_preset
-                                                 else cfg.model.name))
-    rows = load_rows(cfg.data.path, tok, cfg.data.max_len)
-    eval_rows = load_rows(cfg.data.eval_path, tok, cfg.data.max_len) if cfg.data.eval_path else None
-    ckpt_root = os.path.join(cfg.train.output_dir, "checkpoints")
-    tag = checkpoint.resolve_tag(ckpt_root, cfg.train.resume)
-
-    env = init_distributed()
-    rank, world = env.rank, env.world_size
-    ds_config = resolve_ds_config(cfg, world)
-    torch.manual_seed(cfg.train.seed)
-    sampler = StepSampler(len(rows), cfg.train.micro_batch, cfg.train.grad_accum, world, cfg.train.seed)
-    total_steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * sampler.steps_per_epoch))
-
-    model, keepalive = build_model(cfg.model.name, cfg.model.dtype, ds_config, cfg.model.attn_implementation,
-                                   vocab_size=tok.vocab_size)
-    targets = cfg.lora.target_spec() or default_targets(model)
-    adapted = inject_lora(model, targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.rslora,
-                          seed=cfg.train.seed)
-    defer_lm_head(model)
-    if cfg.model.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = lora_parameters(model)
-    engine = build_engine(model, list(lora.values()), cfg, ds_config, total_steps)
-
-    out = cfg.train.output_dir
-    trainable = sum(full_numel(p) for p in lora.values())
-    run_record = {
-        **cfg.to_dict(),
-        "resolved": {
-            "world_size": world, "rank_source": env.source, "total_steps": total_steps,
-            "steps_per_epoch": sampler.steps_per_epoch, "lora_targets": targets, "adapted_modules": adapted,
-            "trainable_params": trainable, "total_params": sum(full_numel(p) for p in model.parameters()),
-            "tokenizer": tokenizer_record(tok), "ds_config": ds_config,
-            "versions": {"torch": torch.__version__, "deepspeed": __import__("deepspeed").__version__,
-                         "transformers": __import__("transformers").__version__},
-        },
-    }
-    adapter_config = peft_config(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                                 target_modules=targets, use_rslora=cfg.lora.rslora,
-                                 fan_in_fan_out=any(m.fan_in_fan_out for m in model.modules()
-                                                    if hasattr(m, "fan_in_fan_out")),
-                                 base_model=cfg.model.name)
-    if rank == 0:
-        os.makedirs(out, exist_ok=True)
-        write_json(os.path.join(out, "run_config.json"), run_record)
-
-    start_step = 0
-    if tag is not None:
-        start_step = checkpoint.load(engine, ckpt_root, tag)["step"]
-        if rank == 0:
-            print(f"resumed from {os.path.join(ckpt_root, tag)} at step {start_step}", flush=True)
-
-    def save(step: int) -> str:
-        state = {"step": step, "samples": step * sampler.per_step, "world_size": world, "time": time.time()}
-        return checkpoint.save(engine, ckpt_root, step, state,
-                               {"adapter_config.json": adapter_config, "run_config.json": run_record},
-                               cfg.train.keep_checkpoints)
-
-    task_eval = None
-    if cfg.data.eval_task:
-        from lora_ds.evaluation import TaskEval
-
-        task_eval = TaskEval(cfg.data.eval_task, cfg.data.eval_task_samples, cfg.train.seed, tok,
-                             max_len=cfg.data.max_len, batch_size=cfg.train.micro_batch, output_dir=out, rank=rank,
-                             world=world, device=engine.device)
-    loop = Loop(engine=engine, rows=rows, eval_rows=eval_rows, sampler=sampler, pad_id=tok.pad_token_id,
-                total_steps=total_steps, output_dir=out, log_every=cfg.train.log_every,
-                eval_every=cfg.train.eval_every, save_every=cfg.train.save_every,
-                halt_at_step=cfg.train.halt_at_step, save_fn=save, rank=rank, world=world, device=engine.device,
-                max_skipped_steps=cfg.train.max_skipped_steps, mask_dtype=DTYPES[cfg.model.dtype],
-                task_eval=task_eval, stop=stop)
-    outcome = loop.run(start_step)
-    if outcome == "nonfinite":
-        last = checkpoint.resolve_tag(ckpt_root, "auto")
-        if rank == 0:
-            print(f"train: error: more than {cfg.train.max_skipped_steps} steps had NaN/Inf gradients "
-                  f"(--max_skipped_steps); stopped without saving. The last good checkpoint is "
-                  f"{os.path.join(ckpt_root, last) if last else 'none (no checkpoint was saved)'}; "
-                  f"check the data and --lr before resuming", file=sys.stderr, flush=True)
-        return 3
-    if outcome != "done":
-        if rank == 0:
-            print(f"stopped after a checkpoint ({outcome}); rerun the same command to resume "
-                  "(the Slurm scripts requeue the job, which does so by itself)", flush=True)
-            if outcome != "halt":
-                report_stopped(checkpoint.resolve_tag(ckpt_root, "auto"))
-        return 0 if outcome == "halt" else 124
-
-    tensors = lora_fp32_state(engine, lora)
-    if rank == 0:
-        write_adapter(os.path.join(out, "adapter"), tensors, adapter_config,
-                      extra_json={"run_config.json": run_record})
-        print(f"adapter written to {os.path.join(out, 'adapter')} "
-              f"({trainable:,} trainable of {run_record['resolved']['total_params']:,} params)", flush=True)
-    del keepalive
-    return 0
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -31,12 +31,22 @@ class ModelConfig:
     dtype: str = _f("bf16", "--dtype", "compute dtype: bf16 or fp32 (fp32 master weights either way)")
     grad_ckpt: bool = _f(False, "--grad_ckpt", "activation (gradient) checkpointing of the transformer blocks")
     attn_implementation: str = _f("sdpa", "--attn_implementation", "sdpa, eager or flash_attention_2")
+    kernels: str = _f("auto", "--kernels",
+                      "fused GPU kernels (Liger: norms, RoPE, MLP, LM-head loss): auto (when a CUDA device and "
+                      "liger-kernel are there), liger, or off (the plain PyTorch path)")
+    zero3_fetch: str = _f("layer", "--zero3_fetch",
+                          "ZeRO-3 gathering unit: layer (one hook per decoder layer gathers all its weights) or "
+                          "module (a hook per Linear/norm)")
 
     def __post_init__(self):
         if self.dtype not in ("bf16", "fp32"):
             raise UserError(f"--dtype {self.dtype}: choose bf16 or fp32 (fp16 is not supported)")
         if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
             raise UserError(f"--attn_implementation {self.attn_implementation}: choose sdpa, eager or flash_attention_2")
+        if self.kernels not in ("auto", "liger", "off"):
+            raise UserError(f"--kernels {self.kernels}: choose auto, liger or off")
+        if self.zero3_fetch not in ("layer", "module"):
+            raise UserError(f"--zero3_fetch {self.zero3_fetch}: choose layer or module")
 
 
 @dataclass

@@ -6,6 +6,9 @@ A prepared directory (written by `lora-ds prep`, data_prep/) is a `datasets` Arr
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 from lora_ds.errors import UserError
 
 IGNORE_INDEX = -100
@@ -126,6 +129,50 @@ def eval_shards(num_rows: int, micro: int, world: int, rank: int) -> list[list[i
     per_rank = -(-num_rows // world)
     mine = [i if i < num_rows else -1 for i in range(rank, per_rank * world, world)]
     return [mine[i:i + micro] for i in range(0, len(mine), micro)]
+
+
+@dataclass
+class TrainBatches:
+    """This rank's collated micro-batches of each optimizer step, as `sampler` deals them."""
+
+    rows: Sequence[dict]
+    sampler: StepSampler
+    rank: int
+    pad_id: int
+    mask_dtype: object = None
+
+    @property
+    def accum(self) -> int:
+        return self.sampler.accum
+
+    def step(self, step: int):
+        """(batch, tokens read) of each micro-batch of `step`."""
+        for indices in self.sampler.micro_batches(step, self.rank):
+            rows = [self.rows[i] for i in indices]
+            yield collate(rows, self.pad_id, self.mask_dtype), sum(len(r["input_ids"]) for r in rows)
+
+
+@dataclass
+class EvalBatches:
+    """This rank's share of held-out rows in micro-batches; ranks short of rows get padding rows that count for
+    nothing, so every rank runs the same number of forwards."""
+
+    rows: Sequence[dict]
+    micro: int
+    rank: int
+    world: int
+    pad_id: int
+    mask_dtype: object = None
+
+    def __iter__(self):
+        for indices in eval_shards(len(self.rows), self.micro, self.world, self.rank):
+            rows = []
+            for i in indices:
+                row = dict(self.rows[max(i, 0)])
+                if i < 0:
+                    row["labels"] = [IGNORE_INDEX] * len(row["labels"])
+                rows.append(row)
+            yield collate(rows, self.pad_id, self.mask_dtype)
 
 
 def _is_packed(position_ids) -> bool:

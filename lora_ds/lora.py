@@ -54,17 +54,30 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
-class LoRAUp(nn.Linear):
-    """B, as a Linear whose forward adds s·B·(A·x) into the base output with one GEMM (addmm, beta = 1),
-    instead of a GEMM, a scale and an add over the full output. Being a module call, ZeRO-3 gathers B."""
+class _LoRAAdd(torch.autograd.Function):
+    """base + s·(x·Aᵀ)·Bᵀ, the update added into the base output with one GEMM (addmm, beta = 1).
 
-    def __init__(self, r: int, out_features: int):
-        super().__init__(r, out_features, bias=False)
+    Saves x and the factors themselves, nothing of the output's size: backward recomputes x·Aᵀ (r columns).
+    Saving the Parameters, not views of them, matters under ZeRO-3: between forward and backward their data
+    is released and gathered again, and only the Parameter sees the gathered data.
+    """
 
-    def forward(self, ax: torch.Tensor, base_out: torch.Tensor, scale: float) -> torch.Tensor:
-        flat = torch.addmm(base_out.reshape(-1, self.out_features), ax.reshape(-1, self.in_features).to(
-            base_out.dtype), self.weight.t().to(base_out.dtype), alpha=scale)
-        return flat.view(base_out.shape)
+    @staticmethod
+    def forward(ctx, base, x, lora_A, lora_B, scale):
+        ctx.save_for_backward(x, lora_A, lora_B)
+        ctx.scale = scale
+        ax = x.reshape(-1, x.shape[-1]) @ lora_A.t()
+        return torch.addmm(base.reshape(-1, base.shape[-1]), ax, lora_B.t(), alpha=scale).view(base.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, lora_A, lora_B = ctx.saved_tensors
+        g, flat_x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        g_ax = (g @ lora_B) * ctx.scale  # d loss / d(x·Aᵀ)
+        grad_x = (g_ax @ lora_A).view(x.shape) if ctx.needs_input_grad[1] else None
+        grad_A = g_ax.t() @ flat_x if ctx.needs_input_grad[2] else None
+        grad_B = (g.t() @ (flat_x @ lora_A.t())) * ctx.scale if ctx.needs_input_grad[3] else None
+        return grad, grad_x, grad_A, grad_B, None
 
 
 class LoRALinear(nn.Module):
@@ -87,7 +100,7 @@ class LoRALinear(nn.Module):
         # The factors take the base weight's dtype (bf16 in training: DeepSpeed keeps their fp32 master
         # copies), so the LoRA path runs in the same precision as the base GEMM with no casts.
         self.lora_A = nn.Linear(in_features, r, bias=False)
-        self.lora_B = LoRAUp(r, out_features)
+        self.lora_B = nn.Linear(r, out_features, bias=False)
         self.merged = False
         self.reset_lora_parameters()
         self.lora_A.to(base_layer.weight.dtype)
@@ -104,7 +117,9 @@ class LoRALinear(nn.Module):
             return result
         if self.lora_dropout is not None:
             x = self.lora_dropout(x)
-        return self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype)), result, self.scaling)
+        weight_A, weight_B = self.lora_A.weight, self.lora_B.weight
+        return _LoRAAdd.apply(result, x.to(result.dtype), weight_A.to(result.dtype), weight_B.to(result.dtype),
+                              self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         return delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out)

@@ -5,7 +5,8 @@ passes hidden states through the model's forward; `lm_loss` then calls it with t
 computes the loss and the gradient of the hidden states chunk by chunk in one pass (the head is frozen:
 no weight gradient is needed). Only one chunk's fp32 logits ever exist, instead of bf16 + fp32 logits,
 their log-softmax and their gradients for the whole batch. Being a module call that owns the weight,
-ZeRO-3 gathers the weight for it.
+ZeRO-3 gathers the weight for it. With fused kernels (lora_ds.kernels) Liger's fused linear cross-entropy does
+the same in Triton, a few hundred rows at a time; this one is its CPU path and its reference.
 """
 from __future__ import annotations
 
@@ -49,23 +50,28 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 class DeferredLMHead(nn.Module):
     """A bias-free output embedding that can hand back hidden states and compute the loss itself."""
 
-    def __init__(self, head: nn.Linear):
+    def __init__(self, head: nn.Linear, fused: bool = False):
         super().__init__()
         self.weight = head.weight  # the same Parameter: tied embeddings stay tied
         self.deferred = False
+        self.fused = fused
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if labels is not None:
+            if self.fused:
+                from lora_ds.kernels import linear_cross_entropy
+
+                return linear_cross_entropy(hidden, self.weight, labels, IGNORE_INDEX)
             return _FusedLinearCrossEntropy.apply(hidden, self.weight, labels, CHUNK_TOKENS)
         return hidden if self.deferred else F.linear(hidden, self.weight)
 
 
-def defer_lm_head(model: nn.Module) -> DeferredLMHead | None:
-    """Swap `model`'s output embedding for a DeferredLMHead (not for heads with a bias)."""
+def defer_lm_head(model: nn.Module, fused: bool = False) -> DeferredLMHead | None:
+    """Swap `model`'s output embedding for a DeferredLMHead (not for heads with a bias); `fused`: Liger's loss."""
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         return None
-    wrapper = DeferredLMHead(head)
+    wrapper = DeferredLMHead(head, fused)
     model.set_output_embeddings(wrapper)
     return wrapper
 

@@ -32,6 +32,9 @@ PRESETS = {
     "llama-7b": ("llama", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                                intermediate_size=11008, max_position_embeddings=2048, vocab_size=32000,
                                rms_norm_eps=1e-6)),
+    "llama-3-8b": ("llama", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                                 num_key_value_heads=8, intermediate_size=14336, max_position_embeddings=8192,
+                                 vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5)),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -1,18 +1,39 @@
-"""The training step and loop: forward, backward, step, log, eval, checkpoint cadence, stop signals."""
+"""The training loop and the components that decide their own cadence: metrics, evaluation, checkpoints, stops.
+
+The loop asks each component whether it is due (torchtitan's checkpointer owns its interval); it counts
+nothing itself. No step waits for the device: losses and stop votes are reduced asynchronously and read one
+step later, by which time DeepSpeed's own check of the gradient norm in the optimizer step has synchronised.
+"""
 from __future__ import annotations
 
+import contextlib
+import enum
 import json
 import os
 import resource
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from lora_ds.data import IGNORE_INDEX, collate, eval_shards
+from lora_ds import checkpoint
+from lora_ds.data import EvalBatches, TrainBatches
 from lora_ds.fsutil import write_text
 from lora_ds.loss import lm_loss
+
+
+class Outcome(enum.Enum):
+    """How a run ended, and the exit status that tells a job script what to do next."""
+
+    DONE = (0, "done")
+    HALTED = (0, "halted at --halt_at_step")
+    PREEMPTED = (124, "stopped by a signal after a checkpoint")
+    NONFINITE = (3, "too many steps with NaN/Inf gradients")
+
+    def __init__(self, exit_status: int, meaning: str):
+        self.exit_status, self.meaning = exit_status, meaning
 
 
 def peak_memory_gib() -> float:
@@ -22,11 +43,36 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+class Later:
+    """A small device tensor, all-reduced across ranks and copied to the host without blocking the step;
+    `value()` waits for that copy alone, not for the work queued after it."""
+
+    def __init__(self, tensor: torch.Tensor, op=None):
+        import torch.distributed as dist
+
+        # NCCL: wait() only orders the current stream after the reduction; gloo: it returns when done.
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM, async_op=True).wait()
+        self._event = None
+        if tensor.is_cuda:
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensor
+
+    def value(self) -> torch.Tensor:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host
+
+
 class StopSignal:
     """Remembers SIGUSR1/SIGTERM (preemption notice); ranks agree on it at step boundaries."""
 
     def __init__(self):
         self.received = None
+        self._vote: Later | None = None
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
@@ -34,11 +80,13 @@ class StopSignal:
         self.received = signal.Signals(signum).name
 
     def agreed(self, device) -> bool:
+        """Whether some rank had a signal at the previous call; casts this call's vote. A signal is acted on one
+        step after it arrives, identically on every rank, and no step waits for the vote."""
         import torch.distributed as dist
 
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        previous = self._vote
+        self._vote = Later(torch.full((1,), float(self.received is not None), device=device), dist.ReduceOp.MAX)
+        return previous is not None and bool(previous.value().item())
 
 
 STOPPED_FILE_ENV = "LORA_DS_STOPPED_FILE"
@@ -74,131 +122,206 @@ def drop_metrics_after(path: str, step: int) -> None:
 
 
 @dataclass
-class Loop:
-    """Everything the loop needs; built by the launcher."""
+class MetricsLog:
+    """metrics.jsonl (rank 0): a record every `every` steps, at eval steps and at the last step. A record's
+    device values are reduced when it is due and written at the next call: the step never waits for them."""
+
+    path: str
+    every: int
+    engine: object
+    rank: int = 0
+    _loss: torch.Tensor | None = None
+    _micro: int = 0
+    _tokens: int = 0
+    _start: float = 0.0
+    _excluded: float = 0.0
+    _pending: tuple | None = None
+    _file: object = None
+    _bar: object = None
+
+    def open(self, start_step: int, total_steps: int) -> None:
+        from tqdm import tqdm
+
+        self._start = time.perf_counter()
+        if self.rank == 0:
+            drop_metrics_after(self.path, start_step)
+            self._file = open(self.path, "a")
+        self._bar = tqdm(total=total_steps, initial=start_step, desc="train", disable=self.rank != 0,
+                         dynamic_ncols=True)
+
+    def add(self, loss_sum: torch.Tensor, micro_batches: int, tokens: int) -> None:
+        self._loss = loss_sum.double() if self._loss is None else self._loss + loss_sum.double()
+        self._micro += micro_batches
+        self._tokens += tokens
+        self._bar.update(1)
+
+    def due(self, step: int, last: bool) -> bool:
+        return last or step % self.every == 0
+
+    def log(self, step: int, extra: dict) -> None:
+        """Reduce this window's values (asynchronously) and write the previous record."""
+        self.flush()
+        device = self._loss.device
+        window = torch.stack([self._loss, torch.full((), float(self._micro), dtype=torch.float64, device=device),
+                              torch.full((), float(self._tokens), dtype=torch.float64, device=device)])
+        record = {"step": step, "lr": self.engine.get_lr()[0], "peak_mem_gib": peak_memory_gib(),
+                  "skipped_steps": self.engine.skipped_steps, **extra}
+        self._pending = (record, Later(window), time.perf_counter() - self._start - self._excluded)
+        self._loss, self._micro, self._tokens = None, 0, 0
+        self._start, self._excluded = time.perf_counter(), 0.0
+
+    def flush(self) -> None:
+        """Write the pending record, if any."""
+        if self._pending is None:
+            return
+        record, window, elapsed = self._pending
+        self._pending = None
+        loss, micro, tokens = window.value().tolist()
+        record = {"step": record["step"], "loss": loss / micro, **record, "tokens": int(tokens),
+                  "tokens_per_s": tokens / elapsed}
+        if self._file:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (evaluation, saving) does not count against throughput."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._excluded += time.perf_counter() - start
+
+    def close(self) -> None:
+        self.flush()
+        if self._bar is not None:
+            self._bar.close()
+        if self._file:
+            self._file.close()
+
+
+@dataclass
+class Evaluator:
+    """Eval loss on held-out rows and generation eval of a task, every `every` steps (0: only at the end)."""
 
     engine: object
-    rows: object
-    eval_rows: object
-    sampler: object
-    pad_id: int
-    total_steps: int
-    output_dir: str
-    log_every: int
-    eval_every: int
-    save_every: int
-    halt_at_step: int
-    save_fn: object  # save_fn(step) -> tag
-    max_skipped_steps: int = 10
-    mask_dtype: torch.dtype = torch.float32
-    task_eval: object = None  # task_eval(model, step) -> metrics: generation eval (collective), at eval steps
-    rank: int = 0
-    world: int = 1
+    every: int
+    batches: EvalBatches | None = None
+    task_eval: Callable | None = None  # task_eval(model, step) -> metrics (collective)
     device: object = None
-    stop: StopSignal = field(default_factory=StopSignal)
 
-    def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+    def due(self, step: int, last: bool) -> bool:
+        wanted = self.batches is not None or self.task_eval is not None
+        return wanted and (last or (self.every > 0 and step % self.every == 0))
+
+    def run(self, step: int) -> dict:
+        self.engine.eval()
+        try:
+            record = {"eval_loss": self.loss()} if self.batches is not None else {}
+            if self.task_eval is not None:
+                record.update(self.task_eval(self.engine.module, step))
+        finally:
+            self.engine.train()
+        return record
+
+    @torch.no_grad()
+    def loss(self) -> float:
+        """Token-weighted eval loss over the held-out rows, every rank in lockstep."""
+        import torch.distributed as dist
+
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for batch in self.batches:
+            loss, n = lm_loss(self.engine, {k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+            # A batch of padding only has a NaN mean loss and weight 0.
+            totals += torch.stack([torch.nan_to_num(loss.double()) * n, n.double()])
+        dist.all_reduce(totals)
+        return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
+
+
+@dataclass
+class Checkpointer:
+    """Saves through lora_ds.checkpoint every `every` steps (0: only at the end), at the last step and when the
+    run stops early; keeps the newest `keep` tags."""
+
+    engine: object
+    root: str
+    every: int
+    keep: int
+    state: Callable[[int], dict]  # trainer_state.json of a step
+    extra_json: dict = field(default_factory=dict)  # files written into every tag
+
+    def due(self, step: int, last: bool) -> bool:
+        return last or (self.every > 0 and step % self.every == 0)
+
+    def save(self, step: int) -> str:
+        return checkpoint.save(self.engine, self.root, step, self.state(step), self.extra_json, self.keep)
+
+
+@dataclass
+class Loop:
+    """Steps from a start step to `total_steps`, asking its components when to log, evaluate and save."""
+
+    engine: object
+    data: TrainBatches
+    metrics: MetricsLog
+    evaluator: Evaluator
+    checkpointer: Checkpointer
+    stop: StopSignal
+    total_steps: int
+    halt_at_step: int = 0
+    max_skipped_steps: int = 10
+    device: object = None
 
     def train_step(self, step: int) -> tuple[torch.Tensor, int]:
         """One optimizer step over this rank's micro-batches: (sum of micro-batch losses, tokens read)."""
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
-        for indices in self.sampler.micro_batches(step, self.rank):
-            rows = [self.rows[i] for i in indices]
-            tokens += sum(len(r["input_ids"]) for r in rows)
-            loss, _ = lm_loss(self.engine, self._to_device(collate(rows, self.pad_id, self.mask_dtype)))
+        for batch, n_tokens in self.data.step(step):
+            loss, _ = lm_loss(self.engine, {k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
             self.engine.backward(loss)
             self.engine.step()
             loss_sum += loss.detach()
+            tokens += n_tokens
         return loss_sum, tokens
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Token-weighted eval loss over the held-out rows, every rank in lockstep."""
-        import torch.distributed as dist
-
-        self.engine.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        micro = self.sampler.micro
-        for indices in eval_shards(len(self.eval_rows), micro, self.world, self.rank):
-            rows = []
-            for i in indices:
-                row = dict(self.eval_rows[max(i, 0)])
-                if i < 0:  # padding so this rank keeps step with the others: counts for nothing
-                    row["labels"] = [IGNORE_INDEX] * len(row["labels"])
-                rows.append(row)
-            batch = self._to_device(collate(rows, self.pad_id, self.mask_dtype))
-            loss, n = lm_loss(self.engine, batch)
-            # A batch of padding only has a NaN mean loss and weight 0.
-            totals += torch.stack([torch.nan_to_num(loss.double()) * n, n.double()])
-        dist.all_reduce(totals)
-        self.engine.train()
-        return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
-
-    def run(self, start_step: int) -> str:
-        """Train from `start_step` to the end; returns why it stopped: 'done', 'halt', 'nonfinite' or the
-        signal name.
+    def run(self, start_step: int) -> Outcome:
+        """Train from `start_step` to the end, or until a halt, a stop signal or too many non-finite steps.
 
         A step whose gradients hold NaN/Inf is skipped by DeepSpeed (no update, counted in
         engine.skipped_steps); past `max_skipped_steps` the run stops without saving, so the last
         checkpoint is the last good state.
         """
-        import torch.distributed as dist
-        from tqdm import tqdm
-
         self.engine.train()
-        bar = tqdm(total=self.total_steps, initial=start_step, desc="train", disable=self.rank != 0,
-                   dynamic_ncols=True)
-        metrics = None
-        if self.rank == 0:
-            drop_metrics_after(os.path.join(self.output_dir, "metrics.jsonl"), start_step)
-            metrics = open(os.path.join(self.output_dir, "metrics.jsonl"), "a")
-        window = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, micro-batches, tokens
-        window_start, outcome = time.perf_counter(), "done"
+        self.metrics.open(start_step, self.total_steps)
         try:
             for step in range(start_step, self.total_steps):
                 loss_sum, tokens = self.train_step(step)
                 if self.engine.skipped_steps > self.max_skipped_steps:
-                    outcome = "nonfinite"
-                    break
-                window += torch.stack([loss_sum.double(), torch.tensor(float(self.sampler.accum),
-                                                                        device=self.device, dtype=torch.float64),
-                                       torch.tensor(float(tokens), device=self.device, dtype=torch.float64)])
-                done = step + 1
-                if done % self.log_every == 0 or done == self.total_steps:
-                    dist.all_reduce(window)
-                    elapsed = time.perf_counter() - window_start
-                    record = {"step": done, "loss": (window[0] / window[1]).item(),
-                              "lr": self.engine.get_lr()[0], "tokens": int(window[2].item()),
-                              "tokens_per_s": window[2].item() / elapsed, "peak_mem_gib": peak_memory_gib(),
-                              "skipped_steps": self.engine.skipped_steps}
-                    window.zero_()
-                    window_start = time.perf_counter()
-                    eval_step = (self.eval_every and done % self.eval_every == 0) or done == self.total_steps
-                    if self.eval_rows is not None and eval_step:
-                        record["eval_loss"] = self.evaluate()
-                        window_start = time.perf_counter()
-                    if self.task_eval is not None and eval_step:
-                        self.engine.eval()
-                        record.update(self.task_eval(self.engine.module, done))
-                        self.engine.train()
-                        window_start = time.perf_counter()
-                    if metrics:
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
-                        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                bar.update(1)
-                halt = self.halt_at_step and done == self.halt_at_step
-                stopping = halt or self.stop.agreed(self.device)
-                if stopping or done == self.total_steps or (self.save_every and done % self.save_every == 0):
-                    self.save_fn(done)
-                    window_start = time.perf_counter()
-                if stopping:
-                    outcome = "halt" if halt else self.stop.received or "signal"
-                    break
+                    return Outcome.NONFINITE
+                done, last = step + 1, step + 1 == self.total_steps
+                self.metrics.add(loss_sum, self.data.accum, tokens)
+                outcome = self._stopping(done)
+                self._log_and_evaluate(done, last)
+                if outcome is not None or self.checkpointer.due(done, last):
+                    self.metrics.flush()  # every record up to a checkpoint is on disk before it is sealed
+                    with self.metrics.paused():
+                        self.checkpointer.save(done)
+                if outcome is not None:
+                    return outcome
+            return Outcome.DONE
         finally:
-            bar.close()
-            if metrics:
-                metrics.close()
-        return outcome
+            self.metrics.close()
+
+    def _stopping(self, done: int) -> Outcome | None:
+        if self.halt_at_step and done == self.halt_at_step:
+            return Outcome.HALTED
+        return Outcome.PREEMPTED if self.stop.agreed(self.device) else None
+
+    def _log_and_evaluate(self, done: int, last: bool) -> None:
+        extra = {}
+        if self.evaluator.due(done, last):
+            with self.metrics.paused():
+                extra = self.evaluator.run(done)
+        if extra or self.metrics.due(done, last):
+            self.metrics.log(done, extra)

@@ -54,3 +54,19 @@ def cpu_state(params: dict) -> dict:
     """Full fp32 CPU copies of `params` ({name: param}), gathered on every rank."""
     with gathered(list(params.values())):
         return {name: p.detach().float().cpu().clone() for name, p in params.items()}
+
+
+def fetch_by_layer(model) -> int:
+    """Make each decoder layer (the classes transformers lists in `model._no_split_modules`) one ZeRO-3 fetch unit:
+    one hook gathers all of its weights before its forward and its backward and releases them after, instead
+    of a hook per Linear, norm and LoRA factor. Call before the engine is built. Returns the number of layers."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = list(getattr(model, "_no_split_modules", None) or [])
+    layers = set_z3_leaf_modules(model, classes, raise_if_not_found=False) if classes else []
+    if layers:
+        # DeepSpeed reduces a fetch unit's gradients in its module backward hook, which fires at the start of its
+        # backward when no input needs a gradient (the first layer: frozen embeddings), before they exist.
+        # An embedding output that asks for one costs the first layer's input-gradient GEMMs, nothing else.
+        model.enable_input_require_grads()
+    return len(layers)

@@ -1,0 +1,52 @@
+"""The one build sequence of a trainable model, shared by the launcher, the benchmark and the tests:
+
+    base model (partitioned under ZeRO-3) -> fused kernels -> LoRA -> deferred LM head (the loss)
+    -> activation checkpointing -> ZeRO-3 fetch units -> DeepSpeed engine
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from lora_ds import kernels
+from lora_ds.engine import build_engine
+from lora_ds.lora import inject_lora, lora_parameters
+from lora_ds.loss import defer_lm_head
+from lora_ds.model import build_model, default_targets
+from lora_ds.zero import fetch_by_layer, zero3_enabled
+
+
+@dataclass
+class Trainable:
+    model: nn.Module
+    keepalive: object  # transformers' HfDeepSpeedConfig: must outlive the engine
+    targets: list[str] | str
+    adapted: list[str]  # names of the LoRA-wrapped modules
+    lora: dict  # {"<module>.lora_A.weight": Parameter, ...}
+    fused: list[str]  # fused kernel paths (lora_ds.kernels), [] on the plain path
+
+
+def build_trainable(cfg, ds_config: dict | None, vocab_size: int | None = None) -> Trainable:
+    """The base of `cfg.model` with `cfg.lora`'s adapters, ready for `build_engine`."""
+    model, keepalive = build_model(cfg.model.name, cfg.model.dtype, ds_config, cfg.model.attn_implementation,
+                                   vocab_size=vocab_size)
+    liger = kernels.use_liger(cfg.model.kernels)
+    fused = kernels.fuse(model) if liger else []
+    targets = cfg.lora.target_spec() or default_targets(model)
+    adapted = inject_lora(model, targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.rslora,
+                          seed=cfg.train.seed)
+    if defer_lm_head(model, fused=liger) is not None and liger:
+        fused.append("linear_cross_entropy")
+    if cfg.model.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if ds_config and zero3_enabled(ds_config) and cfg.model.zero3_fetch == "layer":
+        fetch_by_layer(model)
+    return Trainable(model, keepalive, targets, adapted, lora_parameters(model), fused)
+
+
+def build(cfg, ds_config: dict, total_steps: int, vocab_size: int | None = None):
+    """(Trainable, DeepSpeed engine) of `cfg`."""
+    trainable = build_trainable(cfg, ds_config, vocab_size)
+    engine = build_engine(trainable.model, list(trainable.lora.values()), cfg, ds_config, total_steps)
+    return trainable, engine
