@@ -60,12 +60,12 @@ def split_name(path: str, task: str) -> str:
 
 
 def _read_valid(task, path: str, fmt: str) -> list:
-    """Every (Loc, record or None) of a file; a malformed record is an error."""
-    read = list(task.read(path, fmt))
-    for _, record in read:
+    """Every record of a file, None where the source marks one unusable; a malformed record is an error."""
+    records = [record for _, record in task.read(path, fmt)]
+    for record in records:
         if isinstance(record, Exception):
             raise UserError(f"{record}; evaluation needs every record of --data {path} to be valid")
-    return read
+    return records
 
 
 def load_eval_set(task_name: str, paths: list[str], splits: list[str] | None = None,
@@ -88,10 +88,10 @@ def load_eval_set(task_name: str, paths: list[str], splits: list[str] | None = N
         formats.append((path, fmt))
         split = splits[k] if splits else split_name(path, task_name)
         read = _read_valid(task, path, fmt)
-        records = [(lines + n, record) for n, (_, record) in enumerate(read) if record is not None][:limit]
-        if not records:
+        taken = [(lines + n, record) for n, record in enumerate(read) if record is not None][:limit]
+        if not taken:
             raise UserError(f"--data {path}: no examples to evaluate")
-        for line, record in records:
+        for line, record in taken:
             prompt, completion = task.render(record)
             examples.append(Example(record["id"], split, prompt, completion.strip(), record, line))
         lines += len(read)

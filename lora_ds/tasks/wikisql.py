@@ -262,8 +262,9 @@ def read(path: str, fmt: str):
         yield loc, attempt(_from_hf, loc, raw)
 
 
-def load_tables(path: str) -> dict:
-    """{table id: (header, types)} of a tables file; any bad line is an error."""
+def load_tables(path: str, rows: bool = False) -> dict:
+    """{table id: {header, types}} of a tables file, with their rows if `rows` (prep renders prompts only, so
+    it does not keep them; evaluation executes queries); any bad line is an error."""
     tables = {}
     for loc, raw in reading.read_jsonl(path):
         try:
@@ -275,7 +276,11 @@ def load_tables(path: str) -> dict:
             raise UserError(f"{e}; fix the tables file (--skip-bad does not apply to it)") from e
         if table_id in tables:
             raise UserError(f"{loc}: field 'id': table {table_id!r} appears twice; keep one of them")
-        tables[table_id] = header, types
+        tables[table_id] = {"header": header, "types": types}
+        if rows:
+            if not isinstance(raw.get("rows"), list):
+                raise UserError(f"{loc}: a table needs a list field 'rows' to execute queries; fix {path}")
+            tables[table_id]["rows"] = raw["rows"]
     return tables
 
 
@@ -325,7 +330,7 @@ def _from_original(loc: Loc, raw: dict, tables: dict) -> dict:
     table_id = text(raw, "table_id", loc)
     if table_id not in tables:
         raise BadRecord(f"{loc}: field 'table_id': no table {table_id!r} in the tables file")
-    header, types = tables[table_id]
+    header, types = tables[table_id]["header"], tables[table_id]["types"]
     sql = field(raw, "sql", loc, (dict,), "an object")
     sel, agg = _sel_agg(sql, loc, header)
     conds = []
@@ -449,24 +454,16 @@ class Tables:
 
 
 def eval_context(sources: list[tuple[str, str]]) -> Tables:
-    """The tables of the questions in `sources` ((path, format) per file), with the rows that `read` does not
-    keep (prep renders prompts only), loaded to execute queries."""
+    """The tables of the questions in `sources` ((path, format) per file), with their rows, to execute queries."""
     tables = {}
     for path, fmt in sources:
-        tables.update(_table_rows(path, fmt))
+        tables.update(load_tables(tables_file(path), rows=True) if fmt == ORIGINAL else _export_tables(path))
     return Tables(tables)
 
 
-def _table_rows(path: str, fmt: str) -> dict:
-    """{table id: {header, types, rows}} of a questions file's tables."""
+def _export_tables(path: str) -> dict:
+    """{table id: {header, types, rows}} of the questions of a Hugging Face export."""
     tables = {}
-    if fmt == ORIGINAL:
-        tables_path = tables_file(path)
-        for loc, raw in reading.read_jsonl(tables_path):
-            if isinstance(raw, BadRecord) or not isinstance(raw.get("rows"), list):
-                raise UserError(f"{loc}: a table needs a list field 'rows' to execute queries; fix {tables_path}")
-            tables[raw["id"]] = {"header": raw["header"], "types": raw["types"], "rows": raw["rows"]}
-        return tables
     for loc, raw in reading.read_export(path):
         table = raw.get("table") if isinstance(raw, dict) else None
         if not isinstance(table, dict) or not isinstance(table.get("rows"), list):
