@@ -34,7 +34,7 @@ FORMAT_VERSION = 1
 DEFAULT_MAX_LEN = 2048
 FIX = "fix or remove the record, or pass --skip-bad to skip such records"
 MAX_SKIPPED_LISTED = 100
-_CHUNK = 256  # examples per task sent to a worker
+_CHUNK = 256  # examples per job sent to a worker
 
 
 # ---- encoding, packing, saving ---------------------------------------------------------------------
