@@ -74,15 +74,17 @@ _FIRST_NUMBER = re.compile(r"[-+]?\d*\.\d+|\d+")
 
 # ---- the template and its SQL ----------------------------------------------------------------------
 
-def column_refs(header: list[str]) -> list[str]:
-    """How each column is named in the schema and the SQL: quoted, `#k` on a name's k-th repeat."""
+def _occurrences(header: list[str]):
+    """(name, k) per column: the k-th column of that name."""
     seen: dict[str, int] = {}
-    refs = []
     for name in header:
         seen[name] = seen.get(name, 0) + 1
-        ref = '"' + name.replace('"', '""') + '"'
-        refs.append(ref if seen[name] == 1 else f"{ref}#{seen[name]}")
-    return refs
+        yield name, seen[name]
+
+
+def column_refs(header: list[str]) -> list[str]:
+    """How each column is named in the schema and the SQL: quoted, `#k` on a name's k-th repeat."""
+    return ['"' + name.replace('"', '""') + '"' + (f"#{k}" if k > 1 else "") for name, k in _occurrences(header)]
 
 
 def render_value(value) -> str:
@@ -118,11 +120,7 @@ class _Reader:
 
     def __init__(self, text: str, header: list[str]):
         self.text, self.pos = text, 0
-        self.columns = {}
-        seen: dict[str, int] = {}
-        for i, name in enumerate(header):
-            seen[name] = seen.get(name, 0) + 1
-            self.columns[(name, seen[name])] = i
+        self.columns = {key: i for i, key in enumerate(_occurrences(header))}
 
     def fail(self, expected: str):
         raise ValueError(f"not WikiSQL SQL: expected {expected} at character {self.pos} of {self.text!r}")
