@@ -1,8 +1,8 @@
 """What an evaluation is: a task's examples read from its raw files, predictions scored, the outputs written.
 
-Examples come from the files users download, read by `data_prep.<task>` and rendered by
-`lora_ds.tasks.<task>`: the prompts are the text the model was trained on. Used by `lora-ds eval`,
-`lora-ds score` and the generation eval during training.
+Examples come from the files users download, read and rendered by the task's module (`lora_ds.tasks`):
+the prompts are the text the model was trained on. Used by `lora-ds eval`, `lora-ds score` and the
+generation eval during training.
 
 Outputs of one evaluation, in its --out dir:
     predictions.jsonl    one line per example: id, split, prompt, prediction, reference, score
@@ -13,26 +13,15 @@ Outputs of one evaluation, in its --out dir:
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import random
 import re
 from dataclasses import dataclass
 
-from lora_ds import metrics
 from lora_ds.errors import UserError
 from lora_ds.fsutil import read_jsonl, write_json, write_text
 from lora_ds.tasks import TASKS, get_task
-from lora_ds.tasks.wikisql import parse_sql
-
-DEFAULT_MAX_NEW_TOKENS = {"wikisql": 128, "mnli": 8, "samsum": 128}
-# Which numbers the printed table shows, per task, in order.
-TABLE_COLUMNS = {
-    "wikisql": ("n", "lf_accuracy", "ex_accuracy", "unparsed", "gold_exec_errors"),
-    "mnli": ("n", "accuracy_constrained", "accuracy_generated", "unparsed_generated"),
-    "samsum": ("n", *metrics.ROUGE_TYPES),
-}
 
 
 @dataclass
@@ -41,8 +30,8 @@ class Example:
     split: str
     prompt: str
     reference: str  # the gold completion, stripped
-    record: dict  # the normalized record (WikiSQL adds its table id)
-    line: int  # its place among the non-blank source lines of all --data files (from 0)
+    record: dict  # the record the task's reader gave
+    line: int  # its place among the records read from all --data files (from 0)
 
 
 @dataclass
@@ -50,99 +39,67 @@ class EvalSet:
     task: str
     examples: list[Example]
     sources: list[str]
-    tables: metrics.WikiSQLTables | None = None
-    source_lines: int = 0  # non-blank lines of all --data files: the official WikiSQL format has one each
+    context: object = None  # what the task's scoring needs besides the records (its eval_context)
+    source_lines: int = 0  # records read from all --data files: an official predictions format has one line each
 
     def sample(self, n: int, seed: int) -> "EvalSet":
         """`n` examples drawn with `seed` (kept in source order); all of them if there are no more."""
         if n >= len(self.examples):
             return self
         keep = sorted(random.Random(seed).sample(range(len(self.examples)), n))
-        return EvalSet(self.task, [self.examples[i] for i in keep], self.sources, self.tables, self.source_lines)
+        return EvalSet(self.task, [self.examples[i] for i in keep], self.sources, self.context, self.source_lines)
 
 
 def split_name(path: str, task: str) -> str:
-    """A split's name from its file name: MNLI's files are 'matched' or 'mismatched'; else the name without
-    its extension and shard suffix (dev.jsonl -> dev, validation-00000-of-00001.parquet -> validation)."""
+    """A split's name from its file name: the first of the task's SPLIT_NAMES in it (MNLI: 'mismatched',
+    'matched'); else the name without its extension and shard suffix (dev.jsonl -> dev,
+    validation-00000-of-00001.parquet -> validation)."""
     name = re.sub(r"\.(jsonl|json|tsv|csv|parquet)$", "", os.path.basename(path))
-    if task == "mnli" and "mismatched" in name:
-        return "mismatched"
-    if task == "mnli" and "matched" in name:
-        return "matched"
-    return re.sub(r"-\d+-of-\d+$", "", name)
+    named = [split for split in get_task(task).SPLIT_NAMES if split in name]
+    return named[0] if named else re.sub(r"-\d+-of-\d+$", "", name)
 
 
-def _wikisql_tables(path: str, fmt: str) -> tuple[dict, dict]:
-    """({Loc: table id}, {table id: {header, types, rows}}) of a WikiSQL file: the table rows that
-    data_prep.wikisql (which renders prompts only) does not keep, needed to execute queries."""
-    from data_prep import common, wikisql
-
-    by_loc, tables = {}, {}
-    if fmt == wikisql.ORIGINAL:
-        tables_path = wikisql.tables_file(path)
-        for loc, raw in common.read_jsonl(tables_path):
-            if isinstance(raw, common.BadRecord) or not isinstance(raw.get("rows"), list):
-                raise UserError(f"{loc}: a table needs a list field 'rows' to execute queries; fix {tables_path}")
-            tables[raw["id"]] = {"header": raw["header"], "types": raw["types"], "rows": raw["rows"]}
-        for loc, raw in common.read_jsonl(path):
-            by_loc[loc] = None if isinstance(raw, common.BadRecord) else raw.get("table_id")
-        return by_loc, tables
-    rows = common.read_parquet(path) if path.endswith(".parquet") else common.read_jsonl(path)
-    for loc, raw in rows:
-        table = raw.get("table") if isinstance(raw, dict) else None
-        if not isinstance(table, dict) or not isinstance(table.get("rows"), list):
-            raise UserError(f"{loc}: field 'table.rows' is missing; execution accuracy needs the table's rows")
-        table_id = str(table.get("id") or loc.default_id)
-        tables[table_id] = {"header": table["header"], "types": table["types"], "rows": table["rows"]}
-        by_loc[loc] = table_id
-    return by_loc, tables
+def _read_valid(task, path: str, fmt: str) -> list:
+    """Every record of a file, None where the source marks one unusable; a malformed record is an error."""
+    records = [record for _, record in task.read(path, fmt)]
+    for record in records:
+        if isinstance(record, Exception):
+            raise UserError(f"{record}; evaluation needs every record of --data {path} to be valid")
+    return records
 
 
-def load_eval_set(task: str, paths: list[str], splits: list[str] | None = None,
+def load_eval_set(task_name: str, paths: list[str], splits: list[str] | None = None,
                   limit: int | None = None) -> EvalSet:
-    """The examples of `paths` (raw task files of any format data_prep reads), `limit` per file.
+    """The examples of `paths` (raw task files of any format data prep reads), `limit` per file.
 
     Records the source marks unusable (MNLI's '-' label) are left out; a malformed record is an error.
     """
-    if task not in TASKS:
-        raise UserError(f"--task {task}: choose one of {', '.join(TASKS)}")
+    if task_name not in TASKS:
+        raise UserError(f"--task {task_name}: choose one of {', '.join(TASKS)}")
     if splits and len(splits) != len(paths):
         raise UserError(f"--split: give one name per --data file ({len(paths)}), got {len(splits)}")
-    reader = importlib.import_module(f"data_prep.{task}")
-    template = get_task(task)
-    examples, sources, all_tables, lines = [], [], {}, 0  # lines: non-blank source lines read so far
+    task = get_task(task_name)
+    examples, sources, formats, lines = [], [], [], 0  # lines: records read so far
     for k, path in enumerate(paths):
         if not os.path.isfile(path):
             raise UserError(f"--data {path}: no such file")
-        fmt, files = reader.detect(path)
+        fmt, files = task.detect(path)
         sources += files
-        split = splits[k] if splits else split_name(path, task)
-        read = list(reader.read(path, fmt))
-        for _, record in read:
-            if isinstance(record, Exception):
-                raise UserError(f"{record}; evaluation needs every record of --data {path} to be valid")
-        if task == "wikisql":  # read once the reader has checked every record
-            by_loc, tables = _wikisql_tables(path, fmt)
-            all_tables.update(tables)
-        taken, n_lines = 0, 0
-        for loc, record in read:
-            n_lines += 1
-            if record is None or (limit is not None and taken >= limit):
-                continue
-            if task == "wikisql":
-                record = dict(record, table_id=by_loc[loc])
-            prompt, completion = template.render(record)
-            examples.append(Example(record["id"], split, prompt, completion.strip(), record, lines + n_lines - 1))
-            taken += 1
-        if taken == 0:
+        formats.append((path, fmt))
+        split = splits[k] if splits else split_name(path, task_name)
+        read = _read_valid(task, path, fmt)
+        taken = [(lines + n, record) for n, record in enumerate(read) if record is not None][:limit]
+        if not taken:
             raise UserError(f"--data {path}: no examples to evaluate")
-        lines += n_lines
+        for line, record in taken:
+            prompt, completion = task.render(record)
+            examples.append(Example(record["id"], split, prompt, completion.strip(), record, line))
+        lines += len(read)
     keys = [(e.split, e.id) for e in examples]
     if len(set(keys)) != len(keys):
         raise UserError(f"--data {' '.join(paths)}: example ids repeat within a split; give each file its own "
                         "--split name")
-    tables = metrics.WikiSQLTables(all_tables) if task == "wikisql" else None
-    return EvalSet(task, examples, sources, tables, lines)
+    return EvalSet(task_name, examples, sources, task.eval_context(formats), lines)
 
 
 # ---- scoring -------------------------------------------------------------------------------------------------
@@ -150,42 +107,27 @@ def load_eval_set(task: str, paths: list[str], splits: list[str] | None = None,
 def score(evalset: EvalSet, predictions: list, constrained: list[str] | None = None) -> tuple[list[dict], dict]:
     """(one output row per example, {split: metrics}) of predictions aligned with `evalset.examples`.
 
-    A prediction is text, or for WikiSQL also an official-format record. MNLI's `constrained` are the
-    label words chosen by likelihood.
+    A prediction is text, or a line of the task's official format. `constrained` are the labels chosen by
+    likelihood (tasks with CHOICES).
     """
-    task = evalset.task
-    rouge = metrics.Rouge() if task == "samsum" else None
+    task = get_task(evalset.task)
     rows, by_split = [], {}
     for k, (ex, pred) in enumerate(zip(evalset.examples, predictions)):
-        row = {"id": ex.id, "split": ex.split, "prompt": ex.prompt, "prediction": pred, "reference": ex.reference}
-        if task == "wikisql":
-            row["score"] = metrics.score_wikisql_example(pred, ex.record, evalset.tables)
-        elif task == "mnli":
-            choice = constrained[k] if constrained is not None else None
-            row["score"] = metrics.score_mnli_example(pred, ex.record["label"], choice)
-            if choice is not None:
-                row["constrained"] = choice
-        else:
-            row["score"] = rouge(pred, ex.reference)
+        choice = constrained[k] if constrained is not None else None
+        row = {"id": ex.id, "split": ex.split, "prompt": ex.prompt, "prediction": pred, "reference": ex.reference,
+               "score": task.score_example(pred, ex.record, evalset.context, choice)}
+        if choice is not None:
+            row["constrained"] = choice
         rows.append(row)
         by_split.setdefault(ex.split, []).append(row["score"])
-    aggregate = {"wikisql": metrics.aggregate_wikisql, "mnli": metrics.aggregate_mnli,
-                 "samsum": lambda scores: metrics.aggregate_rouge(scores, rouge.note)}[task]
-    return rows, {split: aggregate(scores) for split, scores in by_split.items()}
-
-
-def label_completions(task: str) -> list[str] | None:
-    """The completions MNLI's constrained choice ranks (the template's label words); None for other tasks."""
-    if task != "mnli":
-        return None
-    template = get_task(task)
-    return [template.TEMPLATE["completion"].format(label=label) for label in template.LABELS]
+    return rows, {split: task.aggregate(scores, evalset.context) for split, scores in by_split.items()}
 
 
 def predict(model, tok, evalset: EvalSet, *, max_new_tokens: int, num_beams: int = 1, batch_size: int = 8,
             max_len: int = 1024, device=None, rank: int = 0, world: int = 1,
             progress: bool = True) -> tuple[list[str], list[str] | None]:
-    """(generated text per example, MNLI's constrained label per example or None). Collective if world > 1."""
+    """(generated text per example, the likeliest of the task's CHOICES per example or None). Collective if
+    world > 1."""
     from lora_ds.generate import completion_logprobs, generate
 
     prompts = [e.prompt for e in evalset.examples]
@@ -193,39 +135,37 @@ def predict(model, tok, evalset: EvalSet, *, max_new_tokens: int, num_beams: int
     generated = generate(model, tok, prompts, max_new_tokens=max_new_tokens, num_beams=num_beams,
                          max_prompt_len=max(1, max_len - max_new_tokens), desc=f"{evalset.task} generate", **common)
     generated = [text.strip() for text in generated]
-    choices = label_completions(evalset.task)
+    choices = get_task(evalset.task).CHOICES
     if choices is None:
         return generated, None
-    logprobs = completion_logprobs(model, tok, prompts, choices, max_len=max_len, desc="mnli labels", **common)
-    labels = get_task("mnli").LABELS
+    labels = list(choices)
+    logprobs = completion_logprobs(model, tok, prompts, list(choices.values()), max_len=max_len,
+                                   desc=f"{evalset.task} labels", **common)
     return generated, [labels[max(range(len(labels)), key=lambda j: lp[j])] for lp in logprobs]
 
 
 # ---- predictions files ---------------------------------------------------------------------------------------
 
-def _is_official(record: dict) -> bool:
-    return "query" in record or ("error" in record and "prediction" not in record)
-
-
 def read_predictions(path: str, evalset: EvalSet) -> tuple[list, list[str] | None]:
     """Predictions of a file, aligned with `evalset.examples`; (predictions, constrained or None).
 
-    JSONL with `id` and `prediction` (and `split` when ids repeat across splits, `constrained` for MNLI's
-    likelihood choice), matched by id; for WikiSQL also the official evaluator's format, matched by line.
+    JSONL with `id` and `prediction` (and `split` when ids repeat across splits, `constrained` for a choice
+    by likelihood), matched by id; or the task's official format (WikiSQL's), matched by line.
     """
     if not os.path.isfile(path):
         raise UserError(f"--predictions {path}: no such file")
     records = list(read_jsonl(path))
     if not records:
         raise UserError(f"--predictions {path}: the file has no predictions")
-    if evalset.task == "wikisql" and _is_official(records[0][1]):
-        return _official_predictions(path, records, evalset), None
+    task = get_task(evalset.task)
+    if task.OFFICIAL is not None and task.OFFICIAL.recognizes(records[0][1]):
+        lines = task.OFFICIAL.read(path, records, evalset.source_lines)
+        return [lines[ex.line] for ex in evalset.examples], None
     by_key, by_id = {}, {}
     for lineno, record in records:
         if not isinstance(record.get("id"), (str, int)) or not isinstance(record.get("prediction"), str):
             raise UserError(f"{path}:{lineno}: each line needs 'id' and 'prediction' (a string)"
-                            + (", or the official WikiSQL format {\"query\": ..., \"error\": \"\"}"
-                               if evalset.task == "wikisql" else ""))
+                            + (f", or {task.OFFICIAL.HINT}" if task.OFFICIAL is not None else ""))
         by_key[(record.get("split"), str(record["id"]))] = record
         by_id.setdefault(str(record["id"]), []).append(record)
     found = []
@@ -242,53 +182,30 @@ def read_predictions(path: str, evalset: EvalSet) -> tuple[list, list[str] | Non
             record = candidates[0]
         found.append(record)
     constrained = None
-    if evalset.task == "mnli" and all(isinstance(r.get("constrained"), str) for r in found):
+    if task.CHOICES is not None and all(isinstance(r.get("constrained"), str) for r in found):
         constrained = [r["constrained"] for r in found]
     return [r["prediction"] for r in found], constrained
-
-
-def _official_predictions(path: str, records: list, evalset: EvalSet) -> list:
-    expected = evalset.source_lines
-    if len(records) != expected:
-        raise UserError(f"{path}: {len(records)} lines in the official WikiSQL format, but --data has {expected} "
-                        "questions; the format needs one line per source line, in order")
-    by_example = []
-    for lineno, record in records:
-        if not isinstance(record.get("query"), dict) and not record.get("error"):
-            raise UserError(f"{path}:{lineno}: expected {{\"query\": {{\"sel\", \"agg\", \"conds\"}}, "
-                            "\"error\": \"\"}")
-        by_example.append(record)
-    return [by_example[ex.line] for ex in evalset.examples]
-
-
-def official_record(prediction: str, header: list[str]) -> dict:
-    """A text prediction in the official WikiSQL evaluator's format."""
-    try:
-        sel, agg, conds = parse_sql(prediction, header)
-    except ValueError as e:
-        return {"query": {}, "error": str(e)}
-    return {"query": {"sel": sel, "agg": agg, "conds": [list(c) for c in conds]}, "error": ""}
 
 
 # ---- outputs -------------------------------------------------------------------------------------------------
 
 def write_outputs(out_dir: str, evalset: EvalSet, rows: list[dict], report: dict) -> None:
-    """predictions.jsonl, metrics.json (and WikiSQL's official-format predictions) in `out_dir`."""
+    """predictions.jsonl, metrics.json (and the task's official-format predictions) in `out_dir`."""
     os.makedirs(out_dir, exist_ok=True)
     write_text(os.path.join(out_dir, "predictions.jsonl"),
                "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    official = get_task(evalset.task).OFFICIAL
     # The official format has one line per source line: written when every line was evaluated.
-    if evalset.task == "wikisql" and len(rows) == evalset.source_lines and \
+    if official is not None and len(rows) == evalset.source_lines and \
             all(isinstance(r["prediction"], str) for r in rows):
-        lines = [official_record(r["prediction"], ex.record["header"]) for r, ex in zip(rows, evalset.examples)]
-        write_text(os.path.join(out_dir, "predictions.official.jsonl"),
-                   "".join(json.dumps(line) + "\n" for line in lines))
+        lines = [official.line(r["prediction"], ex.record) for r, ex in zip(rows, evalset.examples)]
+        write_text(os.path.join(out_dir, official.FILE), "".join(json.dumps(line) + "\n" for line in lines))
     write_json(os.path.join(out_dir, "metrics.json"), report)
 
 
 def format_table(task: str, by_split: dict) -> str:
     """The metrics as an aligned text table, one row per split."""
-    columns = TABLE_COLUMNS[task]
+    columns = get_task(task).TABLE_COLUMNS
     cells = [["split", *columns]]
     for split, values in by_split.items():
         cells.append([split] + [f"{values[c]:.2f}" if isinstance(values.get(c), float) else str(values.get(c, "-"))
@@ -320,7 +237,7 @@ class TaskEval:
         task = self.evalset.task
         # Enough for the longest reference of the sample plus a margin: an eval in training stays cheap.
         longest = max(len(self.tok.encode(" " + e.reference)) for e in self.evalset.examples)
-        max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS[task], longest + 16, self.max_len - 1)
+        max_new_tokens = min(get_task(task).MAX_NEW_TOKENS, longest + 16, self.max_len - 1)
         generated, constrained = predict(model, self.tok, self.evalset, max_new_tokens=max_new_tokens,
                                          batch_size=self.batch_size, max_len=self.max_len, device=self.device,
                                          rank=self.rank, world=self.world, progress=False)

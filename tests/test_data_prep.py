@@ -3,7 +3,6 @@ length limits, bad input (through the real CLI) and reading the result back for 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 import subprocess
@@ -55,14 +54,14 @@ def dir_digest(path) -> dict[str, str]:
 
 def expected_rows(task: str, src: list[str], tok, max_len: int = common.DEFAULT_MAX_LEN) -> list[dict]:
     """What prep must produce: encode_pair of each usable record rendered by the task's template."""
-    reader, template = importlib.import_module(f"data_prep.{task}"), get_task(task)
+    module = get_task(task)
     rows = []
     for path in src:
-        fmt, _ = reader.detect(path)
-        for _, record in reader.read(path, fmt):
+        fmt, _ = module.detect(path)
+        for _, record in module.read(path, fmt):
             assert not isinstance(record, Exception), record
             if record is not None:
-                row, _ = encode_pair(tok, *template.render(record), max_len)
+                row, _ = encode_pair(tok, *module.render(record), max_len)
                 rows.append(dict(row, id=record["id"], length=len(row["input_ids"])))
     return rows
 

@@ -7,9 +7,10 @@ import pytest
 
 from eval_fixtures import SAMSUM, TABLE, write_mnli, write_samsum, write_wikisql
 from fixtures_data import FIXTURES, write_fixture
-from lora_ds import metrics
 from lora_ds.errors import UserError
-from lora_ds.evaluation import load_eval_set, read_predictions, score, split_name
+from lora_ds.evaluation import load_eval_set, read_predictions, score, split_name, write_outputs
+from lora_ds.tasks import get_task, samsum
+from lora_ds.tasks import wikisql as sql_task
 
 WRONG_SQL = "SELECT \"Years\" FROM table WHERE \"Player\" = 'Bob Jones'"  # ['1993']: no gold query gives it
 
@@ -51,12 +52,12 @@ def test_wikisql_hand_checked_partial_cases(wikisql):
 
 def test_wikisql_string_3_equals_number_3_for_both_metrics(wikisql):
     gold = wikisql.examples[1].record  # "No." = 3 (a JSON number in the source)
-    s = metrics.score_wikisql_example("SELECT \"Goals\" FROM table WHERE \"No.\" = '3'", gold, wikisql.tables)
+    s = sql_task.score_example("SELECT \"Goals\" FROM table WHERE \"No.\" = '3'", gold, wikisql.context)
     assert s == {"parsed": 1, "lf": 1, "ex": 1, "gold_executes": 1}
 
 
 def test_wikisql_execution_follows_the_official_engine():
-    tables = metrics.WikiSQLTables({"t": TABLE})
+    tables = sql_task.Tables({"t": TABLE})
     assert tables.execute("t", 2, 0, [(0, 0, "ALAN SMITH")]) == ["forward"]  # text lowercased on both sides
     assert tables.execute("t", 4, 1, [(2, 0, "forward")]) == [12]            # MAX over a real column
     assert tables.execute("t", 0, 3, [(4, 1, "3.5 goals")]) == [3]           # a real compared by its first number
@@ -117,10 +118,10 @@ def test_samsum_rouge_perfect_wrong_and_hand_checked(tmp_path):
     evalset = load_eval_set("samsum", [str(write_samsum(tmp_path))])
     assert evalset.examples[0].prompt == "Anna: Are you coming?\nTom: Yes, in 10 minutes.\n\n"
     _, perfect = score(evalset, [s["summary"] for s in SAMSUM])
-    assert {k: perfect["val"][k] for k in metrics.ROUGE_TYPES} == dict.fromkeys(metrics.ROUGE_TYPES, 100.0)
+    assert {k: perfect["val"][k] for k in samsum.ROUGE_TYPES} == dict.fromkeys(samsum.ROUGE_TYPES, 100.0)
     assert "stemming on" in perfect["val"]["note"] and "sentence splitter" in perfect["val"]["note"]
     _, zero = score(evalset, ["Nothing relevant here."] * 3)
-    assert {k: zero["val"][k] for k in metrics.ROUGE_TYPES} == dict.fromkeys(metrics.ROUGE_TYPES, 0.0)
+    assert {k: zero["val"][k] for k in samsum.ROUGE_TYPES} == dict.fromkeys(samsum.ROUGE_TYPES, 0.0)
     rows, _ = score(evalset, ["Tom comes in ten minutes.", "John bought pears.", "Tom is late. Anna calls Tom."])
     # s2: unigrams john, bought (of 3 predicted, 6 reference): F = 2·(2/3)(1/3)/(2/3 + 1/3) = 4/9.
     # Bigram "john bought" of 2 and 5: F = 2·(1/2)(1/5)/(7/10) = 2/7.
@@ -135,7 +136,7 @@ def test_samsum_rouge_perfect_wrong_and_hand_checked(tmp_path):
 
 
 def test_sentence_splitting_keeps_titles_and_times():
-    rouge = metrics.Rouge()
+    rouge = samsum.Rouge()
     assert rouge.sentences("Mr. Smith comes at 5 p.m. today. He is late!") == \
         "Mr. Smith comes at 5 p.m. today.\nHe is late!"
 
@@ -154,8 +155,9 @@ def test_predictions_by_id_need_every_example(tmp_path, wikisql):
 def test_every_download_format_is_read_and_reference_predictions_score_full_marks(name, task, tmp_path):
     evalset = load_eval_set(task, [str(p) for p in write_fixture(name, tmp_path)])
     gold = [e.reference for e in evalset.examples]
-    _, by_split = score(evalset, gold, constrained=gold if task == "mnli" else None)
+    _, by_split = score(evalset, gold, constrained=gold if get_task(task).CHOICES else None)
     (values,) = by_split.values()
+    assert set(get_task(task).TABLE_COLUMNS) <= set(values)
     if task == "wikisql":
         # The synthetic tables put words in real columns: such gold queries cannot execute, as in the official
         # evaluator, and count against execution accuracy only (the same 10 of 40 in every format).
@@ -164,4 +166,17 @@ def test_every_download_format_is_read_and_reference_predictions_score_full_mark
     elif task == "mnli":
         assert values["accuracy_generated"] == values["accuracy_constrained"] == 100.0
     else:
-        assert [values[k] for k in metrics.ROUGE_TYPES] == [100.0] * 4
+        assert [values[k] for k in samsum.ROUGE_TYPES] == [100.0] * 4
+
+
+@pytest.mark.parametrize("name,task", sorted(FIXTURES.items()))
+def test_written_predictions_read_back_to_the_same_metrics(name, task, tmp_path):
+    evalset = load_eval_set(task, [str(p) for p in write_fixture(name, tmp_path / "data")])
+    predictions = [e.reference if i % 3 else "?" for i, e in enumerate(evalset.examples)]
+    constrained = [e.reference for e in evalset.examples] if get_task(task).CHOICES else None
+    rows, by_split = score(evalset, predictions, constrained)
+    write_outputs(str(tmp_path / "out"), evalset, rows, {"task": task, "metrics": by_split})
+    official = get_task(task).OFFICIAL
+    for written in ["predictions.jsonl"] + ([official.FILE] if official else []):
+        again, choices = read_predictions(str(tmp_path / "out" / written), evalset)
+        assert score(evalset, again, choices)[1] == by_split, written

@@ -1,11 +1,12 @@
-"""Task templates: WikiSQL SQL renders and parses back exactly; MNLI and SAMSum render as the paper's."""
+"""The task modules: every task has the whole interface, reads every download format, and parses its own
+rendered answers back; WikiSQL SQL renders and parses back exactly; MNLI and SAMSum render as the paper's."""
 from __future__ import annotations
 
 import pytest
 
-import data_prep.wikisql
-from fixtures_data import wikisql_hf_rows, wikisql_data, write_fixture
+from fixtures_data import FIXTURES, wikisql_hf_rows, wikisql_data, write_fixture
 from lora_ds.tasks import TASKS, get_task, mnli, samsum, wikisql
+from lora_ds.tasks.reading import BadRecord
 
 
 def typed(conds):
@@ -23,8 +24,8 @@ def assert_round_trip(sql: dict, header: list[str]):
 @pytest.mark.parametrize("name", ["wikisql-original", "wikisql-hf-parquet", "wikisql-hf-jsonl"])
 def test_every_fixture_query_parses_back_to_its_sql(name, tmp_path):
     [src] = write_fixture(name, tmp_path)
-    fmt, _ = data_prep.wikisql.detect(str(src))
-    records = [record for _, record in data_prep.wikisql.read(str(src), fmt)]
+    fmt, _ = wikisql.detect(str(src))
+    records = [record for _, record in wikisql.read(str(src), fmt)]
     assert len(records) == 40
     for record in records:
         assert_round_trip(record["sql"], record["header"])
@@ -90,8 +91,8 @@ def test_mnli_target_is_the_label_word():
     prompt, completion = mnli.render({"premise": 'He said "no.', "hypothesis": "He spoke.", "label": "neutral"})
     assert prompt == 'Premise: He said "no.\nHypothesis: He spoke.\nLabel:' and completion == " neutral"
     assert mnli.LABELS == ("entailment", "neutral", "contradiction")
-    assert [mnli.parse_label(f" {w}\n") for w in mnli.LABELS] == list(mnli.LABELS)
-    assert mnli.parse_label(" maybe") is None
+    assert [mnli.parse(f" {w}\n", {}) for w in mnli.LABELS] == list(mnli.LABELS)
+    assert mnli.parse(" maybe", {}) is None
 
 
 def test_samsum_joins_utterances_by_newline_then_blank_line():
@@ -109,3 +110,39 @@ def test_each_task_has_one_versioned_template(name):
     assert {"prompt", "completion"} <= set(task.TEMPLATE)
     with pytest.raises(ValueError, match="unknown task"):
         get_task("squad")
+
+
+# ---- every task in the registry ------------------------------------------------------------------------------
+
+INTERFACE = {"NAME": str, "TEMPLATE": dict, "TABLE_COLUMNS": tuple, "MAX_NEW_TOKENS": int, "SPLIT_NAMES": tuple}
+FUNCTIONS = ("detect", "read", "render", "answer", "parse", "eval_context", "score_example", "aggregate")
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_each_task_module_has_the_whole_interface(name):
+    task = get_task(name)
+    for attr, kind in INTERFACE.items():
+        assert isinstance(getattr(task, attr), kind), attr
+    assert all(callable(getattr(task, f)) for f in FUNCTIONS)
+    assert task.TABLE_COLUMNS[0] == "n" and task.MAX_NEW_TOKENS >= 1
+    assert task.CHOICES is None or all(isinstance(c, str) for c in task.CHOICES.values())
+    assert task.OFFICIAL is None or all(hasattr(task.OFFICIAL, a) for a in ("FILE", "HINT", "recognizes", "read",
+                                                                              "line"))
+    assert any(t == name for t in FIXTURES.values()), f"add {name}'s download formats to tests/fixtures_data.py"
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_every_format_is_read_and_each_reference_parses_back_to_its_answer(name, tmp_path):
+    task = get_task(FIXTURES[name])
+    for path in map(str, write_fixture(name, tmp_path)):
+        fmt, files = task.detect(path)
+        assert path in files
+        records = [record for _, record in task.read(path, fmt) if record is not None]
+        assert len(records) >= 30
+        for record in records:
+            assert not isinstance(record, BadRecord), record
+            prompt, completion = task.render(record)
+            assert prompt and completion.strip() and isinstance(record["id"], str)
+            assert task.parse(completion.strip(), record) == task.answer(record)
+            if task.CHOICES is not None:
+                assert task.CHOICES[task.answer(record)] == completion

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 
 from lora_ds.config import DEMO_DIR
-from lora_ds.tasks import TASKS
+from lora_ds.tasks import TASKS, get_task
 
 ZERO3_CONFIG = os.path.join(os.path.dirname(os.path.dirname(DEMO_DIR)), "ds_configs", "zero3.json")
 
@@ -83,12 +83,12 @@ def run(args) -> int:
     from lora_ds.config import ModelConfig, RunConfig, TrainConfig, resolve_ds_config
     from lora_ds.dist import discover, init_distributed, shutdown
     from lora_ds.eval_model import build_eval_model, read_lora
-    from lora_ds.evaluation import DEFAULT_MAX_NEW_TOKENS, format_table, load_eval_set, predict, score, write_outputs
+    from lora_ds.evaluation import format_table, load_eval_set, predict, score, write_outputs
     from lora_ds.tokenizer import load_tokenizer
 
     start = time.perf_counter()
     _check(args)
-    max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[args.task]
+    max_new_tokens = args.max_new_tokens or get_task(args.task).MAX_NEW_TOKENS
     evalset = load_eval_set(args.task, args.data, args.split, args.limit)
     lora = read_lora(args.adapter, args.checkpoint)
     is_preset = args.model.startswith("preset:")
