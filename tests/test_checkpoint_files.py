@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from lora_ds.checkpoint import STATE_FILE, resolve_tag
+from lora_ds.checkpoint import resolve_tag
+from lora_ds.checkpoint_files import STATE_FILE
 from lora_ds.errors import UserError
 
 
@@ -101,7 +102,7 @@ class Payload:
 def test_a_pickle_carrying_a_payload_is_refused(tmp_path):
     import torch
 
-    from lora_ds.checkpoint import load_pt
+    from lora_ds.checkpoint_files import load_pt
 
     marker = tmp_path / "pwned"
     bad = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -116,7 +117,7 @@ def test_deepspeed_files_load_with_the_allowlist(tmp_path):
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    from lora_ds.checkpoint import load_pt
+    from lora_ds.checkpoint_files import load_pt
 
     good = tmp_path / "optim.pt"
     torch.save({"zero_stage": ZeroStageEnum.weights, "loss_scaler": LossScaler(1.0),

@@ -250,7 +250,7 @@ def test_exported_adapter_loads_in_peft_and_gives_our_logits(runs, world, tmp_pa
 
 def test_the_two_rank_checkpoint_really_holds_frozen_fragments(runs):
     """So that the oracle test above proves the export ignores them (the bench measures that it never reads them)."""
-    from lora_ds.checkpoint import load_pt
+    from lora_ds.checkpoint_files import load_pt
 
     _, ckpt = runs[2]
     state = load_pt(str(ckpt / TAG / "zero_pp_rank_0_mp_rank_00_model_states.pt"), mmap=True)
