@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 
-from lora_ds.adapter import CONFIG_FILE, RUN_CONFIG, LoRAWeights, check_config, check_lora, read_run_config, write_adapter
+from lora_ds.adapter import (CONFIG_FILE, RUN_CONFIG, LoRAWeights, check_config, check_lora, read_run_config,
+                             write_adapter)
 from lora_ds.checkpoint_files import LATEST, MODEL_STATES, check_complete, latest_tag, read_zero3_params, tags
 from lora_ds.errors import UserError
 from lora_ds.fsutil import read_json

@@ -44,7 +44,7 @@ _BLOCK_BYTES = 4 << 20
 VERIFY_TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-# ---------------------------------------------------------------- reading and writing shards
+# ---------------------------------------------------------------- shard bytes
 
 def _write_all(fd: int, data) -> None:
     view = memoryview(data).cast("B")
