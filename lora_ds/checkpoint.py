@@ -1,7 +1,7 @@
 """Checkpoints: OUTPUT/checkpoints/<tag>/ holds the LoRA params and their optimizer state, never the base.
 
 Every rank writes its files into the tag, then rank 0 seals it (trainer_state.json, written last) and points
-`latest` at it; the layout is `lora_ds.checkpoint_files`'. Data position needs no file: the sampler is a
+`latest` at it; `lora_ds.checkpoint_files` describes the files. Data position needs no file: the sampler is a
 function of the step (lora_ds/data.py).
 
 Elastic resume: a tag written by N ranks resumes on M != N ranks by consolidating the LoRA params and
