@@ -1,22 +1,43 @@
-"""PEFT-format adapters: adapter_config.json + adapter_model.safetensors.
+"""PEFT-format adapters (adapter_config.json + adapter_model.safetensors) and what makes one valid.
 
 Keys are `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`, as PEFT writes them, so
 `peft.PeftModel.from_pretrained(base, dir)` loads what we write and we load what PEFT writes.
+
+`check_config` and `check_lora` are the one definition of a valid adapter: every reader and writer of LoRA
+tensors (export, merge, analyze, eval, `read_adapter`, `write_adapter`) goes through them, so a new variant
+of the format (DoRA, rank patterns, modules_to_save) is taught here once.
 """
 from __future__ import annotations
 
-import json
 import os
+from dataclasses import dataclass
 
 import torch
 
+from lora_ds.dtypes import torch_dtype
 from lora_ds.errors import UserError
-from lora_ds.fsutil import atomic_dir, write_json
+from lora_ds.fsutil import atomic_dir, read_json, write_json
+from lora_ds.lora import is_target, lora_scale
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+RUN_CONFIG = "run_config.json"
 PEFT_PREFIX = "base_model.model."
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
+
+
+@dataclass
+class LoRAWeights:
+    """A checked LoRA tensor set, its adapter config, where it was read, and the run config beside it."""
+
+    config: dict  # adapter_config.json (PEFT's LoraConfig fields)
+    tensors: dict  # {"<module>.lora_A.weight": tensor, ...}
+    source: str
+    run_config: dict | None = None
+
+    @property
+    def modules(self) -> list[str]:
+        return adapted_modules(self.tensors)
 
 
 def peft_config(*, r: int, alpha: float, dropout: float, target_modules, use_rslora: bool,
@@ -41,18 +62,83 @@ def peft_config(*, r: int, alpha: float, dropout: float, target_modules, use_rsl
 
 
 def scaling(config: dict) -> float:
-    """s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return lora_scale(config["r"], config["lora_alpha"], bool(config.get("use_rslora")))
+
+
+def adapted_modules(tensors: dict) -> list[str]:
+    """The modules that `tensors` hold LoRA factors of, sorted."""
+    return sorted({n[:-len(LORA_A)] if n.endswith(LORA_A) else n[:-len(LORA_B)]
+                   for n in tensors if n.endswith((LORA_A, LORA_B))})
+
+
+def factors(tensors: dict, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (r, in), B (out, r)) of `module`."""
+    return tensors[module + LORA_A], tensors[module + LORA_B]
+
+
+def check_config(config: dict, path: str) -> dict:
+    """`config` (read from `path`), once it is known to be a PEFT LoRA config with the fields readers use."""
+    if config.get("peft_type") != "LORA":
+        raise UserError(f"{path}: peft_type is {config.get('peft_type')!r}, only LORA adapters are supported")
+    for field in ("r", "lora_alpha"):
+        value = config.get(field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise UserError(f"{path}: field {field!r} must be a positive number, got {value!r}")
+    targets = config.get("target_modules")
+    if not isinstance(targets, str) and not (isinstance(targets, list) and targets
+                                             and all(isinstance(t, str) for t in targets)):
+        raise UserError(f"{path}: field 'target_modules' must be a list of module names or a regex, got {targets!r}")
+    return config
+
+
+def _check_module(tensors: dict, module: str, config: dict, source: str) -> None:
+    A, B = tensors.get(module + LORA_A), tensors.get(module + LORA_B)
+    if A is None or B is None:
+        raise UserError(f"{source}: {module} has only one of lora_A / lora_B; the adapter is incomplete")
     r = config["r"]
-    return config["lora_alpha"] / (r ** 0.5 if config.get("use_rslora") else r)
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] != r:
+        raise UserError(f"{source}: {module} has lora_A {list(A.shape)} and lora_B {list(B.shape)}, but "
+                        f"{CONFIG_FILE} says r = {r}; the config belongs to another run")
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise UserError(f"{source}: {module} holds NaN/Inf (the run diverged); use an earlier checkpoint")
+    if not is_target(module, config["target_modules"]):
+        raise UserError(f"{source}: module {module} is not selected by target_modules "
+                        f"{config['target_modules']!r} of {CONFIG_FILE}; the config belongs to another run")
+
+
+def check_lora(tensors: dict, config: dict, source: str, adapted: list[str] | None = None) -> list[str]:
+    """Check that `tensors` are complete, finite LoRA factors of the rank and target modules that `config`
+    (checked by `check_config`) says, and of the modules `adapted` lists (a run config's). Returns the modules.
+    Errors begin with `source`, the file or flag the tensors came from."""
+    other = sorted(n for n in tensors if not n.endswith((LORA_A, LORA_B)))
+    if other:
+        raise UserError(f"{source}: holds non-LoRA tensors (e.g. {other[0]}), which a LoRA adapter cannot carry")
+    modules = adapted_modules(tensors)
+    if not modules:
+        raise UserError(f"{source}: holds no LoRA tensors")
+    for module in modules:
+        _check_module(tensors, module, config, source)
+    if adapted is not None and sorted(adapted) != modules:
+        lost = sorted(set(adapted) - set(modules))
+        raise UserError(f"{source}: {RUN_CONFIG} lists {len(adapted)} adapted modules but the checkpoint holds "
+                        f"LoRA for {len(modules)} (not found: {', '.join(lost[:3]) or 'none'}); the files belong to "
+                        "different runs")
+    return modules
+
+
+def read_run_config(directory: str) -> dict | None:
+    """The run_config.json of an adapter or checkpoint dir; None when it has none."""
+    path = os.path.join(directory, RUN_CONFIG)
+    return read_json(path) if os.path.isfile(path) else None
 
 
 def write_adapter(out_dir: str, tensors: dict, config: dict, dtype: str = "fp32", extra_json: dict | None = None):
     """Write `tensors` ({"<module>.lora_A.weight": T, ...}) and `config` to `out_dir`, atomically."""
     from safetensors.torch import save_file
 
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    state = {PEFT_PREFIX + k: v.detach().to(DTYPES[dtype]).contiguous().cpu() for k, v in sorted(tensors.items())}
+    check_lora(tensors, check_config(config, out_dir), out_dir)
+    cast = torch_dtype(dtype)
+    state = {PEFT_PREFIX + k: v.detach().to(cast).contiguous().cpu() for k, v in sorted(tensors.items())}
     with atomic_dir(out_dir) as tmp:
         save_file(state, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(os.path.join(tmp, CONFIG_FILE), config)
@@ -61,26 +147,15 @@ def write_adapter(out_dir: str, tensors: dict, config: dict, dtype: str = "fp32"
 
 
 def read_adapter(adapter_dir: str) -> tuple[dict, dict]:
-    """(config, {"<module>.lora_A.weight": T, ...}) of a PEFT LoRA adapter directory."""
+    """(config, {"<module>.lora_A.weight": T, ...}) of a PEFT LoRA adapter directory, checked."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    cfg_path = os.path.join(adapter_dir, CONFIG_FILE)
-    weights_path = os.path.join(adapter_dir, WEIGHTS_FILE)
-    for path in (cfg_path, weights_path):
-        if not os.path.isfile(path):
-            raise UserError(f"{path}: missing; --adapter must be a PEFT adapter directory "
-                            f"({CONFIG_FILE} + {WEIGHTS_FILE})")
-    try:
-        with open(cfg_path) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_path}: not valid JSON ({e}); re-export the adapter") from e
-    if config.get("peft_type") != "LORA":
-        raise UserError(f"{cfg_path}: peft_type is {config.get('peft_type')!r}, only LORA adapters are supported")
-    for field in ("r", "lora_alpha"):
-        if not isinstance(config.get(field), (int, float)) or config[field] <= 0:
-            raise UserError(f"{cfg_path}: field {field!r} must be a positive number, got {config.get(field)!r}")
+    hint = f"--adapter must be a PEFT adapter directory ({CONFIG_FILE} + {WEIGHTS_FILE})"
+    cfg_path, weights_path = os.path.join(adapter_dir, CONFIG_FILE), os.path.join(adapter_dir, WEIGHTS_FILE)
+    config = check_config(read_json(cfg_path, hint), cfg_path)
+    if not os.path.isfile(weights_path):
+        raise UserError(f"{weights_path}: missing; {hint}")
     try:
         raw = load_file(weights_path)
     except (SafetensorError, OSError) as e:
@@ -91,9 +166,5 @@ def read_adapter(adapter_dir: str) -> tuple[dict, dict]:
         # PEFT may keep the adapter name in keys (".lora_A.default.weight"); files it saves drop it.
         name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
         tensors[name] = value
-    modules = {k.rsplit(".lora_", 1)[0] for k in tensors}
-    for m in sorted(modules):
-        for part in ("lora_A", "lora_B"):
-            if f"{m}.{part}.weight" not in tensors:
-                raise UserError(f"{weights_path}: {m}.{part}.weight is missing; the adapter file is incomplete")
+    check_lora(tensors, config, f"--adapter {adapter_dir}")
     return config, tensors

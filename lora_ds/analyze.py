@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_ds.adapter import read_adapter, scaling
+from lora_ds.adapter import adapted_modules, factors, read_adapter, scaling
 from lora_ds.errors import UserError
 from lora_ds.fsutil import atomic_dir, write_json
+from lora_ds.hf_dir import read_model_dir
 
 ANALYSIS_FILE = "analysis.json"
 DEFINITIONS = {
@@ -120,17 +121,9 @@ def load_adapter(path: str, progress: bool = False) -> Adapter:
 
     config, tensors = read_adapter(path)
     scale = scaling(config)
-    modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
-    if not modules:
-        raise UserError(f"--adapter {path}: the adapter holds no LoRA tensors")
     spectra, shapes = {}, {}
-    for module in tqdm(modules, desc=f"spectra r={config['r']}", disable=not progress):
-        A, B = tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"]
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-            raise UserError(f"--adapter {path}: {module} has lora_A {list(A.shape)} and lora_B {list(B.shape)}, "
-                            "which are not (r, in) and (out, r); re-export the adapter")
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise UserError(f"--adapter {path}: {module} holds NaN/Inf; the adapter is unusable")
+    for module in tqdm(adapted_modules(tensors), desc=f"spectra r={config['r']}", disable=not progress):
+        A, B = factors(tensors, module)
         spectra[module] = spectrum(A, B, scale)
         shapes[module] = [B.shape[0], A.shape[1]]
     return Adapter(os.path.abspath(path), config, scale, spectra, shapes)
@@ -140,23 +133,15 @@ def iter_base_weights(base_dir: str, modules, fan_in_fan_out: bool):
     """(module, weight (out, in)) for each module, read one tensor at a time, shard by shard."""
     from safetensors import safe_open
 
-    # merge.py owns the reading of HF model dirs (index or single file, header checks); reuse it, not a copy.
-    from lora_ds.merge import _shard_names, _weight_key, read_shard
-
-    if not os.path.isfile(os.path.join(base_dir, "config.json")):
-        raise UserError(f"--base {base_dir}: config.json is missing; give a Hugging Face model dir")
-    names, _ = _shard_names(base_dir)
-    shards = [read_shard(os.path.join(base_dir, name)) for name in names]
-    where = {key: shard for shard in shards for key in shard.tensors}
+    base = read_model_dir(base_dir, "--base")
     keys = {}
     for module in modules:
-        key = _weight_key(module, where)
-        if key is None:
+        keys[module] = base.weight_key(module)
+        if keys[module] is None:
             raise UserError(f"--base {base_dir}: no weight for the adapter's {module}; the adapter was trained "
                             "on another base")
-        keys[module] = key
-    for shard in shards:
-        mine = [m for m in modules if where[keys[m]] is shard]
+    for shard in base.shards:
+        mine = [m for m in modules if base.where[keys[m]] is shard]
         if not mine:
             continue
         with safe_open(shard.path, framework="pt") as reader:

@@ -1,13 +1,8 @@
 """Checkpoints: OUTPUT/checkpoints/<tag>/ holds the LoRA params and their optimizer state, never the base.
 
-Layout of one tag (written by every rank, then sealed by rank 0):
-    zero_pp_rank_<r>_mp_rank_00_{model,optim}_states.pt   DeepSpeed's files, frozen base excluded
-    rng_rank<r>.safetensors                               this rank's RNG state (dropout)
-    adapter_config.json, run_config.json                  what the adapter is and how it was trained
-    trainer_state.json                                    step, samples, world size; written last:
-                                                          a tag without it is incomplete
-`latest` names the newest complete tag and is replaced atomically only after the tag is sealed.
-Data position needs no file: the sampler is a function of the step (lora_ds/data.py).
+Every rank writes its files into the tag, then rank 0 seals it (trainer_state.json, written last) and points
+`latest` at it; `lora_ds.checkpoint_files` describes the files. Data position needs no file: the sampler is a
+function of the step (lora_ds/data.py).
 
 Elastic resume: a tag written by N ranks resumes on M != N ranks by consolidating the LoRA params and
 their Adam moments (small) and re-partitioning them for M ranks. What changes: the dropout RNG streams
@@ -16,41 +11,16 @@ start fresh, and each step's rows are dealt out as micro × accum × M; keep mic
 """
 from __future__ import annotations
 
-import json
 import os
-import pickle
-import re
 import shutil
 import warnings
 
 import torch
 
+from lora_ds.checkpoint_files import (LATEST, STATE_FILE, check_complete, is_complete, latest_tag, load_pt,
+                                      read_model_states, read_state, read_zero3_state, rng_file, tag_for, tags)
 from lora_ds.errors import UserError
 from lora_ds.fsutil import write_json, write_text
-
-LATEST = "latest"
-STATE_FILE = "trainer_state.json"
-TAG_RE = re.compile(r"^step_(\d{8})$")
-
-
-def deepspeed_safe_globals() -> list:
-    """The only non-tensor classes DeepSpeed's checkpoint files hold: all that unpickling may build."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, fragment_address]
-
-
-def load_pt(path: str, map_location="cpu", mmap: bool = False):
-    """Read a DeepSpeed `.pt` file with `weights_only=True` and the allowlist above: no code runs."""
-    try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[-1][:200]
-        raise UserError(f"{path}: refused to unpickle: it holds objects outside the allowlist of DeepSpeed "
-                        f"checkpoint types ({reason}); this is not a checkpoint lora-ds wrote") from e
 
 
 def install_safe_loading(engine) -> None:
@@ -63,14 +33,6 @@ def install_safe_loading(engine) -> None:
 
     if type(engine.checkpoint_engine) is TorchCheckpointEngine:
         engine.checkpoint_engine = SafeTorchCheckpointEngine(config_params=engine._config)
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def _rng_file(tag_dir: str, rank: int) -> str:
-    return os.path.join(tag_dir, f"rng_rank{rank:05d}.safetensors")
 
 
 def _rng_state() -> dict:
@@ -92,7 +54,7 @@ def save(engine, root: str, step: int, trainer_state: dict, extra_json: dict, ke
         _remove_tag(tag_dir)  # the leftover of a run that died after its last complete checkpoint
     dist.barrier()
     engine.save_checkpoint(root, tag, exclude_frozen_parameters=True, save_latest=False)
-    save_file(_rng_state(), _rng_file(tag_dir, rank))
+    save_file(_rng_state(), rng_file(tag_dir, rank))
     dist.barrier()
     if rank == 0:
         for name, obj in extra_json.items():
@@ -110,12 +72,11 @@ def _prune(root: str, keep: int) -> None:
 
     Runs on rank 0 after every rank has finished this save, so nothing here is being written.
     """
-    names = os.listdir(root)
-    tags = sorted(t for t in names if TAG_RE.match(t))
-    complete = [t for t in tags if is_complete(os.path.join(root, t))]
-    for old in set(tags) - set(complete[-keep:]):
+    found = tags(root)
+    complete = [t for t in found if is_complete(os.path.join(root, t))]
+    for old in set(found) - set(complete[-keep:]):
         _remove_tag(os.path.join(root, old))
-    for name in names:
+    for name in os.listdir(root):
         if name.startswith(f"{LATEST}.tmp-"):
             os.remove(os.path.join(root, name))
 
@@ -128,46 +89,32 @@ def _remove_tag(tag_dir: str) -> None:
     shutil.rmtree(tag_dir, ignore_errors=True)
 
 
-def is_complete(tag_dir: str) -> bool:
-    return os.path.isfile(os.path.join(tag_dir, STATE_FILE))
-
-
 def resolve_tag(root: str, requested: str) -> str | None:
     """The tag to resume from: `requested`, or what `latest` names for 'auto'; None if there is none."""
     if requested == "never":
         return None
     if requested != "auto":
-        if not is_complete(os.path.join(root, requested)):
-            raise UserError(f"--resume {requested}: {os.path.join(root, requested)} is not a complete checkpoint")
+        check_complete(os.path.join(root, requested), f"--resume {requested}",
+                       "pass a complete tag, auto, or never")
         return requested
-    latest = os.path.join(root, LATEST)
-    if not os.path.isfile(latest):
-        tags = sorted(t for t in os.listdir(root) if TAG_RE.match(t)) if os.path.isdir(root) else []
-        complete = [t for t in tags if is_complete(os.path.join(root, t))]
+    tag = latest_tag(root, "point it at a complete tag or pass --resume never")
+    found = tags(root)
+    if tag is None:
+        complete = [t for t in found if is_complete(os.path.join(root, t))]
         if complete:
             # Starting over would overwrite these tags as it reaches their steps.
             raise UserError(f"{root}: complete checkpoints ({', '.join(complete)}) but no '{LATEST}' file; pass "
                             f"--resume {complete[-1]} to continue from the newest, or --resume never to start over "
                             "(which replaces them)")
-        if tags:
-            warnings.warn(f"{root}: unfinished checkpoint dirs {tags} (the first save died) and no '{LATEST}'; "
+        if found:
+            warnings.warn(f"{root}: unfinished checkpoint dirs {found} (the first save died) and no '{LATEST}'; "
                           "starting fresh")
         return None
-    with open(latest) as f:
-        tag = f.read().strip()
-    if not is_complete(os.path.join(root, tag)):
-        raise UserError(f"{latest} names {tag!r}, which is missing or incomplete; "
-                        f"point it at a complete tag or pass --resume never")
-    ignored = sorted(t for t in os.listdir(root) if TAG_RE.match(t) and t > tag)
+    ignored = [t for t in found if t > tag]
     if ignored:
         warnings.warn(f"{root}: ignoring {', '.join(ignored)}, newer than 'latest' ({tag}): a save that a dying "
                       f"rank left unfinished; resuming from {tag}, the run writes these steps again")
     return tag
-
-
-def read_state(root: str, tag: str) -> dict:
-    with open(os.path.join(root, tag, STATE_FILE)) as f:
-        return json.load(f)
 
 
 def _load_resharded(engine, root: str, tag: str) -> None:
@@ -178,8 +125,6 @@ def _load_resharded(engine, root: str, tag: str) -> None:
     if not engine.zero_optimization_partition_weights():
         raise UserError(f"{tag_dir}: written by another number of ranks; only ZeRO-3 checkpoints resume "
                         "elastically: resume with the same number of ranks")
-    from lora_ds.consolidate import read_zero3_state  # consolidate imports this module
-
     tensors, _, step = read_zero3_state(tag_dir, moments=True)
     rank = dist.get_rank()
     opt = engine.optimizer
@@ -208,7 +153,7 @@ def _load_resharded(engine, root: str, tag: str) -> None:
     opt._set_fp32_optimizer_param_groups()
     opt.optimizer.load_state_dict({"state": state, "param_groups": opt.optimizer.state_dict()["param_groups"]})
     opt._clear_fp32_optimizer_param_groups()
-    model_state = load_pt(os.path.join(tag_dir, "zero_pp_rank_0_mp_rank_00_model_states.pt"), mmap=True)
+    model_state = read_model_states(tag_dir)
     engine.lr_scheduler.load_state_dict(model_state["lr_scheduler"])
     for group, lr in zip(opt.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
         group["lr"] = lr
@@ -222,7 +167,7 @@ def load(engine, root: str, tag: str) -> dict:
     import torch.distributed as dist
     from safetensors.torch import load_file
 
-    state = read_state(root, tag)
+    state = read_state(os.path.join(root, tag))
     install_safe_loading(engine)
     if state["world_size"] != dist.get_world_size():
         _load_resharded(engine, root, tag)
@@ -232,7 +177,7 @@ def load(engine, root: str, tag: str) -> dict:
         if load_path is None:
             raise UserError(f"{os.path.join(root, tag)}: DeepSpeed could not load this checkpoint")
     rank = dist.get_rank()
-    rng_path = _rng_file(os.path.join(root, tag), rank)
+    rng_path = rng_file(os.path.join(root, tag), rank)
     if state["world_size"] == dist.get_world_size() and os.path.isfile(rng_path):
         rng = load_file(rng_path)
         torch.set_rng_state(rng["cpu"])

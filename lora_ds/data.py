@@ -21,15 +21,15 @@ def encode_pair(tok, prompt: str, completion: str, max_len: int | None = None, t
     False, or when the target alone does not fit, None is returned (the example is dropped).
     Returns (row, truncated) where row has input_ids, labels, position_ids.
     """
-    context = ([tok.bos_token_id] if tok.add_bos else []) + tok.encode(prompt)
+    prompt_ids = tok.encode(prompt)
+    context = tok.with_bos(prompt_ids)
     target = tok.encode(completion) + [tok.eos_token_id]
     truncated = False
     if max_len is not None and len(context) + len(target) > max_len:
         room = max_len - len(target)
         if not truncate or room < 1:
             return None, False
-        keep_bos = 1 if tok.add_bos else 0
-        context = context[:keep_bos] + context[len(context) - (room - keep_bos):]
+        context = tok.with_bos(prompt_ids, room)
         truncated = True
     ids = context + target
     row = {

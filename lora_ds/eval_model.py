@@ -2,60 +2,34 @@
 
 The LoRA comes from a PEFT adapter dir (--adapter) or a training checkpoint (--checkpoint: its fp32 masters,
 consolidated from the ZeRO-3 partitions by `lora_ds.consolidate`, whatever the world size). It is merged into
-the base weights by `LoRALinear.merge()` (W0 + s·B·A in fp32 from the fp32 factors, cast once), under ZeRO-3
-on the gathered weights, and the wrappers are then removed: the evaluated model is a plain Hugging Face model
+the base weights by `lora_ds.merge.merge_live` (W0 + s·B·A in fp32 from the fp32 factors, cast once), under
+ZeRO-3 on the gathered weights, and the wrappers are then removed: the evaluated model is a plain Hugging Face model
 with no added latency, the same weights in one process as on N ranks. A model dir that is already merged
 needs neither flag.
 """
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass
-
 import torch
 
+from lora_ds.adapter import LoRAWeights
 from lora_ds.errors import UserError
 
 DEFAULT_SEED = 42  # TrainConfig's default seed: the base a preset run trained on when no run config says
 
 
-@dataclass
-class LoRAWeights:
-    config: dict  # adapter_config.json (PEFT's LoraConfig fields)
-    tensors: dict  # {"<module>.lora_A.weight": fp32 tensor, ...}
-    source: str
-    run_config: dict | None  # the training run's run_config.json, when the source has it
-
-
-def _read_json(path: str) -> dict | None:
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def read_lora(adapter: str | None, checkpoint: str | None) -> LoRAWeights | None:
-    """The LoRA of `--adapter DIR` or `--checkpoint DIR`; None when neither is given."""
+    """The LoRA of `--adapter DIR` or `--checkpoint DIR`, checked and in fp32; None when neither is given."""
     if adapter and checkpoint:
         raise UserError("--adapter and --checkpoint both given; pass one of them")
     if adapter:
-        from lora_ds.adapter import read_adapter
+        from lora_ds.adapter import read_adapter, read_run_config
 
         config, tensors = read_adapter(adapter)
-        return LoRAWeights(config, {k: v.float() for k, v in tensors.items()}, adapter,
-                           _read_json(os.path.join(adapter, "run_config.json")))
+        return LoRAWeights(config, {k: v.float() for k, v in tensors.items()}, adapter, read_run_config(adapter))
     if checkpoint:
-        from lora_ds.consolidate import check_lora, read_zero3_params, resolve_tag_dir
+        from lora_ds.consolidate import read_checkpoint_lora
 
-        tag_dir = resolve_tag_dir(checkpoint)
-        config = _read_json(os.path.join(tag_dir, "adapter_config.json"))
-        if config is None:
-            raise UserError(f"--checkpoint {tag_dir}: no adapter_config.json; is this a lora-ds checkpoint?")
-        run_config = _read_json(os.path.join(tag_dir, "run_config.json"))
-        tensors, _ = read_zero3_params(tag_dir)
-        check_lora(tensors, config, tag_dir, (run_config or {}).get("resolved", {}).get("adapted_modules"))
-        return LoRAWeights(config, tensors, tag_dir, run_config)
+        return read_checkpoint_lora(checkpoint)[0]
     return None
 
 
@@ -69,13 +43,11 @@ def merge_lora(model, lora: LoRAWeights) -> list[str]:
     """Merge `lora` into `model`'s base weights and unwrap the LoRA layers. Collective under ZeRO-3 (every
     rank must call it, before the engine is built). Returns the merged module names."""
     from lora_ds.lora import inject_lora, lora_modules
-    from lora_ds.zero import gathered
+    from lora_ds.merge import merge_live
 
     cfg = lora.config
-    targets = cfg.get("target_modules")
-    if not targets:
-        raise UserError(f"{lora.source}: adapter_config.json has no target_modules")
-    inject_lora(model, targets, int(cfg["r"]), float(cfg["lora_alpha"]), 0.0, bool(cfg.get("use_rslora")))
+    inject_lora(model, cfg["target_modules"], int(cfg["r"]), float(cfg["lora_alpha"]), 0.0,
+                bool(cfg.get("use_rslora")))
     modules = lora_modules(model)
     expected = {f"{name}.lora_{part}.weight" for name, _ in modules for part in "AB"}
     if expected != set(lora.tensors):
@@ -83,19 +55,17 @@ def merge_lora(model, lora: LoRAWeights) -> list[str]:
         raise UserError(f"{lora.source}: its LoRA tensors do not fit this model (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]}); pass the --model the adapter was trained on")
     for name, module in modules:
-        # fp32 factors, so the merge is s·B·A of the trained fp32 weights, cast once into the base dtype.
-        module.lora_A.float()
-        module.lora_B.float()
-        with torch.no_grad():
-            for part, layer in (("A", module.lora_A), ("B", module.lora_B)):
-                value = lora.tensors[f"{name}.lora_{part}.weight"]
-                if value.shape != layer.weight.shape:
-                    raise UserError(f"{lora.source}: {name}.lora_{part}.weight has shape {tuple(value.shape)}, "
-                                    f"this model needs {tuple(layer.weight.shape)}; pass the --model the "
-                                    "adapter was trained on")
+        for part, layer in (("A", module.lora_A), ("B", module.lora_B)):
+            value = lora.tensors[f"{name}.lora_{part}.weight"]
+            if value.shape != layer.weight.shape:
+                raise UserError(f"{lora.source}: {name}.lora_{part}.weight has shape {tuple(value.shape)}, this "
+                                f"model needs {tuple(layer.weight.shape)}; pass the --model the adapter was "
+                                "trained on")
+            # fp32 factors, so the merge is s·B·A of the trained fp32 weights, cast once into the base dtype.
+            layer.float()
+            with torch.no_grad():
                 layer.weight.copy_(value)
-        with gathered([module.base_layer.weight], modifier_rank=0):
-            module.merge()
+        merge_live(module)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base_layer)
     return [name for name, _ in modules]

@@ -18,6 +18,20 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
+def read_json(path: str, hint: str = "") -> dict:
+    """The JSON object in `path`; a missing or malformed file is an error naming it (and `hint`, what to do)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError as e:
+        raise UserError(f"{path}: missing" + (f"; {hint}" if hint else "")) from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
 def read_jsonl(path: str):
     """(line number, object) for each non-blank line of a JSONL file; a line that is not a JSON object
     is an error naming the file and line."""

@@ -25,12 +25,8 @@ def rank_batches(num_examples: int, batch_size: int, rank: int, world: int) -> l
 
 
 def prompt_ids(tok, prompt: str, max_len: int) -> list[int]:
-    """[BOS] prompt, as `encode_pair` writes a training context; an overlong one loses tokens from the
-    left (the BOS stays), as training contexts do."""
-    bos = [tok.bos_token_id] if tok.add_bos else []
-    ids = tok.encode(prompt)
-    keep = max_len - len(bos)
-    return bos + ids[len(ids) - keep:] if len(ids) > keep else bos + ids
+    """[BOS] prompt, as `encode_pair` writes a training context, cut from the left as training contexts are."""
+    return tok.with_bos(tok.encode(prompt), max_len)
 
 
 def _gather(local: dict, world: int) -> dict:

@@ -27,6 +27,11 @@ DEFAULT_TARGETS = {
 }
 
 
+def lora_scale(r: int, alpha: float, rslora: bool = False) -> float:
+    """s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / (math.sqrt(r) if rslora else r)
+
+
 def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, fan_in_fan_out: bool) -> torch.Tensor:
     """s·B·A in fp32, laid out like the base weight ((in, out) for GPT-2's Conv1D)."""
     delta = (lora_B.float() @ lora_A.float()) * scale
@@ -95,7 +100,7 @@ class LoRALinear(nn.Module):
         self.base_layer = base_layer
         self.in_features, self.out_features = in_features, out_features
         self.r = r
-        self.scaling = alpha / (math.sqrt(r) if rslora else r)
+        self.scaling = lora_scale(r, alpha, rslora)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else None
         # The factors take the base weight's dtype (bf16 in training: DeepSpeed keeps their fp32 master
         # copies), so the LoRA path runs in the same precision as the base GEMM with no casts.
@@ -162,23 +167,18 @@ def lora_parameters(model: nn.Module):
     return params
 
 
-def match_targets(model: nn.Module, targets) -> list[str]:
-    """Names of Linear/Conv1D modules selected by `targets`.
+def is_target(name: str, targets) -> bool:
+    """PEFT's rule: a list selects a module whose name equals one of its entries or ends with ".<entry>"; a
+    string is a regular expression that must match the whole module name."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
 
-    A list of names selects modules whose name equals one of them or ends with ".<name>" (PEFT's
-    rule); a string is a regular expression that must match the whole module name.
-    """
-    names = []
-    for name, module in model.named_modules():
-        if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
-            continue
-        if isinstance(targets, str):
-            hit = re.fullmatch(targets, name) is not None
-        else:
-            hit = any(name == t or name.endswith("." + t) for t in targets)
-        if hit:
-            names.append(name)
-    return names
+
+def match_targets(model: nn.Module, targets) -> list[str]:
+    """Names of Linear/Conv1D modules selected by `targets` (`is_target`)."""
+    return [name for name, module in model.named_modules()
+            if (isinstance(module, nn.Linear) or _is_conv1d(module)) and is_target(name, targets)]
 
 
 def inject_lora(model: nn.Module, targets, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,

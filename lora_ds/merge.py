@@ -1,7 +1,8 @@
 """Merging LoRA into the base weights: W = W0 + s·B·A, computed in fp32 and cast once.
 
     merge_model_dir(base, adapter, out)   HF model dir + PEFT adapter -> plain HF model dir
-    merged_for_eval(model)                a live model (ZeRO-3 or not) merged in place inside a block
+    merge_live(layer)                     one LoRA layer of a live model (ZeRO-3 or not) merged in place
+    merged_for_eval(model)                all of them, inside a block, restored bitwise on exit
 
 The dir merge streams: each base shard is rewritten into an output shard of the same name, tensor by
 tensor. Tensors that do not change are copied byte for byte between the files (in the kernel where it
@@ -23,18 +24,15 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_ds.adapter import read_adapter, scaling
+from lora_ds.adapter import adapted_modules, factors, read_adapter, scaling
+from lora_ds.dtypes import torch_dtype
 from lora_ds.errors import UserError
-from lora_ds.fsutil import atomic_dir, write_json
+from lora_ds.fsutil import atomic_dir, read_json, write_json
+from lora_ds.hf_dir import FLOATS, INDEX_FILE, ModelDir, Shard, read_model_dir
 from lora_ds.lora import merged_weight
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 RECORD_FILE = "lora_merge.json"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# safetensors names of the floating dtypes a merge may produce or --dtype may cast.
-_FLOAT = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_FLOAT_NAME = {v: k for k, v in _FLOAT.items()}
+_FLOAT_NAME = {v: k for k, v in FLOATS.items()}
 # Weight formats never copied into the merged dir (the merged safetensors replace them).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 _CHUNK = 64 << 20
@@ -46,40 +44,7 @@ _BLOCK_BYTES = 4 << 20
 VERIFY_TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-# ---------------------------------------------------------------- safetensors layout
-
-@dataclass
-class Shard:
-    """One safetensors file: its tensors' header entries, file metadata and where the data starts."""
-
-    name: str
-    path: str
-    tensors: dict
-    metadata: dict | None
-    data_start: int
-
-
-def read_shard(path: str) -> Shard:
-    """Parse a safetensors header (8-byte little-endian length, JSON) without touching the data."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        if not 0 < length <= min(size - 8, 100 << 20):
-            raise UserError(f"{path}: not a safetensors file (bad header length); re-save the base model")
-        try:
-            tensors = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: corrupt safetensors header ({e}); re-save the base model") from e
-    metadata = tensors.pop("__metadata__", None)
-    for key, info in tensors.items():
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            raise UserError(f"{path}: corrupt safetensors header entry for {key}; re-save the base model")
-        start, end = info["data_offsets"]
-        if not 0 <= start <= end <= size - 8 - length:
-            raise UserError(f"{path}: tensor {key} lies past the end of the file; the shard is truncated")
-    return Shard(os.path.basename(path), path, tensors, metadata, 8 + length)
-
+# ---------------------------------------------------------------- shard bytes
 
 def _write_all(fd: int, data) -> None:
     view = memoryview(data).cast("B")
@@ -117,11 +82,9 @@ def _tensor_bytes(t: torch.Tensor):
 
 @dataclass
 class Plan:
-    """What a merge will do: the shards, which base keys change and how, and the output dtype."""
+    """What a merge will do: the base's shards, which base keys change and how, and the output dtype."""
 
-    base_dir: str
-    shards: list
-    index: dict | None
+    base: ModelDir
     targets: dict          # base key -> adapter module name
     config: dict
     tensors: dict
@@ -129,88 +92,41 @@ class Plan:
 
     def out_dtype(self, info: dict) -> str:
         """safetensors dtype name of a tensor in the output."""
-        if self.dtype is not None and info["dtype"] in _FLOAT:
+        if self.dtype is not None and info["dtype"] in FLOATS:
             return _FLOAT_NAME[self.dtype]
         return info["dtype"]
 
 
-def _shard_names(base_dir: str) -> tuple[list, dict | None]:
-    index_path = os.path.join(base_dir, INDEX_FILE)
-    if os.path.isfile(index_path):
-        try:
-            with open(index_path) as f:
-                index = json.load(f)
-            names = sorted(set(index["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"{index_path}: not a safetensors index (needs a 'weight_map'): {e}") from e
-        return names, index
-    if os.path.isfile(os.path.join(base_dir, SINGLE_FILE)):
-        return [SINGLE_FILE], None
-    raise UserError(f"--base {base_dir}: neither {INDEX_FILE} nor {SINGLE_FILE} is there; the base must be a "
-                    "Hugging Face model dir saved as safetensors")
-
-
-def _weight_key(module: str, keys) -> str | None:
-    """The base key of `module`'s weight: `<module>.weight`, or without the head's prefix (e.g. GPT-2
-    files saved from the bare `transformer`, whose modules are named `transformer.h.0...` in the model)."""
-    for key in (f"{module}.weight", f"{module.split('.', 1)[-1]}.weight"):
-        if key in keys:
-            return key
-    return None
+def _check_base_weight(base: ModelDir, key: str, module: str, A, B, fan_in_fan_out: bool, adapter_dir: str) -> None:
+    """The base weight `key` must have the shape of `module`'s ΔW and a floating dtype."""
+    info = base.header(key)
+    linear = [B.shape[0], A.shape[1]]
+    expected = linear[::-1] if fan_in_fan_out else linear
+    if info["shape"] != expected:
+        hint = (f" (it is laid out for fan_in_fan_out={not fan_in_fan_out}; the adapter config says "
+                f"{fan_in_fan_out})") if info["shape"] == expected[::-1] else ""
+        raise UserError(f"--adapter {adapter_dir}: {module} expects a base weight of shape {expected}, but "
+                        f"{key} in --base is {info['shape']}{hint}; the adapter was trained on another base")
+    if info["dtype"] not in FLOATS:
+        raise UserError(f"--base {base.path}: {key} is {info['dtype']}, not a floating-point weight; "
+                        "quantized bases cannot be merged into")
 
 
 def plan_merge(base_dir: str, adapter_dir: str, dtype: str | None = None) -> Plan:
     """Read the adapter and the base's headers; check that the adapter belongs to this base."""
-    if dtype is not None and dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    if not os.path.isfile(os.path.join(base_dir, "config.json")):
-        raise UserError(f"--base {base_dir}: config.json is missing; give a Hugging Face model dir")
+    cast = torch_dtype(dtype) if dtype is not None else None
     config, tensors = read_adapter(adapter_dir)
-    names, index = _shard_names(base_dir)
-    shards = []
-    for name in names:
-        path = os.path.join(base_dir, name)
-        if not os.path.isfile(path):
-            raise UserError(f"--base {base_dir}: shard {name} (listed in {INDEX_FILE}) is missing")
-        shards.append(read_shard(path))
-    where = {key: shard for shard in shards for key in shard.tensors}
-    if index is not None:
-        listed = set(index["weight_map"])
-        if listed != set(where):
-            odd = sorted(listed ^ set(where))[:3]
-            raise UserError(f"{os.path.join(base_dir, INDEX_FILE)}: weight_map and the shards disagree "
-                            f"(e.g. {odd}); re-save the base model")
-
-    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
-    modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
-    if not modules:
-        raise UserError(f"--adapter {adapter_dir}: the adapter holds no LoRA tensors")
-    missing = [m for m in modules if _weight_key(m, where) is None]
+    base = read_model_dir(base_dir, "--base")
+    modules = adapted_modules(tensors)
+    keys = {m: base.weight_key(m) for m in modules}
+    missing = [m for m in modules if keys[m] is None]
     if missing:
         raise UserError(f"--adapter {adapter_dir}: {len(missing)} of its {len(modules)} modules have no weight in "
                         f"--base {base_dir} (e.g. {missing[0]}.weight); the adapter was trained on another base")
-    targets = {}
+    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     for module in modules:
-        A, B = tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"]
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-            raise UserError(f"--adapter {adapter_dir}: {module} has lora_A {list(A.shape)} and lora_B "
-                            f"{list(B.shape)}, which are not (r, in) and (out, r); re-export the adapter")
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise UserError(f"--adapter {adapter_dir}: {module} holds NaN/Inf; the adapter is unusable")
-        key = _weight_key(module, where)
-        info = where[key].tensors[key]
-        linear = [B.shape[0], A.shape[1]]
-        expected = linear[::-1] if fan_in_fan_out else linear
-        if info["shape"] != expected:
-            hint = (f" (it is laid out for fan_in_fan_out={not fan_in_fan_out}; the adapter config says "
-                    f"{fan_in_fan_out})") if info["shape"] == expected[::-1] else ""
-            raise UserError(f"--adapter {adapter_dir}: {module} expects a base weight of shape {expected}, but "
-                            f"{key} in --base is {info['shape']}{hint}; the adapter was trained on another base")
-        if info["dtype"] not in _FLOAT:
-            raise UserError(f"--base {base_dir}: {key} is {info['dtype']}, not a floating-point weight; "
-                            "quantized bases cannot be merged into")
-        targets[key] = module
-    return Plan(base_dir, shards, index, targets, config, tensors, DTYPES[dtype] if dtype else None)
+        _check_base_weight(base, keys[module], module, *factors(tensors, module), fan_in_fan_out, adapter_dir)
+    return Plan(base, {keys[m]: m for m in modules}, config, tensors, cast)
 
 
 # ---------------------------------------------------------------- writing
@@ -225,7 +141,7 @@ def _write_shard(plan: Plan, shard: Shard, dst: str) -> int:
         info = shard.tensors[key]
         name = plan.out_dtype(info)
         start, end = info["data_offsets"]
-        nbytes = end - start if name == info["dtype"] else math.prod(info["shape"]) * _FLOAT[name].itemsize
+        nbytes = end - start if name == info["dtype"] else math.prod(info["shape"]) * FLOATS[name].itemsize
         header[key] = {"dtype": name, "shape": info["shape"], "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     if shard.metadata is not None:
@@ -246,9 +162,9 @@ def _write_shard(plan: Plan, shard: Shard, dst: str) -> int:
             module = plan.targets.get(key)
             for rows, block in _row_blocks(src_fd, shard.data_start + start, info):
                 if module is None:
-                    block = block.to(_FLOAT[out_dtype])
+                    block = block.to(FLOATS[out_dtype])
                 else:
-                    block = _merged_rows(block, rows, plan, module, scale, fan_in_fan_out, _FLOAT[out_dtype],
+                    block = _merged_rows(block, rows, plan, module, scale, fan_in_fan_out, FLOATS[out_dtype],
                                          f"{shard.path}: {key}")
                 _write_all(dst_fd, _tensor_bytes(block))
     finally:
@@ -260,7 +176,7 @@ def _write_shard(plan: Plan, shard: Shard, dst: str) -> int:
 def _row_blocks(fd: int, offset: int, info: dict):
     """(row slice, tensor) blocks of about _BLOCK_BYTES of the tensor stored at `offset`, read with pread: a
     merge or cast never holds a whole tensor, and what it reads is not left mapped."""
-    dtype = _FLOAT[info["dtype"]]
+    dtype = FLOATS[info["dtype"]]
     shape = info["shape"] or [1]
     rows, row_numel = shape[0], math.prod(shape[1:])
     step = max(1, _BLOCK_BYTES // max(1, 4 * row_numel))  # sized by the fp32 working copy
@@ -281,7 +197,7 @@ def _merged_rows(block, rows: slice, plan: Plan, module: str, scale: float, fan_
                  dtype: torch.dtype, where: str) -> torch.Tensor:
     """Rows `rows` of the merged weight: the rows of s·B·A come from rows of B (or, with fan_in_fan_out,
     the weight is (in, out) and they come from columns of A)."""
-    A, B = plan.tensors[f"{module}.lora_A.weight"], plan.tensors[f"{module}.lora_B.weight"]
+    A, B = factors(plan.tensors, module)
     A, B = (A[:, rows], B) if fan_in_fan_out else (A, B[rows])
     try:
         return merged_weight(block, A, B, scale, fan_in_fan_out, dtype)
@@ -310,8 +226,7 @@ def _copy_side_files(base_dir: str, out_dir: str, dtype: torch.dtype | None) -> 
         if not os.path.isfile(src) or name.endswith(_WEIGHT_SUFFIXES) or name == "adapter_config.json":
             continue
         if name == "config.json" and dtype is not None:
-            with open(src) as f:
-                model_config = json.load(f)
+            model_config = read_json(src)
             # transformers 5 writes "dtype"; older files have "torch_dtype".
             field = "torch_dtype" if "torch_dtype" in model_config and "dtype" not in model_config else "dtype"
             model_config[field] = str(dtype).removeprefix("torch.")
@@ -335,15 +250,15 @@ def merge_model_dir(base_dir: str, adapter_dir: str, out_dir: str, dtype: str | 
             raise UserError(f"--out {out_dir}: would replace {flag} {path}; choose another output dir")
     plan = plan_merge(base_dir, adapter_dir, dtype)
     report = {"base": base_dir, "adapter": adapter_dir, "out": out_dir, "dtype": dtype or "as base",
-              "shards": len(plan.shards), "tensors": sum(len(s.tensors) for s in plan.shards),
+              "shards": len(plan.base.shards), "tensors": sum(len(s.tensors) for s in plan.base.shards),
               "merged_modules": len(plan.targets), "scaling": scaling(plan.config)}
     with atomic_dir(out_dir) as tmp:
         total = 0
         with _one_thread():
-            for shard in plan.shards:
+            for shard in plan.base.shards:
                 total += _write_shard(plan, shard, os.path.join(tmp, shard.name))
-        if plan.index is not None:
-            index = dict(plan.index, metadata=dict(plan.index.get("metadata") or {}, total_size=total))
+        if plan.base.index is not None:
+            index = dict(plan.base.index, metadata=dict(plan.base.index.get("metadata") or {}, total_size=total))
             write_json(os.path.join(tmp, INDEX_FILE), index)
         report["bytes_written"] = total
         report["copied"] = _copy_side_files(base_dir, tmp, plan.dtype)
@@ -371,8 +286,7 @@ def _prompt_ids(base_dir: str, vocab_size: int) -> list[torch.Tensor]:
 
     if any(os.path.exists(os.path.join(base_dir, f)) for f in (*HF_TOKENIZER_FILES, "tokenizer.model")):
         tok = load_tokenizer(base_dir)
-        prompts = [([tok.bos_token_id] if tok.add_bos else []) + tok.encode(p) for p in VERIFY_PROMPTS]
-        return [torch.tensor([ids]) for ids in prompts]
+        return [torch.tensor([tok.with_bos(tok.encode(p))]) for p in VERIFY_PROMPTS]
     generator = torch.Generator().manual_seed(0)
     return [torch.randint(0, vocab_size, (1, 32), generator=generator) for _ in VERIFY_PROMPTS]
 
@@ -392,8 +306,8 @@ def verify_merge(plan: Plan, merged_dir: str, tolerance: float | None = None) ->
 
     from lora_ds.lora import inject_lora, lora_parameters
 
-    model = AutoModelForCausalLM.from_pretrained(plan.base_dir, dtype=torch.float32).eval()
-    prompts = _prompt_ids(plan.base_dir, model.get_input_embeddings().num_embeddings)
+    model = AutoModelForCausalLM.from_pretrained(plan.base.path, dtype=torch.float32).eval()
+    prompts = _prompt_ids(plan.base.path, model.get_input_embeddings().num_embeddings)
     base_logits = _logits(model, prompts)
     config = plan.config
     modules = sorted(set(plan.targets.values()))
@@ -428,9 +342,9 @@ def verify_merge(plan: Plan, merged_dir: str, tolerance: float | None = None) ->
 
 def _stored_dtype(plan: Plan) -> torch.dtype:
     """The coarsest dtype of any tensor the merge changes (merged or cast): what sets the logit error."""
-    changed = {plan.out_dtype(info) for shard in plan.shards for key, info in shard.tensors.items()
+    changed = {plan.out_dtype(info) for shard in plan.base.shards for key, info in shard.tensors.items()
                if key in plan.targets or plan.out_dtype(info) != info["dtype"]}
-    return max((_FLOAT[name] for name in changed), key=VERIFY_TOLERANCE.get)
+    return max((FLOATS[name] for name in changed), key=VERIFY_TOLERANCE.get)
 
 
 # ---------------------------------------------------------------- a live model
@@ -448,15 +362,24 @@ def _restore(weight: torch.Tensor, copy: torch.Tensor) -> None:
     weight.ds_tensor.copy_(copy)
 
 
+def merge_live(layer) -> None:
+    """Merge one LoRA layer of a live model into its base weight (`LoRALinear.merge`: the fp32 math of the dir
+    merge), on the gathered weights under ZeRO-3: collective, every rank must call it."""
+    from lora_ds.zero import gathered
+
+    with gathered([layer.base_layer.weight, layer.lora_A.weight, layer.lora_B.weight], modifier_rank=0):
+        layer.merge()
+
+
 @contextlib.contextmanager
 def merged_for_eval(model):
     """Merge every LoRA layer of `model` into its base weight inside the block (the forward then costs what
-    the base's does), with the same fp32 math as the dir merge. On exit each base weight is restored bit for
-    bit from a copy of what this rank holds (its ZeRO-3 partition, or the whole weight without ZeRO-3), so
-    training continues from unchanged weights. Under ZeRO-3 every rank must enter: gathering is collective.
+    the base's does). On exit each base weight is restored bit for bit from a copy of what this rank holds
+    (its ZeRO-3 partition, or the whole weight without ZeRO-3), so training continues from unchanged weights.
+    Under ZeRO-3 every rank must enter: gathering is collective.
     """
     from lora_ds.lora import lora_modules
-    from lora_ds.zero import gathered, is_partitioned
+    from lora_ds.zero import is_partitioned
 
     layers = [m for _, m in lora_modules(model)]
     if any(m.merged for m in layers):
@@ -465,13 +388,8 @@ def merged_for_eval(model):
     try:
         for layer in layers:
             weight = layer.base_layer.weight
-            partitioned = is_partitioned(weight)
-            saved.append((layer, (weight.ds_tensor if partitioned else weight.data).detach().clone()))
-            params = [weight, layer.lora_A.weight, layer.lora_B.weight]
-            with gathered(params, modifier_rank=0), torch.no_grad():
-                weight.copy_(merged_weight(weight, layer.lora_A.weight, layer.lora_B.weight, layer.scaling,
-                                           layer.fan_in_fan_out))
-            layer.merged = True
+            saved.append((layer, (weight.ds_tensor if is_partitioned(weight) else weight.data).detach().clone()))
+            merge_live(layer)
         yield model
     finally:
         with torch.no_grad():

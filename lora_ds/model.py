@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 
-import torch
-
+from lora_ds.dtypes import DTYPES
 from lora_ds.errors import UserError
+from lora_ds.hf_dir import read_model_dir
 
 # (model_type, config kwargs). Big shapes follow the published configs.
 PRESETS = {
@@ -36,7 +36,6 @@ PRESETS = {
                                  num_key_value_heads=8, intermediate_size=14336, max_position_embeddings=8192,
                                  vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5)),
 }
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def preset_config(name: str, vocab_size: int | None = None):
@@ -54,37 +53,11 @@ def preset_config(name: str, vocab_size: int | None = None):
     return config
 
 
-def check_safetensors(path: str) -> None:
-    """Fail early, naming the file, if a safetensors file is truncated or its header is damaged."""
-    import json
-    import struct
-
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        try:
-            header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
-        except ValueError:
-            header = None
-    if header is None:
-        raise UserError(f"{path}: not a readable safetensors file (damaged header); download or convert it again")
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if size < 8 + n + end:
-        raise UserError(f"{path}: truncated ({size} bytes, its header needs {8 + n + end}); "
-                        "download or copy it again")
-
-
 def check_model_dir(path: str) -> None:
+    """Fail early, naming the file, if the model dir is not there or its weights are damaged."""
     if not os.path.isdir(path):
         raise UserError(f"--model {path}: not a directory; give a local Hugging Face model dir or preset:NAME")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise UserError(f"--model {path}: config.json is missing; is this a Hugging Face model dir?")
-    shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not shards:
-        raise UserError(f"--model {path}: no *.safetensors weights; convert the checkpoint to safetensors")
-    for shard in shards:
-        check_safetensors(os.path.join(path, shard))
+    read_model_dir(path, "--model")
 
 
 def build_model(name: str, dtype: str, ds_config: dict | None, attn_implementation: str = "sdpa",

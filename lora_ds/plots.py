@@ -39,6 +39,17 @@ def analysis_figures(analysis: dict, out_dir: str) -> list[str]:
     """Write the figures of an analysis (analyze.analyze's dict) to `out_dir`; returns their file names."""
     written = []
     adapters = analysis["adapters"]
+    _spectra(adapters, out_dir, written)
+    _effective_rank(adapters, out_dir, written)
+    if analysis.get("subspace_similarity") is not None:
+        for side in ("input", "output"):
+            _subspace(analysis["subspace_similarity"], adapters, side, out_dir, written)
+    if all("amplification" in rec for a in adapters for rec in a["modules"].values()):
+        _amplification(adapters, out_dir, written)
+    return written
+
+
+def _spectra(adapters: list, out_dir: str, written: list) -> None:
     fig, axes = _figure(1, len(adapters))
     for ax, adapter in zip(axes, adapters):
         for module, rec in adapter["modules"].items():
@@ -47,6 +58,8 @@ def analysis_figures(analysis: dict, out_dir: str) -> list[str]:
     axes[0].legend(fontsize=6)
     _save(fig, out_dir, "spectra.png", written)
 
+
+def _effective_rank(adapters: list, out_dir: str, written: list) -> None:
     fig, axes = _figure(1, 2, size=(6.0, 3.5))
     modules = sorted({m for a in adapters for m in a["modules"]})
     width = 0.8 / len(adapters)
@@ -61,42 +74,41 @@ def analysis_figures(analysis: dict, out_dir: str) -> list[str]:
         ax.legend(fontsize=7)
     _save(fig, out_dir, "effective_rank.png", written)
 
-    pair = analysis.get("subspace_similarity")
-    if pair is not None:
-        r_a, r_b = adapters[0]["r"], adapters[1]["r"]
-        for side in ("input", "output"):
-            names = list(pair["modules"])
-            rows, cols = _grid(len(names))
-            fig, axes = _figure(rows, cols, size=(3.2, 3.0))
-            for ax, module in zip(axes, names):
-                phi = pair["modules"][module][side]
-                image = ax.imshow(phi, vmin=0, vmax=1, cmap="viridis", origin="upper", aspect="auto",
-                                  extent=(0.5, len(phi[0]) + 0.5, len(phi) + 0.5, 0.5))
-                ax.set_title(module, fontsize=7)
-                ax.set_xlabel(f"j (r={r_b})", fontsize=7)
-                ax.set_ylabel(f"i (r={r_a})", fontsize=7)
-            for ax in axes[len(names):]:
-                ax.set_axis_off()
-            fig.colorbar(image, ax=axes[:len(names)], shrink=0.8, label="φ(i, j)")
-            fig.suptitle(f"subspace similarity of ΔW's {side} singular vectors")
-            _save(fig, out_dir, f"subspace_{side}.png", written)
 
-    if all("amplification" in rec for a in adapters for rec in a["modules"].values()):
-        fig, axes = _figure(1, len(adapters), size=(6.0, 3.5))
-        keys = (("proj_delta_w", "‖UᵀWV‖, U,V of ΔW"), ("proj_w", "‖UᵀWV‖, U,V of W"),
-                ("proj_random", "‖UᵀWV‖, random U,V"), ("delta_w_fro", "‖ΔW‖"))
-        for ax, adapter in zip(axes, adapters):
-            names = list(adapter["modules"])
-            w = 0.8 / len(keys)
-            for k, (key, label) in enumerate(keys):
-                ax.bar([i + k * w for i in range(len(names))],
-                       [adapter["modules"][m]["amplification"][key] for m in names], w, label=label)
-            ax.set_yscale("log")
-            ax.set_xticks([i + 0.4 - w / 2 for i in range(len(names))], names, rotation=90, fontsize=6)
-            ax.set_title(f"amplification (Table 7), r={adapter['r']}")
-            ax.legend(fontsize=6)
-        _save(fig, out_dir, "amplification.png", written)
-    return written
+def _subspace(pair: dict, adapters: list, side: str, out_dir: str, written: list) -> None:
+    r_a, r_b = adapters[0]["r"], adapters[1]["r"]
+    names = list(pair["modules"])
+    rows, cols = _grid(len(names))
+    fig, axes = _figure(rows, cols, size=(3.2, 3.0))
+    for ax, module in zip(axes, names):
+        phi = pair["modules"][module][side]
+        image = ax.imshow(phi, vmin=0, vmax=1, cmap="viridis", origin="upper", aspect="auto",
+                          extent=(0.5, len(phi[0]) + 0.5, len(phi) + 0.5, 0.5))
+        ax.set_title(module, fontsize=7)
+        ax.set_xlabel(f"j (r={r_b})", fontsize=7)
+        ax.set_ylabel(f"i (r={r_a})", fontsize=7)
+    for ax in axes[len(names):]:
+        ax.set_axis_off()
+    fig.colorbar(image, ax=axes[:len(names)], shrink=0.8, label="φ(i, j)")
+    fig.suptitle(f"subspace similarity of ΔW's {side} singular vectors")
+    _save(fig, out_dir, f"subspace_{side}.png", written)
+
+
+def _amplification(adapters: list, out_dir: str, written: list) -> None:
+    fig, axes = _figure(1, len(adapters), size=(6.0, 3.5))
+    keys = (("proj_delta_w", "‖UᵀWV‖, U,V of ΔW"), ("proj_w", "‖UᵀWV‖, U,V of W"),
+            ("proj_random", "‖UᵀWV‖, random U,V"), ("delta_w_fro", "‖ΔW‖"))
+    for ax, adapter in zip(axes, adapters):
+        names = list(adapter["modules"])
+        w = 0.8 / len(keys)
+        for k, (key, label) in enumerate(keys):
+            ax.bar([i + k * w for i in range(len(names))],
+                   [adapter["modules"][m]["amplification"][key] for m in names], w, label=label)
+        ax.set_yscale("log")
+        ax.set_xticks([i + 0.4 - w / 2 for i in range(len(names))], names, rotation=90, fontsize=6)
+        ax.set_title(f"amplification (Table 7), r={adapter['r']}")
+        ax.legend(fontsize=6)
+    _save(fig, out_dir, "amplification.png", written)
 
 
 # ---------------------------------------------------------------- lora-ds plot

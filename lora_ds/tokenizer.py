@@ -34,6 +34,14 @@ class Tokenizer:
         """Ids of `text` with no special tokens."""
         return self.encode_fn(text)
 
+    def with_bos(self, ids: list[int], max_len: int | None = None) -> list[int]:
+        """[BOS] ids when this tokenizer starts a sequence with BOS: how every context (training, generation,
+        merge verification) begins. Cut to `max_len` by dropping ids from the left; the BOS stays."""
+        bos = [self.bos_token_id] if self.add_bos else []
+        if max_len is not None and len(ids) > max_len - len(bos):
+            ids = ids[len(ids) - (max_len - len(bos)):]
+        return bos + ids
+
     def decode(self, ids) -> str:
         return self.decode_fn([int(i) for i in ids])
 

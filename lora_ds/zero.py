@@ -17,10 +17,6 @@ def full_numel(p: torch.Tensor) -> int:
     return p.ds_numel if is_partitioned(p) else p.numel()
 
 
-def full_shape(p: torch.Tensor) -> torch.Size:
-    return p.ds_shape if is_partitioned(p) else p.shape
-
-
 def local_numel(p: torch.Tensor) -> int:
     """Elements of `p` this rank stores (its ZeRO-3 partition, or the whole tensor)."""
     return p.ds_tensor.numel() if is_partitioned(p) else p.numel()
@@ -48,12 +44,6 @@ def gathered(params, modifier_rank: int | None = None):
 
 def zero3_enabled(ds_config: dict) -> bool:
     return ds_config.get("zero_optimization", {}).get("stage") == 3
-
-
-def cpu_state(params: dict) -> dict:
-    """Full fp32 CPU copies of `params` ({name: param}), gathered on every rank."""
-    with gathered(list(params.values())):
-        return {name: p.detach().float().cpu().clone() for name, p in params.items()}
 
 
 def fetch_by_layer(model) -> int:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from lora_ds.checkpoint import STATE_FILE, resolve_tag
+from lora_ds.checkpoint import resolve_tag
+from lora_ds.checkpoint_files import STATE_FILE
 from lora_ds.errors import UserError
 
 
@@ -101,7 +102,7 @@ class Payload:
 def test_a_pickle_carrying_a_payload_is_refused(tmp_path):
     import torch
 
-    from lora_ds.checkpoint import load_pt
+    from lora_ds.checkpoint_files import load_pt
 
     marker = tmp_path / "pwned"
     bad = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -116,10 +117,68 @@ def test_deepspeed_files_load_with_the_allowlist(tmp_path):
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    from lora_ds.checkpoint import load_pt
+    from lora_ds.checkpoint_files import load_pt
 
     good = tmp_path / "optim.pt"
     torch.save({"zero_stage": ZeroStageEnum.weights, "loss_scaler": LossScaler(1.0),
                 "fp32_flat_groups": [torch.ones(3)]}, good)
     loaded = load_pt(str(good), mmap=True)
     assert loaded["zero_stage"] == ZeroStageEnum.weights and loaded["fp32_flat_groups"][0].sum() == 3
+
+
+def lora_tag(root, run_config: str) -> str:
+    """A sealed tag that `latest` names, with an adapter config and the given run_config.json text."""
+    import json
+
+    from lora_ds.adapter import peft_config
+
+    make_tag(root, "step_00000002")
+    (root / "latest").write_text("step_00000002\n")
+    (root / "step_00000002" / "adapter_config.json").write_text(json.dumps(peft_config(
+        r=4, alpha=8, dropout=0.0, target_modules=["q"], use_rslora=False, fan_in_fan_out=False, base_model="t")))
+    (root / "step_00000002" / "run_config.json").write_text(run_config)
+    return str(root / "step_00000002" / "run_config.json")
+
+
+def test_latest_naming_an_incomplete_tag_is_one_error_for_resume_export_and_eval(tmp_path):
+    from lora_ds.consolidate import export_adapter
+    from lora_ds.eval_model import read_lora
+
+    make_tag(tmp_path, "step_00000002", complete=False)
+    (tmp_path / "latest").write_text("step_00000002\n")
+    message = (r"latest names 'step_00000002', which is missing or incomplete: .*step_00000002 is an incomplete "
+               r"checkpoint \(no trainer_state.json; a rank died while saving\)")
+    for read in (lambda: resolve_tag(str(tmp_path), "auto"), lambda: read_lora(None, str(tmp_path)),
+                 lambda: export_adapter(str(tmp_path), str(tmp_path / "adapter"))):
+        with pytest.raises(UserError, match=message):
+            read()
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_a_malformed_run_config_in_a_checkpoint_is_a_clean_error_for_export_and_eval(tmp_path, capsys):
+    from eval_fixtures import write_wikisql
+    from lora_ds.cli import main
+    from lora_ds.consolidate import export_adapter
+    from lora_ds.eval_model import read_lora
+
+    ckpt = tmp_path / "checkpoints"
+    path = lora_tag(ckpt, '{"resolved": ')
+    for read in (lambda: read_lora(None, str(ckpt)), lambda: export_adapter(str(ckpt), str(tmp_path / "adapter"))):
+        with pytest.raises(UserError, match=f"{path}: not valid JSON"):
+            read()
+    data = write_wikisql(tmp_path / "wikisql")
+    assert main(["export-adapter", "--checkpoint", str(ckpt), "--out", str(tmp_path / "adapter")]) == 2
+    assert main(["eval", "--model", "preset:tiny-gpt-neox", "--task", "wikisql", "--data", str(data),
+                 "--checkpoint", str(ckpt), "--out", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err
+    assert f"lora-ds export-adapter: error: {path}: not valid JSON" in err
+    assert f"lora-ds eval: error: {path}: not valid JSON" in err and "Traceback" not in err
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "eval").exists()
+
+
+def test_a_malformed_trainer_state_is_a_clean_error_naming_it(tmp_path):
+    from lora_ds.checkpoint_files import read_state
+
+    (tmp_path / STATE_FILE).write_text('{"step": 2')
+    with pytest.raises(UserError, match=f"{tmp_path / STATE_FILE}: not valid JSON"):
+        read_state(str(tmp_path))

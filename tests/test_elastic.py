@@ -23,8 +23,7 @@ def reference_step(model_dir, tag_dir, world: int, step: int = 2) -> dict:
     from torch.optim.lr_scheduler import LambdaLR
     from transformers import AutoModelForCausalLM
 
-    from lora_ds.checkpoint import load_pt
-    from lora_ds.consolidate import read_zero3_state
+    from lora_ds.checkpoint_files import load_pt, read_zero3_state
     from lora_ds.data import StepSampler, collate, read_jsonl_pairs
     from lora_ds.engine import WarmupLinear
     from lora_ds.lora import inject_lora, lora_parameters

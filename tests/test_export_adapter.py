@@ -30,6 +30,20 @@ R, ALPHA, SEED = 4, 8, 11
 TAG = "step_00000002"
 
 
+def rank_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--base", required=True)
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--targets", required=True)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--with_frozen", action="store_true", help="save the frozen base fragments too")
+    parser.add_argument("--live_merge", action="store_true", help="also check merged_for_eval on the engine")
+    parser.add_argument("--lora_r", type=int, default=R)
+    parser.add_argument("--persistence_threshold", type=int, default=0,
+                        help="ZeRO-3 keeps params up to this size gathered (0: every param is partitioned)")
+    return parser.parse_args(argv)
+
+
 def rank_program(argv=None) -> None:
     """One rank: ZeRO-3 engine over LoRA-only params, 2 AdamW steps, checkpoint, then the oracles."""
     import deepspeed
@@ -42,17 +56,7 @@ def rank_program(argv=None) -> None:
     from lora_ds.fsutil import write_json, write_text
     from lora_ds.lora import inject_lora, lora_parameters
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--base", required=True)
-    parser.add_argument("--root", required=True)
-    parser.add_argument("--targets", required=True)
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--with_frozen", action="store_true", help="save the frozen base fragments too")
-    parser.add_argument("--live_merge", action="store_true", help="also check merged_for_eval on the engine")
-    parser.add_argument("--lora_r", type=int, default=R)
-    parser.add_argument("--persistence_threshold", type=int, default=0,
-                        help="ZeRO-3 keeps params up to this size gathered (0: every param is partitioned)")
-    args = parser.parse_args(argv)
+    args = rank_args(argv)
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -250,7 +254,7 @@ def test_exported_adapter_loads_in_peft_and_gives_our_logits(runs, world, tmp_pa
 
 def test_the_two_rank_checkpoint_really_holds_frozen_fragments(runs):
     """So that the oracle test above proves the export ignores them (the bench measures that it never reads them)."""
-    from lora_ds.checkpoint import load_pt
+    from lora_ds.checkpoint_files import load_pt
 
     _, ckpt = runs[2]
     state = load_pt(str(ckpt / TAG / "zero_pp_rank_0_mp_rank_00_model_states.pt"), mmap=True)
@@ -320,6 +324,8 @@ BROKEN = {
                   r"no 'latest' file; pass --tag \(tags here: step_00000002\)"),
     "incomplete": (_drop("trainer_state.json"), r"incomplete checkpoint \(no trainer_state.json"),
     "no_adapter_config": (_drop("adapter_config.json"), r"adapter_config.json: missing; the trainer writes"),
+    "run_config_not_json": (lambda tag_dir, runs: (tag_dir / "run_config.json").write_text('{"resolved": '),
+                            r"run_config.json: not valid JSON"),
     "wrong_r": (_edit_json("adapter_config.json", r=8), r"lora_A \[4, 64\] .* says r = 8"),
     "wrong_targets": (_edit_json("adapter_config.json", target_modules=["dense"]),
                       r"not selected by target_modules \['dense'\]"),

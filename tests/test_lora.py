@@ -162,3 +162,107 @@ def test_gpt2_conv1d_adapter_round_trips_through_peft(tmp_path):
                                            tmp_path / "adapter").eval()
     torch.testing.assert_close(model.eval()(input_ids=ids).logits, peft_model(input_ids=ids).logits,
                                rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the one definition of a valid adapter
+
+def small_adapter(path, **config_overrides):
+    """A valid two-module adapter dir (targets ["q"], r = 2), its config changed by `config_overrides`."""
+    tensors = {f"model.layers.{i}.q.lora_{p}.weight": torch.full(shape, 0.1) for i in (0, 1)
+               for p, shape in (("A", (2, 6)), ("B", (5, 2)))}
+    config = peft_config(r=2, alpha=4, dropout=0.0, target_modules=["q"], use_rslora=False, fan_in_fan_out=False,
+                         base_model="t")
+    write_adapter(str(path), tensors, config)
+    if config_overrides:
+        (path / "adapter_config.json").write_text(json.dumps({**config, **config_overrides}))
+    return tensors, config
+
+
+def _edit_weights(change):
+    def edit(path):
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(path / "adapter_model.safetensors")
+        change(state)
+        save_file(state, path / "adapter_model.safetensors")
+    return edit
+
+
+def _nan(state):
+    state["base_model.model.model.layers.0.q.lora_B.weight"][0, 0] = float("nan")
+
+
+# case -> (edit of a valid adapter dir, message)
+BAD_ADAPTERS = {
+    "config not json": (lambda p: (p / "adapter_config.json").write_text("{"), r"adapter_config.json: not valid JSON"),
+    "config not an object": (lambda p: (p / "adapter_config.json").write_text("[]"),
+                             r"adapter_config.json: expected a JSON object"),
+    "not lora": (lambda p: small_adapter(p, peft_type="IA3"), r"adapter_config.json: peft_type is 'IA3'"),
+    "r = 0": (lambda p: small_adapter(p, r=0), r"adapter_config.json: field 'r' must be a positive number, got 0"),
+    "no targets": (lambda p: small_adapter(p, target_modules=None), r"adapter_config.json: field 'target_modules'"),
+    "other r": (lambda p: small_adapter(p, r=4), r"q has lora_A \[2, 6\] and lora_B \[5, 2\], but adapter_config.json "
+                                                 r"says r = 4"),
+    "other targets": (lambda p: small_adapter(p, target_modules=["k"]), r"module model.layers.0.q is not selected by "
+                                                                        r"target_modules \['k'\]"),
+    "half a pair": (_edit_weights(lambda s: s.pop("base_model.model.model.layers.1.q.lora_A.weight")),
+                    r"model.layers.1.q has only one of lora_A / lora_B"),
+    "non-lora tensor": (_edit_weights(lambda s: s.update({"base_model.model.lm_head.weight": torch.ones(2)})),
+                        r"holds non-LoRA tensors \(e.g. lm_head.weight\)"),
+    "nan": (_edit_weights(_nan), r"model.layers.0.q holds NaN/Inf"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ADAPTERS))
+def test_every_reader_refuses_a_bad_adapter_with_the_same_message(tmp_path, case, capsys):
+    """read_adapter, and through it merge, analyze and eval, apply one validator: one error per fault."""
+    from eval_fixtures import write_wikisql
+    from lora_ds.analyze import analyze
+    from lora_ds.cli import main
+    from lora_ds.eval_model import read_lora
+    from lora_ds.merge import merge_model_dir
+
+    edit, message = BAD_ADAPTERS[case]
+    adapter = tmp_path / "adapter"
+    small_adapter(adapter)
+    edit(adapter)
+    for read in (lambda: read_adapter(str(adapter)), lambda: read_lora(str(adapter), None),
+                 lambda: merge_model_dir(str(tmp_path), str(adapter), str(tmp_path / "merged")),
+                 lambda: analyze([str(adapter)], str(tmp_path / "analysis"), progress=False)):
+        with pytest.raises(UserError, match=message):
+            read()
+    data = write_wikisql(tmp_path / "wikisql")
+    assert main(["eval", "--model", "preset:tiny-gpt-neox", "--task", "wikisql", "--data", str(data), "--adapter",
+                 str(adapter), "--out", str(tmp_path / "eval")]) == 2
+    assert "lora-ds eval: error:" in capsys.readouterr().err
+    assert not any((tmp_path / name).exists() for name in ("merged", "analysis", "eval"))
+
+
+def test_write_adapter_refuses_tensors_its_config_does_not_describe(tmp_path):
+    tensors, config = small_adapter(tmp_path / "good")
+    with pytest.raises(UserError, match=r"bad: module model.layers.0.q is not selected by target_modules \['k'\]"):
+        write_adapter(str(tmp_path / "bad"), tensors, {**config, "target_modules": ["k"]})
+    with pytest.raises(UserError, match="--dtype int8: choose one of fp32, bf16, fp16"):
+        write_adapter(str(tmp_path / "bad"), tensors, config, dtype="int8")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good"]
+
+
+def test_eval_with_a_malformed_run_config_beside_the_adapter_is_a_clean_error(tmp_path, capsys):
+    from eval_fixtures import write_wikisql
+    from lora_ds.cli import main
+
+    adapter = tmp_path / "adapter"
+    small_adapter(adapter)
+    (adapter / "run_config.json").write_text('{"train": {"seed": 3},')
+    data = write_wikisql(tmp_path / "wikisql")
+    assert main(["eval", "--model", "preset:tiny-gpt-neox", "--task", "wikisql", "--data", str(data), "--adapter",
+                 str(adapter), "--out", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err
+    assert f"lora-ds eval: error: {adapter / 'run_config.json'}: not valid JSON" in err and "Traceback" not in err
+
+
+def test_the_layer_and_the_adapter_config_agree_on_the_scale():
+    from lora_ds.adapter import scaling
+
+    for rslora in (False, True):
+        layer = LoRALinear(nn.Linear(12, 10), r=3, alpha=6, rslora=rslora)
+        assert scaling({"r": 3, "lora_alpha": 6, "use_rslora": rslora}) == layer.scaling

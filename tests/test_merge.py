@@ -293,3 +293,48 @@ def test_merged_for_eval_skips_the_lora_path_and_restores_the_base_bitwise(tiny)
     assert not any(layer.merged for _, layer in lora_modules(model))
     with torch.no_grad():
         assert torch.equal(model(input_ids=IDS).logits, our_logits)
+
+
+def _cut_header(base):
+    shard = sorted(base.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    return rf"{shard.name}: truncated \(100 bytes, its header alone needs"
+
+
+def _index_not_json(base):
+    (base / INDEX_FILE).write_text("{")
+    return rf"{INDEX_FILE}: not valid JSON"
+
+
+def _index_disagrees(base):
+    index = json.loads((base / INDEX_FILE).read_text())
+    index["weight_map"]["extra.weight"] = sorted(index["weight_map"].values())[0]
+    (base / INDEX_FILE).write_text(json.dumps(index))
+    return rf"{INDEX_FILE}: weight_map and the shards disagree \(e.g. \['extra.weight'\]\)"
+
+
+def _shard_lost(base):
+    shard = sorted(base.glob("*.safetensors"))[-1]
+    shard.unlink()
+    return rf"shard {shard.name} \(listed in {INDEX_FILE}\) is missing"
+
+
+DAMAGED_BASES = {"header cut": _cut_header, "index not json": _index_not_json, "index disagrees": _index_disagrees,
+                 "shard lost": _shard_lost}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED_BASES))
+def test_a_damaged_base_dir_gets_one_message_from_merge_analyze_and_the_model_check(tiny, tmp_path, case):
+    from lora_ds.analyze import analyze
+    from lora_ds.model import check_model_dir
+
+    base, adapter, _ = tiny["gpt_neox"]
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken)
+    message = DAMAGED_BASES[case](broken)
+    for check in (lambda: merge_model_dir(broken, adapter, tmp_path / "merged"),
+                  lambda: analyze([str(adapter)], str(tmp_path / "analysis"), base_dir=str(broken), progress=False),
+                  lambda: check_model_dir(str(broken))):
+        with pytest.raises(UserError, match=message):
+            check()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
