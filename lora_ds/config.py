@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import functools
 import json
 import os
 import types
@@ -81,15 +80,10 @@ def convert(value, hint, key: str):
     raise FieldError(key, value, f"expected {_describe(hint)}")
 
 
-@functools.cache
-def _hints(cls) -> dict:
-    # `from __future__ import annotations` leaves field types as strings; these are the types themselves.
-    return typing.get_type_hints(cls)
-
-
 def _typed(cfg) -> None:
     """Convert every field of the section `cfg` to its declared type (first thing in each __post_init__)."""
-    for name, hint in _hints(type(cfg)).items():
+    # get_type_hints: with `from __future__ import annotations` a dataclass field's .type is only a string.
+    for name, hint in typing.get_type_hints(type(cfg)).items():
         setattr(cfg, name, convert(getattr(cfg, name), hint, _key(cfg, name)))
 
 
@@ -262,9 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     # The deepspeed launcher appends --local_rank; the rank itself is read from the environment.
     parser.add_argument(*flag_spellings("--local_rank"), type=int, default=None, help=argparse.SUPPRESS)
     for section, f in _flag_fields():
-        # A switch for a bool; any other flag is read as text, which the field converts as it does a file's value.
-        kind = {"action": argparse.BooleanOptionalAction} if _hints(SECTION_TYPES[section])[f.name] is bool \
-            else {"metavar": f.name.upper()}
+        # A bool is a switch; any other flag is read as text, which the field converts as it does a file's value.
+        is_switch = typing.get_type_hints(SECTION_TYPES[section])[f.name] is bool
+        kind = {"action": argparse.BooleanOptionalAction} if is_switch else {"metavar": f.name.upper()}
         parser.add_argument(*flag_spellings(f.metadata["flag"]), dest=f"{section}.{f.name}", default=None,
                             help=f"{f.metadata['help']} (default: {f.default})", **kind)
     return parser
