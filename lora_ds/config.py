@@ -2,15 +2,19 @@
 
 Every field documents itself and names its flag; `parse_config(argv)` builds the parser from these
 fields, so a flag, a config-file key and a `run_config.json` entry are always the same thing.
+Each value is converted to its field's type by `convert`, whether it came as flag text or from a file.
 The DeepSpeed batch math lives here, in `resolve_ds_config`, and nowhere else.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 
 from lora_ds.errors import UserError
@@ -19,7 +23,79 @@ DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 
 def _f(default, flag: str, help: str, **kw):
+    """A config field: its default, its command-line flag (underscores, as the config-file key) and help."""
     return field(default=default, metadata={"flag": flag, "help": help, **kw})
+
+
+def flag_spellings(flag: str) -> tuple[str, ...]:
+    """A flag and its hyphenated alias: every lora-ds command spells flags with underscores (the config-file
+    keys) and also accepts hyphens, so `--max_len` and `--max-len` are the same flag everywhere."""
+    hyphenated = "--" + flag[2:].replace("_", "-")
+    return (flag,) if hyphenated == flag else (flag, hyphenated)
+
+
+class FieldError(UserError):
+    """A config field has a bad value. The message names the field (`lora.r 0: ...`); `parse_config`
+    restates it with the flag, or the config file, the value came from."""
+
+    def __init__(self, key: str, value, reason: str):
+        super().__init__(f"{key} {value}: {reason}")
+        self.key, self.value, self.reason = key, value, reason
+
+
+_ACCEPTED = {int: int, float: (int, float), str: str, bool: bool, type(None): type(None)}
+_DESCRIBED = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+
+
+def _describe(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(member) for member in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"a list ({_describe(typing.get_args(hint)[0])} each)"
+    return _DESCRIBED[hint]
+
+
+def convert(value, hint, key: str):
+    """`value` as the type `hint` (int, float, str, bool, None, list[...] and unions of them), or a FieldError.
+
+    Text (a flag's, or a string in a config file) of an int or float field is parsed as Python's int() or
+    float() does, so `lr: 2e-4` (a string to PyYAML) is 0.0002 and `seed: "7"` is 7, like `--seed 7`;
+    `seed: "seven"` or `seed: 2.5` is an error. Other values must already have the type: an int is a
+    float, a bool is not a number, and a bool field (a switch on the command line) takes only true/false.
+    A union takes the first of its types that fits.
+    """
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for member in typing.get_args(hint):
+            with contextlib.suppress(FieldError):
+                return convert(value, member, key)
+    elif origin is list:
+        if isinstance(value, list):
+            return [convert(item, typing.get_args(hint)[0], key) for item in value]
+    elif isinstance(value, str) and hint in (int, float):
+        with contextlib.suppress(ValueError):
+            return hint(value)
+    elif isinstance(value, _ACCEPTED[hint]) and isinstance(value, bool) == (hint is bool):
+        return float(value) if hint is float else value
+    raise FieldError(key, value, f"expected {_describe(hint)}")
+
+
+def _typed(cfg) -> None:
+    """Convert every field of the section `cfg` to its declared type (first thing in each __post_init__)."""
+    # get_type_hints: with `from __future__ import annotations` a dataclass field's .type is only a string.
+    for name, hint in typing.get_type_hints(type(cfg)).items():
+        setattr(cfg, name, convert(getattr(cfg, name), hint, _key(cfg, name)))
+
+
+def _require(cfg, name: str, ok: bool, reason: str) -> None:
+    if not ok:
+        raise FieldError(_key(cfg, name), getattr(cfg, name), reason)
+
+
+def _key(cfg, name: str) -> str:
+    """The field as a config file spells it: lora.r."""
+    section = next(s for s, cls in SECTION_TYPES.items() if cls is type(cfg))
+    return f"{section}.{name}"
 
 
 @dataclass
@@ -39,14 +115,12 @@ class ModelConfig:
                           "module (a hook per Linear/norm)")
 
     def __post_init__(self):
-        if self.dtype not in ("bf16", "fp32"):
-            raise UserError(f"--dtype {self.dtype}: choose bf16 or fp32 (fp16 is not supported)")
-        if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
-            raise UserError(f"--attn_implementation {self.attn_implementation}: choose sdpa, eager or flash_attention_2")
-        if self.kernels not in ("auto", "liger", "off"):
-            raise UserError(f"--kernels {self.kernels}: choose auto, liger or off")
-        if self.zero3_fetch not in ("layer", "module"):
-            raise UserError(f"--zero3_fetch {self.zero3_fetch}: choose layer or module")
+        _typed(self)
+        _require(self, "dtype", self.dtype in ("bf16", "fp32"), "choose bf16 or fp32 (fp16 is not supported)")
+        _require(self, "attn_implementation", self.attn_implementation in ("sdpa", "eager", "flash_attention_2"),
+                 "choose sdpa, eager or flash_attention_2")
+        _require(self, "kernels", self.kernels in ("auto", "liger", "off"), "choose auto, liger or off")
+        _require(self, "zero3_fetch", self.zero3_fetch in ("layer", "module"), "choose layer or module")
 
 
 @dataclass
@@ -61,12 +135,10 @@ class LoraConfig:
     rslora: bool = _f(False, "--rslora", "rank-stabilized scale s = alpha / sqrt(r)")
 
     def __post_init__(self):
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise UserError(f"--lora_r {self.r}: the rank must be a positive integer")
-        if not self.alpha > 0:
-            raise UserError(f"--lora_alpha {self.alpha}: alpha must be positive")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"--lora_dropout {self.dropout}: must be in [0, 1)")
+        _typed(self)
+        _require(self, "r", self.r > 0, "the rank must be a positive integer")
+        _require(self, "alpha", self.alpha > 0, "alpha must be positive")
+        _require(self, "dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)")
         if isinstance(self.targets, str) and not self.targets.startswith("re:"):
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
 
@@ -93,19 +165,17 @@ class DataConfig:
     def __post_init__(self):
         from lora_ds.tasks import TASKS
 
-        if self.max_len < 2:
-            raise UserError(f"--max_len {self.max_len}: must be at least 2")
+        _typed(self)
+        _require(self, "max_len", self.max_len >= 2, "must be at least 2")
         if self.eval_path == "":
             self.eval_path = None
         if self.eval_task == "":
             self.eval_task = None
         if self.eval_task is not None:
             task, _, path = self.eval_task.partition(":")
-            if task not in TASKS or not path:
-                raise UserError(f"--eval_task {self.eval_task}: expected TASK:FILE with TASK one of "
-                                f"{', '.join(TASKS)}, e.g. wikisql:data/wikisql/dev.jsonl")
-        if self.eval_task_samples < 1:
-            raise UserError(f"--eval_task_samples {self.eval_task_samples}: must be at least 1")
+            _require(self, "eval_task", task in TASKS and bool(path),
+                     f"expected TASK:FILE with TASK one of {', '.join(TASKS)}, e.g. wikisql:data/wikisql/dev.jsonl")
+        _require(self, "eval_task_samples", self.eval_task_samples >= 1, "must be at least 1")
 
 
 @dataclass
@@ -131,19 +201,15 @@ class TrainConfig:
                                 "steps with NaN/Inf gradients skipped before the run stops at its last checkpoint")
 
     def __post_init__(self):
+        _typed(self)
         for name in ("micro_batch", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name} {getattr(self, name)}: must be at least 1")
+            _require(self, name, getattr(self, name) >= 1, "must be at least 1")
         for name in ("warmup", "max_steps", "eval_every", "save_every", "halt_at_step", "max_grad_norm",
                      "weight_decay", "max_skipped_steps"):
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name} {getattr(self, name)}: must not be negative")
-        if self.keep_checkpoints < 1:
-            raise UserError(f"--keep_checkpoints {self.keep_checkpoints}: keep at least 1")
-        if not self.lr > 0:
-            raise UserError(f"--lr {self.lr}: must be positive")
-        if self.max_steps == 0 and not self.epochs > 0:
-            raise UserError("--epochs must be positive when --max_steps is 0")
+            _require(self, name, getattr(self, name) >= 0, "must not be negative")
+        _require(self, "keep_checkpoints", self.keep_checkpoints >= 1, "keep at least 1")
+        _require(self, "lr", self.lr > 0, "must be positive")
+        _require(self, "epochs", self.max_steps > 0 or self.epochs > 0, "must be positive when max_steps is 0")
 
 
 @dataclass
@@ -192,37 +258,43 @@ def _read_config_file(path: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="LoRA fine-tuning on DeepSpeed ZeRO-3",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", help="YAML or JSON file with sections model/lora/data/train; flags override it")
+    parser = argparse.ArgumentParser(description="LoRA fine-tuning on DeepSpeed ZeRO-3")
+    parser.add_argument(*flag_spellings("--config"),
+                        help="YAML or JSON file with sections model/lora/data/train; flags override it")
     # The deepspeed launcher appends --local_rank; the rank itself is read from the environment.
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(*flag_spellings("--local_rank"), type=int, default=None, help=argparse.SUPPRESS)
     for section, f in _flag_fields():
-        flag, help_text = f.metadata["flag"], f.metadata["help"]
-        dest = f"{section}.{f.name}"
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
+        # A bool is a switch; any other flag is read as text, which the field converts as it does a file's value.
+        is_switch = typing.get_type_hints(SECTION_TYPES[section])[f.name] is bool
+        kind = {"action": argparse.BooleanOptionalAction} if is_switch else {"metavar": f.name.upper()}
+        parser.add_argument(*flag_spellings(f.metadata["flag"]), dest=f"{section}.{f.name}", default=None,
+                            help=f"{f.metadata['help']} (default: {f.default})", **kind)
     return parser
 
 
 def parse_config(argv: list[str] | None = None) -> RunConfig:
-    """Resolve defaults < --config file < flags into a validated RunConfig."""
+    """Resolve defaults < --config file < flags into a validated RunConfig.
+
+    A bad value is reported with its flag, and also with its key and file when the config file gave it.
+    """
     args = build_parser().parse_args(argv)
     values = {section: {} for section in SECTION_TYPES}
+    given_in = {}  # "lora.r" -> the config file that set it, unless a flag overrides it
     if args.config:
         for section, items in _read_config_file(args.config).items():
             values[section].update(items)
+            given_in.update({f"{section}.{key}": args.config for key in items})
     for section, f in _flag_fields():
         flag_value = getattr(args, f"{section}.{f.name}")
         if flag_value is not None:
             values[section][f.name] = flag_value
+            given_in.pop(f"{section}.{f.name}", None)
     try:
         return RunConfig(**{section: SECTION_TYPES[section](**values[section]) for section in SECTION_TYPES})
-    except TypeError as e:
-        raise UserError(f"{args.config or 'flags'}: {e}") from e
+    except FieldError as e:
+        flag = next(f.metadata["flag"] for section, f in _flag_fields() if f"{section}.{f.name}" == e.key)
+        where = f" ({e.key} in {given_in[e.key]})" if e.key in given_in else ""
+        raise UserError(f"{flag} {e.value}{where}: {e.reason}") from e
 
 
 def load_ds_config(path: str) -> dict:

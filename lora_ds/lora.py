@@ -15,6 +15,7 @@ import re
 import torch
 from torch import nn
 
+from lora_ds.config import LoraConfig
 from lora_ds.errors import UserError
 
 # The paper adapts the query and value projections. Fused QKV layers are adapted whole, as PEFT does.
@@ -188,12 +189,9 @@ def inject_lora(model: nn.Module, targets, r: int, alpha: float, dropout: float 
     With `seed`, the factors are drawn from a generator seeded with it, so every rank (and a
     single-process reference) gets identical initial adapters whatever RNG the base build consumed.
     """
-    if not isinstance(r, int) or r <= 0:
-        raise UserError(f"--lora_r {r}: the rank must be a positive integer")
-    if alpha <= 0:
-        raise UserError(f"--lora_alpha {alpha}: alpha must be positive")
-    if not 0.0 <= dropout < 1.0:
-        raise UserError(f"--lora_dropout {dropout}: must be in [0, 1)")
+    # The training config's checks, naming the field (lora.r, ...) rather than a flag: merge and eval pass
+    # values read from adapter_config.json.
+    LoraConfig(r=r, alpha=alpha, dropout=dropout)
     names = match_targets(model, targets)
     if not names:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()

@@ -64,6 +64,11 @@ CASES = [
      "unknown section 'trainer'"),
     ("config not yaml", lambda t, m: ["--config", write(t / "c.yaml", "lora: [\n")], "c.yaml: cannot parse"),
     ("config missing", lambda t, m: ["--config", str(t / "none.yaml")], "--config"),
+    ("config seed not a number", lambda t, m: ["--config", write(t / "c.yaml", "train:\n  seed: seven\n")],
+     "--seed seven (train.seed in "),
+    ("config float for an int", lambda t, m: ["--config", write(t / "c.yaml", "data:\n  max_len: 2.5\n")],
+     "--max_len 2.5 (data.max_len in "),
+    ("seed flag not a number", lambda t, m: ["--seed", "seven"], "--seed seven: expected an integer"),
     ("ds config missing", lambda t, m: ["--ds_config", str(t / "none.json")], "no such file"),
     ("ds config not json", lambda t, m: ["--ds_config", write(t / "ds.json", "{")], "ds.json: not valid JSON"),
     ("global batch contradicts", lambda t, m: ["--ds_config", ds_file(t, train_batch_size=7)],
@@ -143,3 +148,15 @@ def test_bad_input_exits_nonzero_with_one_clear_message(tmp_path, neox_dir, flag
     assert "Traceback" not in output
     for artifact in ("adapter", "run_config.json", "metrics.jsonl"):
         assert not (out / artifact).exists()
+
+
+def test_config_file_numbers_in_text_train_as_their_flags_would(tmp_path, neox_dir, monkeypatch):
+    """PyYAML reads `lr: 2e-4` as a string; it trains with lr 0.0002, as `--lr 2e-4` does ("7" likewise)."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    out = tmp_path / "out"
+    config = write(tmp_path / "c.yaml", "train:\n  lr: 2e-4\n  seed: '7'\n  max_steps: 1\n")
+    code, output = run_trainer(["--model", str(neox_dir), "--output_dir", str(out), "--micro_batch", "4",
+                                "--dtype", "fp32", "--eval_data", "", "--config", config], tmp_path / "log")
+    assert code == 0, output[-3000:]
+    train = json.loads((out / "run_config.json").read_text())["train"]
+    assert train["lr"] == 0.0002 and train["seed"] == 7

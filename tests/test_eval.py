@@ -220,7 +220,7 @@ def test_flag_and_data_errors_name_what_to_fix(wikisql_file, tmp_path, capsys):
     assert cli([*base, "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "--data" in capsys.readouterr().err
     assert cli([*base, "--data", str(wikisql_file), "--max-new-tokens", "2000"]) == 2
-    assert "--max-new-tokens 2000 leaves no room for the prompt in --max-len 1024" in capsys.readouterr().err
+    assert "--max_new_tokens 2000 leaves no room for the prompt in --max_len 1024" in capsys.readouterr().err
     assert cli([*base, "--data", str(wikisql_file), "--checkpoint", str(tmp_path / "none")]) == 2
     assert "none: no such directory; give OUTPUT/checkpoints of a run" in capsys.readouterr().err
     with pytest.raises(SystemExit):

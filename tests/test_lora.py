@@ -129,7 +129,8 @@ def test_same_seed_gives_same_adapter_whatever_rng_was_consumed():
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(targets=["nonexistent"]), "matches no Linear/Conv1D module"),
-    (dict(r=0), "--lora_r 0"), (dict(alpha=-1.0), "--lora_alpha -1.0"), (dict(dropout=1.5), "--lora_dropout"),
+    (dict(r=0), "lora.r 0: the rank"), (dict(alpha=-1.0), "lora.alpha -1.0"), (dict(dropout=1.5), "lora.dropout"),
+    (dict(r=2.5), "lora.r 2.5: expected an integer"),
 ])
 def test_bad_lora_settings_fail_before_training(kwargs, message):
     args = dict(targets=["query_key_value"], r=4, alpha=8.0, dropout=0.0) | kwargs

@@ -1,7 +1,8 @@
 """`lora-ds`: one subcommand per module of this package.
 
 Each module has a docstring (its help line first), `add_arguments(parser)` and `run(args) -> int`,
-and imports heavy libraries inside `run` so that `lora-ds --help` stays fast.
+and imports heavy libraries inside `run` so that `lora-ds --help` stays fast. Flags are spelled as the
+trainer spells them, with underscores (`--max_len`); `lora_ds.config.flag_spellings` adds the hyphenated alias.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ SUBCOMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-ds", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in SUBCOMMANDS.items():
@@ -30,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         command = sub.add_parser(name, help=module.__doc__.strip().splitlines()[0], description=module.__doc__)
         module.add_arguments(command)
         command.set_defaults(run=module.run)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except UserError as e:

@@ -2,7 +2,7 @@
 
     lora-ds eval --model runs/merged --task wikisql --data wikisql/dev.jsonl --out evals/wikisql
     lora-ds eval --model /models/llama-7b --adapter runs/wikisql/adapter --task wikisql \\
-        --data wikisql/dev.jsonl --out evals/wikisql --num-beams 4
+        --data wikisql/dev.jsonl --out evals/wikisql --num_beams 4
     deepspeed --num_gpus 8 --no_local_rank --module lora_ds eval --model /models/llama-7b \\
         --checkpoint runs/mnli/checkpoints --task mnli \\
         --data glue/MNLI/dev_matched.tsv glue/MNLI/dev_mismatched.tsv --out evals/mnli   # ZeRO-3, 8 GPUs
@@ -13,7 +13,7 @@ In one process the model is loaded whole. Launched on several ranks (or given --
 partitioned by ZeRO-3 and all ranks generate in lockstep; both ways give the same predictions. The LoRA of
 --adapter (a PEFT adapter dir) or --checkpoint (OUTPUT/checkpoints, or one tag in it) is merged into the
 base weights first. --data takes the downloaded files (any format `lora-ds prep` reads); prompts are
-rendered by the task's template, the text the model was trained on. Decoding is greedy unless --num-beams
+rendered by the task's template, the text the model was trained on. Decoding is greedy unless --num_beams
 is above 1; MNLI is also scored by the likeliest of the three label words. Writes predictions.jsonl and
 metrics.json to --out and prints the metrics.
 """
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 
-from lora_ds.config import DEMO_DIR
+from lora_ds.config import DEMO_DIR, flag_spellings
 from lora_ds.tasks import TASKS, get_task
 
 ZERO3_CONFIG = os.path.join(os.path.dirname(os.path.dirname(DEMO_DIR)), "ds_configs", "zero3.json")
@@ -51,30 +51,33 @@ def add_arguments(parser) -> None:
                       help="a training checkpoint to take the LoRA from: OUTPUT/checkpoints (its latest) or a tag")
     add_data_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="where predictions.jsonl and metrics.json go")
-    parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+    parser.add_argument(*flag_spellings("--max_new_tokens"), type=int, default=None, metavar="N",
                         help="generation length (default: wikisql 128, mnli 8, samsum 128)")
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N examples per file")
-    parser.add_argument("--num-beams", type=int, default=1, metavar="K", help="beam width; 1 is greedy (default)")
-    parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts per forward pass per rank")
-    parser.add_argument("--max-len", type=int, default=1024, metavar="N",
-                        help="prompt + generated tokens; longer prompts lose tokens from the left")
+    parser.add_argument(*flag_spellings("--num_beams"), type=int, default=1, metavar="K",
+                        help="beam width; 1 is greedy (default)")
+    # train's --micro_batch: sequences per rank per forward, and the DeepSpeed micro-batch under ZeRO-3.
+    parser.add_argument(*flag_spellings("--micro_batch"), "--batch-size", dest="batch_size", type=int, default=8,
+                        metavar="B", help="prompts per forward pass per rank (default: 8)")
+    parser.add_argument(*flag_spellings("--max_len"), type=int, default=1024, metavar="N",
+                        help="prompt + generated tokens; longer prompts lose tokens from the left (default: 1024)")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype")
-    parser.add_argument("--ds_config", default=None,
+    parser.add_argument(*flag_spellings("--ds_config"), default=None,
                         help=f"DeepSpeed config; default when launched on several ranks: {ZERO3_CONFIG}")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(*flag_spellings("--no_progress"), action="store_true", help="no progress bar")
 
 
 def _check(args) -> None:
     from lora_ds.errors import UserError
 
-    for flag, value, least in (("--limit", args.limit, 1), ("--num-beams", args.num_beams, 1),
-                               ("--batch-size", args.batch_size, 1), ("--max-new-tokens", args.max_new_tokens, 1),
-                               ("--max-len", args.max_len, 2)):
+    for flag, value, least in (("--limit", args.limit, 1), ("--num_beams", args.num_beams, 1),
+                               ("--micro_batch", args.batch_size, 1), ("--max_new_tokens", args.max_new_tokens, 1),
+                               ("--max_len", args.max_len, 2)):
         if value is not None and value < least:
             raise UserError(f"{flag} {value}: must be at least {least}")
     if args.max_new_tokens is not None and args.max_new_tokens >= args.max_len:
-        raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for the prompt in --max-len "
-                        f"{args.max_len}; raise --max-len")
+        raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for the prompt in --max_len "
+                        f"{args.max_len}; raise --max_len")
 
 
 def run(args) -> int:
