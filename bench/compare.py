@@ -1,29 +1,57 @@
-"""Ratios of ours against the anchor from one run's JSON lines (bench/throughput.py output).
+"""Ratios of ours against each anchor from one interleaved run's JSON lines (bench/run_gpu.sh), appended to the
+file as `{"kind": "ratio", ...}` lines and printed.
 
     python bench/compare.py bench/results/FILE.jsonl
+
+A stack's figure is the median over rounds of its runs' median step time (tok/s = tokens per step / that);
+the best single step of all rounds is shown beside it. speedup = ours tok/s / anchor tok/s; memory_ratio =
+ours peak allocated / anchor peak allocated (the largest over rounds, each).
 """
 import json
+import statistics
 import sys
+
+
+def summary(runs: list[dict]) -> dict:
+    tokens = runs[0]["micro_batch"] * runs[0]["seq"]
+    median = statistics.median(r["median_step_s"] for r in runs)
+    best = min(r["best_step_s"] for r in runs)
+    return {"tok_s_per_gpu": tokens / median, "best_tok_s_per_gpu": tokens / best,
+            "rounds_tok_s": [round(tokens / r["median_step_s"]) for r in runs],
+            "mfu_vs_790": runs[0]["flops_per_token"] * tokens / median / 790e12,
+            "peak_alloc_gib": max(r["peak_alloc_gib"] for r in runs), "rounds": len(runs)}
+
+
+def ratios(runs: list[dict]) -> list[dict]:
+    by_tag = {}
+    for r in runs:
+        by_tag.setdefault(r["tag"], []).append(r)
+    stats = {tag: summary(rs) for tag, rs in by_tag.items()}
+    lines = []
+    for tag, ours in stats.items():
+        if not tag.startswith("ours"):
+            continue
+        for anchor in (t for t in stats if t.startswith("anchor")):
+            first = by_tag[tag][0]
+            lines.append({
+                "kind": "ratio", "model": first["model"], "gpus": first["gpus"], "micro_batch": first["micro_batch"],
+                "seq": first["seq"], "targets": first["targets"], "lora_r": first["lora_r"], "ours": tag,
+                "anchor": anchor, "speedup": ours["tok_s_per_gpu"] / stats[anchor]["tok_s_per_gpu"],
+                "best_step_speedup": ours["best_tok_s_per_gpu"] / stats[anchor]["best_tok_s_per_gpu"],
+                "ours_mfu_vs_790": ours["mfu_vs_790"], "anchor_mfu_vs_790": stats[anchor]["mfu_vs_790"],
+                "memory_ratio": ours["peak_alloc_gib"] / stats[anchor]["peak_alloc_gib"],
+                "rounds": min(ours["rounds"], stats[anchor]["rounds"]), "ours_stats": ours,
+                "anchor_stats": stats[anchor], "date": first["date"]})
+    return lines
 
 
 def main(path: str) -> None:
     runs = [json.loads(line) for line in open(path) if line.strip()]
-    anchors = [r for r in runs if r["stack"] == "anchor"]
-    for ours in (r for r in runs if r["stack"] == "ours"):
-        for anchor in anchors:
-            if (anchor["model"], anchor["gpus"], anchor["seq"]) != (ours["model"], ours["gpus"], ours["seq"]):
-                continue
-            summary = {
-                "model": ours["model"], "gpus": ours["gpus"], "micro_batch": (ours["micro_batch"],
-                                                                              anchor["micro_batch"]),
-                "tok_s_per_gpu": (round(ours["tok_s_per_gpu"]), round(anchor["tok_s_per_gpu"])),
-                "speedup": ours["tok_s_per_gpu"] / anchor["tok_s_per_gpu"],
-                "peak_alloc_gib": (round(ours["peak_alloc_gib"], 1), round(anchor["peak_alloc_gib"], 1)),
-                "memory_ratio": ours["peak_alloc_gib"] / anchor["peak_alloc_gib"],
-                "ours_mfu_vs_790": ours.get("mfu_vs_790"),
-                "anchor_mfu_vs_790": ours.get("flops_per_token", 0) * anchor["tok_s_per_gpu"] / 790e12,
-            }
-            print("RATIO " + json.dumps(summary))
+    lines = ratios([r for r in runs if r.get("kind", "run") == "run"])
+    with open(path, "a") as f:
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+            print("RATIO " + json.dumps({k: v for k, v in line.items() if not k.endswith("_stats")}))
 
 
 if __name__ == "__main__":

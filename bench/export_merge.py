@@ -121,7 +121,7 @@ def bench_export(work: Path, repeats: int) -> None:
         checkpoints[name] = root
     lora_only = dir_bytes(checkpoints["1x"] / "step_00000002")
     floor_cmd = [sys.executable, "-c", "import lora_ds.consolidate, safetensors.torch; "
-                 "from lora_ds.checkpoint import deepspeed_safe_globals; deepspeed_safe_globals()"]
+                 "from lora_ds.checkpoint_files import deepspeed_safe_globals; deepspeed_safe_globals()"]
     floor = statistics.median(measure(floor_cmd, work / "floor.log")["peak_rss_mib"] for _ in range(repeats))
     emit({"bench": "export", "case": "import floor", "peak_rss_mib": floor})
     for name, root in checkpoints.items():

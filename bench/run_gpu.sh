@@ -1,25 +1,37 @@
 #!/usr/bin/env bash
-# One benchmark run on a GPU machine: the anchor (HF Trainer + PEFT + DeepSpeed ZeRO-3, with the Hugging Face
-# style "auto" ZeRO-3 config) and ours with each given DeepSpeed config, on the same model shape,
-# micro-batch, length and steps; then the ratios.
-#   bench/run_gpu.sh OUT_DIR MODEL MICRO_BATCH DS_CONFIG...
-# e.g. bench/run_gpu.sh "$OUT" preset:pythia-6.9b 4 ds_configs/zero3.json bench/zero3_h200.json
+# Stacks side by side on a GPU machine, interleaved: ROUNDS rounds of one run per stack, each run its own
+# process (bench/throughput.py, its step times from CUDA events), then the ratios (bench/compare.py).
+#   bench/run_gpu.sh OUT MODEL MICRO TARGETS ROUNDS STACK...
+#   STACK: anchor | anchor-liger | ours | ours:"launcher flags"   (the flags also name the run)
+# e.g. bench/run_gpu.sh "$OUT" preset:llama-3-8b 4 q_proj,v_proj 3 anchor-liger ours
+# BENCH_FLAGS adds throughput.py flags to every run (e.g. "--grad_ckpt"). BUDGET_S (default: none) stops
+# starting runs when less than the longest run so far is left of it, so that the results come back in time.
 set -uo pipefail
-out=$1 model=$2 micro=$3
-shift 3
+out=$1 model=$2 micro=$3 targets=$4 rounds=$5
+shift 5
 gpus=${GPUS:-$(nvidia-smi -L | wc -l)}
-name=$(echo "$model" | tr -c 'A-Za-z0-9.\n-' '_')_${gpus}gpu_mb${micro}
+name=$(echo "$model" | sed 's/^preset://')_${gpus}gpu_mb${micro}_$(echo "$targets" | tr ',' '_')
 mkdir -p "$out"
-run() {  # label, then throughput.py flags
-  local label=$1
-  shift
-  deepspeed --num_gpus "$gpus" bench/throughput.py --model "$model" --micro_batch "$micro" --tag "$label" "$@" \
-    > "$out/${name}_${label}.log" 2>&1
-  grep '^BENCH ' "$out/${name}_${label}.log" | sed 's/^BENCH //' >> "$out/${name}.jsonl" \
-    || tail -40 "$out/${name}_${label}.log"
-}
-run anchor --stack anchor --ds_config bench/anchor_zero3.json ${BENCH_FLAGS:-}
-for ds in "$@"; do
-  run "ours-$(basename "$ds" .json)" --stack ours --ds_config "$ds" ${BENCH_FLAGS:-}
+start=$SECONDS longest=0
+for round in $(seq 1 "$rounds"); do
+  for stack in "$@"; do
+    if [ -n "${BUDGET_S:-}" ] && [ $((SECONDS - start + longest)) -gt "$BUDGET_S" ]; then
+      echo "run_gpu: budget ${BUDGET_S}s reached; stopping before round $round $stack"
+      break 2
+    fi
+    kind=${stack%%:*} flags=""
+    [ "$kind" != "$stack" ] && flags=${stack#*:}
+    tag=$kind$(echo "$flags" | tr -c 'A-Za-z0-9\n' '-' | sed 's/--*/-/g; s/-$//')
+    profile=()
+    [ "$kind" = ours ] && [ "$round" = 1 ] && profile=(--profile "$out/${name}_${tag}_profile.txt")
+    t0=$SECONDS
+    deepspeed --num_gpus "$gpus" bench/throughput.py --stack "$kind" --model "$model" --micro_batch "$micro" \
+      --targets "$targets" --tag "$tag" --ours_flags "$flags" "${profile[@]}" ${BENCH_FLAGS:-} \
+      > "$out/${name}_${tag}_r$round.log" 2>&1
+    grep '^BENCH ' "$out/${name}_${tag}_r$round.log" | sed "s/^BENCH {/{\"round\": $round, /" >> "$out/$name.jsonl" \
+      || tail -30 "$out/${name}_${tag}_r$round.log"
+    [ $((SECONDS - t0)) -gt "$longest" ] && longest=$((SECONDS - t0))
+    echo "run_gpu: round $round $tag $((SECONDS - t0))s"
+  done
 done
-python3 bench/compare.py "$out/${name}.jsonl"
+python3 bench/compare.py "$out/$name.jsonl"

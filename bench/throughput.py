@@ -1,55 +1,61 @@
-"""Training throughput: lora-ds against HF Trainer + PEFT + DeepSpeed ZeRO-3, same shape, batch, length, steps.
+"""Training throughput: lora-ds against HF Trainer + PEFT + DeepSpeed ZeRO-3, with and without Liger kernels.
 
-    deepspeed --num_gpus 2 bench/throughput.py --stack ours   --model preset:pythia-6.9b --micro_batch 4
-    deepspeed --num_gpus 2 bench/throughput.py --stack anchor --model preset:pythia-6.9b --micro_batch 4
-    bench/run_gpu.sh OUT_DIR      # both stacks and the ratios in one run (what bench/results/ holds)
+    deepspeed --num_gpus 1 bench/throughput.py --stack ours --model preset:llama-3-8b --targets q_proj,v_proj
+    deepspeed --num_gpus 1 bench/throughput.py --stack anchor-liger --model preset:llama-3-8b --targets q_proj,v_proj
+    bench/run_gpu.sh OUT MODEL MICRO TARGETS ROUNDS STACK...    # interleaved rounds + ratios (bench/results/)
 
-Both stacks train random-weight models built from the same config, on random tokens at full length
-(every token a target), bf16, ZeRO-3, LoRA r=16 on the same modules. Step times are taken between
-CUDA synchronizations around each optimizer step; the first --warmup_steps are discarded and the
-median of the rest is reported. Rank 0 prints one JSON line.
+Stacks, all bf16 ZeRO-3 with LoRA on the same modules, random-weight models built from the same config, random
+tokens at full length (every token a target):
+    ours          lora-ds as shipped: lora_ds.build (kernels auto, fetch by layer) and ds_configs/zero3.json;
+                  --ours_flags adds launcher flags (e.g. "--kernels off --zero3_fetch module")
+    anchor        HF Trainer + PEFT + DeepSpeed, the Hugging Face "auto" ZeRO-3 config (bench/anchor_zero3.json)
+    anchor-liger  the same with TrainingArguments(use_liger_kernel=True), as users switch Liger on
 
-FLOP accounting (model FLOPs per token; recomputation is not counted):
+Step times come from CUDA events recorded at each step's start on the compute stream (and one after the last):
+no synchronisation is added to any step, so a stack's host-side stalls count against it. The first
+--warmup_steps are discarded; the median and the best of the rest are reported, with peak allocated memory.
+Rank 0 prints one JSON line, `BENCH {...}`.
+
+FLOP accounting ("2F": model FLOPs per token, recomputation not counted, the same for every stack):
     frozen matmuls   4·N_frozen   forward 2N + backward 2N (input gradients only: frozen weights get none)
     LoRA matmuls     6·N_lora     forward, input and weight gradients
     attention        12·L·s·d     QKᵀ and A·V, 4·s·d per layer forward, twice that backward, not causal-halved
-N_frozen counts the weights of every Linear layer including the LM head (embeddings excluded), N_lora
-the A and B factors, L layers, s sequence length, d model width.
+N_frozen counts the weights of every Linear layer including the LM head (embeddings excluded), N_lora the A
+and B factors, L layers, s sequence length, d model width. MFU is against 790 TFLOP/s, the dense bf16 matmul
+rate measured on one H200 here.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import statistics
 import tempfile
 import time
 
 import torch
 
-PEAK_BF16_TFLOPS = 790.0  # measured dense bf16 matmul peak of one H200 (device notes)
+PEAK_BF16_TFLOPS = 790.0
 
 
-def flops_per_token(model, seq: int) -> float:
-    from lora_ds.lora import LoRALinear
-    from lora_ds.zero import full_numel
+def flops_per_token(model_name: str, targets: list[str], r: int, seq: int) -> float:
+    """The 2F model FLOPs per token of the preset `model_name` with rank-r LoRA on `targets` (meta device)."""
+    from transformers import AutoModelForCausalLM
 
-    lora_layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    factors = [f for m in lora_layers for f in (m.lora_A, m.lora_B)]
-    factor_ids = {id(f) for f in factors}
-    frozen = sum(full_numel(m.weight) for m in model.modules()
-                 if isinstance(m, torch.nn.Linear) and id(m) not in factor_ids)
-    lora = sum(full_numel(f.weight) for f in factors)
-    cfg = model.config
-    return 4 * frozen + 6 * lora + 12 * cfg.num_hidden_layers * seq * cfg.hidden_size
+    from lora_ds.lora import match_targets
+    from lora_ds.model import preset_config
 
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    config = preset_config(model_name[len("preset:"):])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    frozen = sum(m.weight.numel() for m in linear.values())
+    lora = sum(r * (linear[n].in_features + linear[n].out_features) for n in match_targets(model, targets))
+    return 4 * frozen + 6 * lora + 12 * config.num_hidden_layers * seq * config.hidden_size
 
 
-def synthetic_rows(n: int, seq: int, vocab: int, seed: int = 0):
+def synthetic_rows(n: int, seq: int, vocab: int, seed: int = 0) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(n):
@@ -58,57 +64,59 @@ def synthetic_rows(n: int, seq: int, vocab: int, seed: int = 0):
     return rows
 
 
-def run_ours(args) -> tuple[list[float], object]:
+class StepEvents:
+    """CUDA events at step boundaries; durations are read once, after the last step."""
+
+    def __init__(self):
+        self.events = []
+
+    def mark(self) -> None:
+        if torch.cuda.is_available():
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events.append(event)
+        else:
+            self.events.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        if not torch.cuda.is_available():
+            return [b - a for a, b in zip(self.events, self.events[1:])]
+        torch.cuda.synchronize()
+        return [a.elapsed_time(b) / 1e3 for a, b in zip(self.events, self.events[1:])]
+
+
+def run_ours(args, events: StepEvents) -> dict:
+    from lora_ds.build import build
     from lora_ds.config import parse_config, resolve_ds_config
-    from lora_ds.data import StepSampler
+    from lora_ds.data import StepSampler, TrainBatches
     from lora_ds.dist import init_distributed
-    from lora_ds.engine import build_engine
-    from lora_ds.lora import inject_lora, lora_parameters
-    from lora_ds.loss import defer_lm_head
-    from lora_ds.model import build_model
-    from lora_ds.train_loop import Loop
+    from lora_ds.train_loop import train_step
 
     flags = ["--model", args.model, "--ds_config", args.ds_config, "--micro_batch", str(args.micro_batch),
              "--lora_r", str(args.lora_r), "--lora_alpha", str(2 * args.lora_r), "--lora_targets", args.targets,
-             "--max_steps", str(args.steps), "--dtype", "bf16"] + (["--grad_ckpt"] if args.grad_ckpt else [])
+             "--max_steps", str(args.steps), "--dtype", "bf16", "--seed", "0",
+             *(["--grad_ckpt"] if args.grad_ckpt else []), *shlex.split(args.ours_flags)]
     cfg = parse_config(flags)
     env = init_distributed()
     ds_config = resolve_ds_config(cfg, env.world_size)
-    model, keepalive = build_model(cfg.model.name, "bf16", ds_config, cfg.model.attn_implementation)
-    inject_lora(model, cfg.lora.target_spec(), cfg.lora.r, cfg.lora.alpha, seed=0)
-    defer_lm_head(model)
-    if args.grad_ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lora = lora_parameters(model)
-    engine = build_engine(model, list(lora.values()), cfg, ds_config, args.steps)
-    rows = synthetic_rows(args.micro_batch * env.world_size * args.steps, args.seq, model.config.vocab_size)
+    trainable, engine = build(cfg, ds_config, args.steps + 1)
+    rows = synthetic_rows(args.micro_batch * env.world_size * (args.steps + 1), args.seq,
+                          trainable.model.config.vocab_size)
     sampler = StepSampler(len(rows), args.micro_batch, 1, env.world_size, seed=0)
-    loop = Loop(engine=engine, rows=rows, eval_rows=None, sampler=sampler, pad_id=0, total_steps=args.steps,
-                output_dir=tempfile.mkdtemp(), log_every=1, eval_every=0, save_every=0, halt_at_step=0,
-                save_fn=None, rank=env.rank, world=env.world_size, device=engine.device)
+    data = TrainBatches(rows, sampler, env.rank, pad_id=0)
     engine.train()
-    times = []
     for step in range(args.steps):
-        profiling = args.profile and step == args.steps - 1
-        if profiling:
-            from torch.profiler import ProfilerActivity, profile
-
-            prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-            prof.__enter__()
-        sync()
-        start = time.perf_counter()
-        loop.train_step(step)
-        sync()
-        times.append(time.perf_counter() - start)
-        if profiling:
-            prof.__exit__(None, None, None)
-            if env.rank == 0:
-                print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30), flush=True)
-    return times, model
+        events.mark()
+        train_step(engine, data, step, engine.device)
+    events.mark()
+    info = {"fused_kernels": trainable.fused, "zero3_fetch": cfg.model.zero3_fetch}
+    if args.profile:
+        info["profile"] = profile_step(lambda: train_step(engine, data, args.steps, engine.device), args)
+    return info
 
 
-def run_anchor(args) -> tuple[list[float], object]:
-    """HF Trainer + PEFT + DeepSpeed ZeRO-3, as users glue them today."""
+def run_anchor(args, events: StepEvents) -> dict:
+    """HF Trainer + PEFT + DeepSpeed ZeRO-3, as users glue them today (Liger through TrainingArguments)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
@@ -120,7 +128,8 @@ def run_anchor(args) -> tuple[list[float], object]:
                               gradient_accumulation_steps=1, max_steps=args.steps, bf16=True, deepspeed=ds,
                               learning_rate=2e-4, weight_decay=0.1, max_grad_norm=1.0, save_strategy="no",
                               logging_steps=10**6, report_to=[], remove_unused_columns=False,
-                              gradient_checkpointing=args.grad_ckpt, dataloader_num_workers=0)
+                              gradient_checkpointing=args.grad_ckpt, dataloader_num_workers=0,
+                              use_liger_kernel=args.stack == "anchor-liger")
     model = AutoModelForCausalLM.from_config(preset_config(args.model[len("preset:"):]), dtype=torch.bfloat16,
                                              attn_implementation="sdpa")
     model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
@@ -129,71 +138,136 @@ def run_anchor(args) -> tuple[list[float], object]:
     rows = synthetic_rows(args.micro_batch * world * args.steps, args.seq, model.config.vocab_size)
     dataset = [{"input_ids": torch.tensor(r["input_ids"]), "labels": torch.tensor(r["labels"]),
                 "attention_mask": torch.ones(args.seq, dtype=torch.long)} for r in rows]
-    times = []
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *a, **kw):
-            sync()
-            self.start = time.perf_counter()
+            events.mark()
 
-        def on_step_end(self, *a, **kw):
-            sync()
-            times.append(time.perf_counter() - self.start)
+        def on_step_end(self, _args, state, *a, **kw):
+            if state.global_step == args.steps:
+                events.mark()
 
     Trainer(model=model, args=targs, train_dataset=dataset, callbacks=[StepTimer()]).train()
-    return times, model.get_base_model()
+    return {}
+
+
+class HookClock:
+    """Host seconds spent in DeepSpeed's ZeRO-3 module hooks (fetch, release, prefetch) while active."""
+
+    NAMES = ("pre_sub_module_forward_function", "post_sub_module_forward_function",
+             "pre_sub_module_backward_function", "post_sub_module_backward_function")
+
+    def __enter__(self):
+        from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+
+        self.cls, self.seconds, self.calls, self.saved = DeepSpeedZeRoOffload, 0.0, 0, {}
+        for name in self.NAMES:
+            original = getattr(DeepSpeedZeRoOffload, name)
+            self.saved[name] = original
+
+            def timed(offload, module, _original=original):
+                start = time.perf_counter()
+                try:
+                    return _original(offload, module)
+                finally:
+                    self.seconds += time.perf_counter() - start
+                    self.calls += 1
+
+            setattr(DeepSpeedZeRoOffload, name, timed)
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self.saved.items():
+            setattr(self.cls, name, original)
+
+
+GEMM_MARKERS = ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "ampere_", "cublas")
+
+
+def profile_step(step, args) -> dict:
+    """One extra step under torch.profiler and the hook clock: the GEMM share of CUDA time, the top non-GEMM
+    kernels, host time in ZeRO-3 hooks. The table goes to --profile (a file)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    with HookClock() as hooks, profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        step()
+        sync()
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in kernels) or 1.0
+    is_gemm = [any(m in e.key.lower() for m in GEMM_MARKERS) for e in kernels]
+    others = sorted((e for e, g in zip(kernels, is_gemm) if not g), key=lambda e: -e.self_device_time_total)
+    with open(args.profile, "w") as f:
+        f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
+    return {"step_wall_s": wall, "cuda_time_s": total / 1e6,
+            "gemm_share": sum(e.self_device_time_total for e, g in zip(kernels, is_gemm) if g) / total,
+            "top_non_gemm": [{"kernel": e.key[:90], "share": e.self_device_time_total / total, "calls": e.count}
+                             for e in others[:10]],
+            "zero3_hook_host_s": hooks.seconds, "zero3_hook_calls": hooks.calls}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stack", choices=["ours", "anchor"], required=True)
-    parser.add_argument("--model", default="preset:pythia-6.9b")
-    parser.add_argument("--ds_config", default="ds_configs/zero3.json")
+    parser.add_argument("--stack", choices=["ours", "anchor", "anchor-liger"], required=True)
+    parser.add_argument("--model", default="preset:llama-3-8b")
+    parser.add_argument("--ds_config", default=None, help="default: ds_configs/zero3.json (ours), "
+                                                            "bench/anchor_zero3.json (anchors)")
     parser.add_argument("--micro_batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup_steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--warmup_steps", type=int, default=6)
     parser.add_argument("--lora_r", type=int, default=16)
-    parser.add_argument("--targets", default="query_key_value")
+    parser.add_argument("--targets", default="q_proj,v_proj")
     parser.add_argument("--grad_ckpt", action="store_true")
+    parser.add_argument("--ours_flags", default="", help="more launcher flags for --stack ours")
     parser.add_argument("--tag", default="")
-    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the last step")
+    parser.add_argument("--profile", help="write a torch.profiler table of one extra step here (ours)")
     parser.add_argument("--local_rank", type=int)
     args = parser.parse_args()
+    args.ds_config = args.ds_config or ("ds_configs/zero3.json" if args.stack == "ours" else "bench/anchor_zero3.json")
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    times, model = (run_ours if args.stack == "ours" else run_anchor)(args)
+    events = StepEvents()
+    start = time.perf_counter()
+    info = (run_ours if args.stack == "ours" else run_anchor)(args, events)
+    times = events.seconds()
+    wall = time.perf_counter() - start
     import torch.distributed as dist
 
     from lora_ds.dist import shutdown
 
-    world = dist.get_world_size()
     cuda = torch.cuda.is_available()
     peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
                          torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0],
                         device="cuda" if cuda else "cpu")
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    steady = times[args.warmup_steps:]
-    median = statistics.median(steady)
-    tokens_per_gpu = args.micro_batch * args.seq / median
-    fpt = flops_per_token(model, args.seq) if args.stack == "ours" else None
     if dist.get_rank() == 0:
-        record = {
-            "stack": args.stack, "tag": args.tag, "model": args.model, "gpus": world,
-            "gpu": torch.cuda.get_device_name() if cuda else "cpu", "micro_batch": args.micro_batch, "seq": args.seq,
-            "lora_r": args.lora_r, "targets": args.targets, "grad_ckpt": args.grad_ckpt,
-            "ds_config": args.ds_config, "steps": args.steps, "warmup_steps": args.warmup_steps,
-            "median_step_s": median, "step_s": [round(t, 4) for t in times],
-            "tok_s_per_gpu": tokens_per_gpu, "peak_alloc_gib": peak[0].item(), "peak_reserved_gib": peak[1].item(),
-            "date": time.strftime("%Y-%m-%d"),
-        }
-        if fpt:
-            record["flops_per_token"] = fpt
-            record["model_tflops_per_gpu"] = fpt * tokens_per_gpu / 1e12
-            record["mfu_vs_790"] = record["model_tflops_per_gpu"] / PEAK_BF16_TFLOPS
-        print("BENCH " + json.dumps(record), flush=True)
+        print("BENCH " + json.dumps(record(args, times, peak.tolist(), wall, info)), flush=True)
     shutdown()
+
+
+def record(args, times: list[float], peak: list[float], wall: float, info: dict) -> dict:
+    import torch.distributed as dist
+
+    steady = times[args.warmup_steps:]
+    median, best = statistics.median(steady), min(steady)
+    tokens = args.micro_batch * args.seq
+    fpt = flops_per_token(args.model, args.targets.split(","), args.lora_r, args.seq)
+    return {
+        "kind": "run", "stack": args.stack, "tag": args.tag or args.stack, "model": args.model,
+        "gpus": dist.get_world_size(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "micro_batch": args.micro_batch, "seq": args.seq, "lora_r": args.lora_r, "targets": args.targets,
+        "grad_ckpt": args.grad_ckpt, "ds_config": args.ds_config, "ours_flags": args.ours_flags,
+        "steps": args.steps, "warmup_steps": args.warmup_steps, "step_s": [round(t, 4) for t in times],
+        "median_step_s": median, "best_step_s": best, "tok_s_per_gpu": tokens / median,
+        "best_tok_s_per_gpu": tokens / best, "flops_per_token": fpt, "mfu_vs_790": fpt * tokens / median / 790e12,
+        "peak_alloc_gib": peak[0], "peak_reserved_gib": peak[1], "process_wall_s": wall,
+        "date": time.strftime("%Y-%m-%d"), **info,
+    }
 
 
 if __name__ == "__main__":

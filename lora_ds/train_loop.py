@@ -258,6 +258,19 @@ class Checkpointer:
         return checkpoint.save(self.engine, self.root, step, self.state(step), self.extra_json, self.keep)
 
 
+def train_step(engine, data: TrainBatches, step: int, device) -> tuple[torch.Tensor, int]:
+    """One optimizer step over this rank's micro-batches: (sum of micro-batch losses, tokens read)."""
+    loss_sum = torch.zeros((), device=device)
+    tokens = 0
+    for batch, n_tokens in data.step(step):
+        loss, _ = lm_loss(engine, {k: v.to(device, non_blocking=True) for k, v in batch.items()})
+        engine.backward(loss)
+        engine.step()
+        loss_sum += loss.detach()
+        tokens += n_tokens
+    return loss_sum, tokens
+
+
 @dataclass
 class Loop:
     """Steps from a start step to `total_steps`, asking its components when to log, evaluate and save."""
@@ -273,18 +286,6 @@ class Loop:
     max_skipped_steps: int = 10
     device: object = None
 
-    def train_step(self, step: int) -> tuple[torch.Tensor, int]:
-        """One optimizer step over this rank's micro-batches: (sum of micro-batch losses, tokens read)."""
-        loss_sum = torch.zeros((), device=self.device)
-        tokens = 0
-        for batch, n_tokens in self.data.step(step):
-            loss, _ = lm_loss(self.engine, {k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
-            self.engine.backward(loss)
-            self.engine.step()
-            loss_sum += loss.detach()
-            tokens += n_tokens
-        return loss_sum, tokens
-
     def run(self, start_step: int) -> Outcome:
         """Train from `start_step` to the end, or until a halt, a stop signal or too many non-finite steps.
 
@@ -296,7 +297,7 @@ class Loop:
         self.metrics.open(start_step, self.total_steps)
         try:
             for step in range(start_step, self.total_steps):
-                loss_sum, tokens = self.train_step(step)
+                loss_sum, tokens = train_step(self.engine, self.data, step, self.device)
                 if self.engine.skipped_steps > self.max_skipped_steps:
                     return Outcome.NONFINITE
                 done, last = step + 1, step + 1 == self.total_steps

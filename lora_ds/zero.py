@@ -60,3 +60,4 @@ def fetch_by_layer(model) -> int:
         # An embedding output that asks for one costs the first layer's input-gradient GEMMs, nothing else.
         model.enable_input_require_grads()
     return len(layers)
+
