@@ -47,8 +47,9 @@ def check(name: str, model_type: str, kwargs: dict, targets: list[str]) -> dict:
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **kwargs)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     inject_lora(model, targets, 16, 32.0, seed=0)
+    model.cuda()
     for _, layer in lora_modules(model):
         torch.nn.init.normal_(layer.lora_B.weight, std=0.02)
     head = defer_lm_head(model)

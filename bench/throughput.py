@@ -229,6 +229,8 @@ def main():
     args = parser.parse_args()
     args.ds_config = args.ds_config or ("ds_configs/zero3.json" if args.stack == "ours" else "bench/anchor_zero3.json")
 
+    # Before any DeepSpeed config is live: transformers would build the meta model under zero.Init.
+    fpt = flops_per_token(args.model, args.targets.split(","), args.lora_r, args.seq)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     events = StepEvents()
@@ -246,17 +248,16 @@ def main():
                         device="cuda" if cuda else "cpu")
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0:
-        print("BENCH " + json.dumps(record(args, times, peak.tolist(), wall, info)), flush=True)
+        print("BENCH " + json.dumps(record(args, times, peak.tolist(), wall, fpt, info)), flush=True)
     shutdown()
 
 
-def record(args, times: list[float], peak: list[float], wall: float, info: dict) -> dict:
+def record(args, times: list[float], peak: list[float], wall: float, fpt: float, info: dict) -> dict:
     import torch.distributed as dist
 
     steady = times[args.warmup_steps:]
     median, best = statistics.median(steady), min(steady)
     tokens = args.micro_batch * args.seq
-    fpt = flops_per_token(args.model, args.targets.split(","), args.lora_r, args.seq)
     return {
         "kind": "run", "stack": args.stack, "tag": args.tag or args.stack, "model": args.model,
         "gpus": dist.get_world_size(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
