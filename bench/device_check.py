@@ -5,7 +5,8 @@
 A model of each family (a few layers of the real width, random weights, LoRA B drawn non-zero so that every
 factor gets a gradient) computes the loss of one batch and its LoRA gradients on the plain path, then again
 after lora_ds.kernels.fuse and with Liger's fused LM-head loss. Relative differences ||fused - plain|| / ||plain||
-of bf16 runs are expected between 1e-3 and 1e-2; the check fails above TOLERANCE.
+are measured against an fp32 run of the plain path: the fused bf16 path must be as close to it as the plain
+bf16 path is (both are bf16 roundings of one function), and its loss within 1e-3 of the plain loss.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import sys
 
 import torch
 
-TOLERANCE = 2e-2
 FAMILIES = {
     "llama-3": ("llama", dict(hidden_size=4096, num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8,
                               intermediate_size=14336, vocab_size=128256, rope_theta=500000.0),
@@ -58,19 +58,29 @@ def check(name: str, model_type: str, kwargs: dict, targets: list[str]) -> dict:
     labels[:, :100] = -100
     batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
              "position_ids": torch.arange(1024, device="cuda").expand(2, -1)}
+    ref_loss, ref = loss_and_grads(model.float(), batch)  # fp32: what both bf16 paths approximate
+    model.to(torch.bfloat16)
     plain_loss, plain = loss_and_grads(model, batch)
     fused_paths = fuse(model)
     head.fused = True
     fused_loss, fused = loss_and_grads(model, batch)
-    rel = {n: ((fused[n] - plain[n]).norm() / plain[n].norm()).item() for n in plain}
-    worst = max(rel, key=rel.get)
+
+    def errors(grads):
+        return {n: ((grads[n] - ref[n]).norm() / ref[n].norm()).item() for n in ref}
+
+    plain_err, fused_err = errors(plain), errors(fused)
     result = {"kind": "device_check", "family": name, "fused": fused_paths + ["linear_cross_entropy"],
-              "loss_plain": plain_loss.item(), "loss_fused": fused_loss.item(),
+              "loss_fp32": ref_loss.item(), "loss_plain": plain_loss.item(), "loss_fused": fused_loss.item(),
               "loss_rel_diff": abs(fused_loss.item() - plain_loss.item()) / abs(plain_loss.item()),
-              "grad_rel_diff_max": rel[worst], "grad_rel_diff_worst": worst,
-              "grad_rel_diff_median": sorted(rel.values())[len(rel) // 2], "lora_tensors": len(rel),
-              "gpu": torch.cuda.get_device_name()}
-    result["ok"] = result["loss_rel_diff"] < TOLERANCE and result["grad_rel_diff_max"] < TOLERANCE
+              "grad_err_vs_fp32_plain_max": max(plain_err.values()), "grad_err_vs_fp32_fused_max": max(fused_err.values()),
+              "grad_err_vs_fp32_plain_median": sorted(plain_err.values())[len(ref) // 2],
+              "grad_err_vs_fp32_fused_median": sorted(fused_err.values())[len(ref) // 2],
+              "grad_rel_diff_fused_vs_plain_max": max(((fused[n] - plain[n]).norm() / plain[n].norm()).item()
+                                                      for n in ref),
+              "lora_tensors": len(ref), "gpu": torch.cuda.get_device_name()}
+    # The fused path must be as close to fp32 as the plain bf16 path is (bf16 rounding, not a different function).
+    result["ok"] = (result["loss_rel_diff"] < 1e-3
+                    and result["grad_err_vs_fp32_fused_max"] <= 1.5 * result["grad_err_vs_fp32_plain_max"] + 1e-3)
     return result
 
 
