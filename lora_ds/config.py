@@ -337,6 +337,11 @@ def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict:
     zero = ds.get("zero_optimization", {})
     if zero.get("stage") not in (2, 3):
         raise UserError(f"{path}: zero_optimization.stage must be 2 or 3, got {zero.get('stage')!r}")
+    if zero.get("zero_hpz_partition_size") == "auto":
+        from lora_ds.dist import ranks_per_node
+
+        # ZeRO++ hpZ: a second copy of the frozen weights sharded within each node, gathered over NVLink.
+        zero["zero_hpz_partition_size"] = ranks_per_node()
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise UserError(f"{path}: remove the {key!r} section; lora-ds builds AdamW and its schedule from "

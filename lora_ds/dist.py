@@ -151,6 +151,22 @@ def _unlink_shm_buffer(info: DistEnv) -> None:
     Path("/dev/shm", name).unlink(missing_ok=True)
 
 
+def ranks_per_node() -> int:
+    """How many ranks share this rank's host (collective once the process group is up; 1 before). Every host
+    must run as many: ZeRO++'s per-node partitions need equal nodes."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return 1
+    hosts = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    counts = {h: hosts.count(h) for h in hosts}
+    if len(set(counts.values())) != 1:
+        raise UserError(f"ranks per host differ ({counts}); zero_hpz_partition_size \"auto\" needs the same number "
+                        "of ranks on every node: set it explicitly or launch equal nodes")
+    return counts[socket.gethostname()]
+
+
 def shutdown() -> None:
     """Wait for every rank, then tear the process group down. Collective. A rank that exits while its peers still
     work leaves gloo threads talking to a closed socket, which can abort a peer at exit ("terminate called
