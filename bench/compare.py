@@ -3,8 +3,8 @@ file as `{"kind": "ratio", ...}` lines and printed.
 
     python bench/compare.py bench/results/FILE.jsonl
 
-A stack's figure is the median over rounds of its runs' median step time (tok/s = tokens per step / that);
-the best single step of all rounds is shown beside it. speedup = ours tok/s / anchor tok/s; memory_ratio =
+A stack's figure is the median over rounds of its runs' tok/s (each run's: tokens per step / its median step, or
+with --lengths the median of its steps' useful tokens / time); the best single step of all rounds is beside it. speedup = ours tok/s / anchor tok/s; memory_ratio =
 ours peak allocated / anchor peak allocated (the largest over rounds, each).
 """
 import json
@@ -13,12 +13,11 @@ import sys
 
 
 def summary(runs: list[dict]) -> dict:
-    tokens = runs[0]["micro_batch"] * runs[0]["seq"]
-    median = statistics.median(r["median_step_s"] for r in runs)
-    best = min(r["best_step_s"] for r in runs)
-    return {"tok_s_per_gpu": tokens / median, "best_tok_s_per_gpu": tokens / best,
-            "rounds_tok_s": [round(tokens / r["median_step_s"]) for r in runs],
-            "mfu_vs_790": runs[0]["flops_per_token"] * tokens / median / 790e12,
+    tok_s = statistics.median(r["tok_s_per_gpu"] for r in runs)
+    mfu = [r["mfu_vs_790"] for r in runs if r.get("mfu_vs_790") is not None]
+    return {"tok_s_per_gpu": tok_s, "best_tok_s_per_gpu": max(r["best_tok_s_per_gpu"] for r in runs),
+            "rounds_tok_s": [round(r["tok_s_per_gpu"]) for r in runs],
+            "mfu_vs_790": statistics.median(mfu) if mfu else None,
             "peak_alloc_gib": max(r["peak_alloc_gib"] for r in runs), "rounds": len(runs)}
 
 
@@ -40,7 +39,8 @@ def ratios(runs: list[dict]) -> list[dict]:
                 "best_step_speedup": ours["best_tok_s_per_gpu"] / stats[anchor]["best_tok_s_per_gpu"],
                 "ours_mfu_vs_790": ours["mfu_vs_790"], "anchor_mfu_vs_790": stats[anchor]["mfu_vs_790"],
                 "memory_ratio": ours["peak_alloc_gib"] / stats[anchor]["peak_alloc_gib"],
-                "rounds": min(ours["rounds"], stats[anchor]["rounds"]), "ours_stats": ours,
+                "rounds": min(ours["rounds"], stats[anchor]["rounds"]), "lengths": first.get("lengths"),
+                "ours_stats": ours,
                 "anchor_stats": stats[anchor], "date": first["date"]})
     return lines
 

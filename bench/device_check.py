@@ -1,12 +1,14 @@
 """Each fused path against the plain one on the GPU: loss and LoRA gradients at step 0, bf16.
 
-    python bench/device_check.py OUT.jsonl        # one JSON line per model family
+    python bench/device_check.py OUT.jsonl        # one JSON line per model family, and one for packing
 
 A model of each family (a few layers of the real width, random weights, LoRA B drawn non-zero so that every
 factor gets a gradient) computes the loss of one batch and its LoRA gradients on the plain path, then again
 after lora_ds.kernels.fuse and with Liger's fused LM-head loss. Relative differences ||fused - plain|| / ||plain||
 are measured against an fp32 run of the plain path: the fused bf16 path must be as close to it as the plain
 bf16 path is (both are bf16 roundings of one function), and its loss within 1e-3 of the plain loss.
+Packed rows are checked the same way: FlexAttention with its mask from position ids against SDPA with the dense
+block-causal mask (FlexAttention has no backward on CPU, so CI checks only its forward).
 """
 from __future__ import annotations
 
@@ -72,7 +74,8 @@ def check(name: str, model_type: str, kwargs: dict, targets: list[str]) -> dict:
     result = {"kind": "device_check", "family": name, "fused": fused_paths + ["linear_cross_entropy"],
               "loss_fp32": ref_loss.item(), "loss_plain": plain_loss.item(), "loss_fused": fused_loss.item(),
               "loss_rel_diff": abs(fused_loss.item() - plain_loss.item()) / abs(plain_loss.item()),
-              "grad_err_vs_fp32_plain_max": max(plain_err.values()), "grad_err_vs_fp32_fused_max": max(fused_err.values()),
+              "grad_err_vs_fp32_plain_max": max(plain_err.values()),
+              "grad_err_vs_fp32_fused_max": max(fused_err.values()),
               "grad_err_vs_fp32_plain_median": sorted(plain_err.values())[len(ref) // 2],
               "grad_err_vs_fp32_fused_median": sorted(fused_err.values())[len(ref) // 2],
               "grad_rel_diff_fused_vs_plain_max": max(((fused[n] - plain[n]).norm() / plain[n].norm()).item()
@@ -84,11 +87,58 @@ def check(name: str, model_type: str, kwargs: dict, targets: list[str]) -> dict:
     return result
 
 
+def check_packing() -> dict:
+    """Packed rows on the GPU: FlexAttention with the mask built from position ids (what --attn_implementation
+    auto picks for packed data) against SDPA with lora_ds.packing's dense block-causal mask, both bf16, and both
+    against an fp32 run of the dense path."""
+    from lora_ds.build import build_trainable
+    from lora_ds.config import parse_config
+    from lora_ds.data import collate
+    from lora_ds.packing import pack_rows
+
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(48):
+        n = int(torch.randint(60, 270, (1,), generator=gen))
+        ids = torch.randint(0, 512, (n,), generator=gen).tolist()
+        rows.append({"id": str(i), "input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:],
+                     "position_ids": list(range(n))})
+    packed = pack_rows(rows, 2048)[:4]
+    runs = {}
+    for name, attn, dtype in (("fp32", "sdpa", "fp32"), ("dense", "sdpa", "bf16"), ("flex", "flex_attention", "bf16")):
+        torch.manual_seed(0)
+        trainable = build_trainable(parse_config(["--model", "preset:tiny-llama", "--dtype", dtype, "--kernels",
+                                                  "off", "--attn_implementation", attn, "--lora_r", "16"]), None)
+        model = trainable.model
+        for n, p in trainable.lora.items():
+            if n.endswith("lora_B.weight"):
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(1))
+        model.cuda()
+        batch = {k: v.cuda() for k, v in collate(packed, 0, model.dtype, trainable.mask_from_positions).items()}
+        runs[name] = loss_and_grads(model, batch) + ("attention_mask" in batch,)
+        del model, trainable
+        torch.cuda.empty_cache()
+    ref = runs["fp32"][1]
+
+    def worst(grads):
+        return max(((grads[n] - ref[n]).norm() / ref[n].norm()).item() for n in ref)
+
+    result = {"kind": "device_check", "family": "packing", "rows": len(packed),
+              "tokens": sum(len(r["input_ids"]) for r in packed), "dense_mask_in_flex_batch": runs["flex"][2],
+              "loss_fp32": runs["fp32"][0].item(), "loss_dense": runs["dense"][0].item(),
+              "loss_flex": runs["flex"][0].item(), "grad_err_vs_fp32_dense_max": worst(runs["dense"][1]),
+              "grad_err_vs_fp32_flex_max": worst(runs["flex"][1]), "gpu": torch.cuda.get_device_name()}
+    result["ok"] = (not runs["flex"][2]
+                    and abs(result["loss_flex"] - result["loss_dense"]) / abs(result["loss_dense"]) < 1e-3
+                    and result["grad_err_vs_fp32_flex_max"] <= 1.5 * result["grad_err_vs_fp32_dense_max"] + 1e-3)
+    return result
+
+
 def main(out: str) -> int:
     ok = True
     with open(out, "a") as f:
-        for name, (model_type, kwargs, targets) in FAMILIES.items():
-            result = check(name, model_type, kwargs, targets)
+        for name, (model_type, kwargs, targets) in [*FAMILIES.items(), ("packing", (None, None, None))]:
+            result = check_packing() if name == "packing" else check(name, model_type, kwargs, targets)
             ok &= result["ok"]
             print("CHECK " + json.dumps(result), flush=True)
             f.write(json.dumps(result) + "\n")

@@ -4,13 +4,14 @@
 #   bench/run_gpu.sh OUT MODEL MICRO TARGETS ROUNDS STACK...
 #   STACK: anchor | anchor-liger | ours | ours:"launcher flags"   (the flags also name the run)
 # e.g. bench/run_gpu.sh "$OUT" preset:llama-3-8b 4 q_proj,v_proj 3 anchor-liger ours
-# BENCH_FLAGS adds throughput.py flags to every run (e.g. "--grad_ckpt"). BUDGET_S (default: none) stops
+# BENCH_FLAGS adds throughput.py flags to every run (e.g. "--grad_ckpt", "--lengths bench/lengths_wikisql_samsum.json"),
+# NAME_SUFFIX names such a set of runs apart (e.g. _reallen). BUDGET_S (default: none) stops
 # starting runs when less than the longest run so far is left of it, so that the results come back in time.
 set -uo pipefail
 out=$1 model=$2 micro=$3 targets=$4 rounds=$5
 shift 5
 gpus=${GPUS:-$(nvidia-smi -L | wc -l)}
-name=$(echo "$model" | sed 's/^preset://')_${gpus}gpu_mb${micro}_$(echo "$targets" | tr ',' '_')
+name=$(echo "$model" | sed 's/^preset://')_${gpus}gpu_mb${micro}_$(echo "$targets" | tr ',' '_')${NAME_SUFFIX:-}
 mkdir -p "$out"
 start=$SECONDS longest=0
 for round in $(seq 1 "$rounds"); do

@@ -64,11 +64,27 @@ def synthetic_rows(n: int, seq: int, vocab: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def real_length_rows(path: str, n: int, vocab: int, seed: int = 0) -> list[dict]:
+    """`n` rows whose lengths are drawn (seeded, with replacement) from the distribution in `path`
+    (bench/lengths_wikisql_samsum.json); random tokens, the loss on each row's second half (its "completion")."""
+    with open(path) as f:
+        lengths = [n for task in json.load(f)["lengths"].values() for n in task]
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = lengths[int(torch.randint(len(lengths), (1,), generator=gen))]
+        ids = torch.randint(0, vocab, (length,), generator=gen).tolist()
+        rows.append({"id": str(i), "input_ids": ids, "labels": [-100] * (length // 2) + ids[length // 2:],
+                     "position_ids": list(range(length))})
+    return rows
+
+
 class StepEvents:
     """CUDA events at step boundaries; durations are read once, after the last step."""
 
     def __init__(self):
         self.events = []
+        self.tokens = []  # useful (non-padding) tokens of each step, on this rank
 
     def mark(self) -> None:
         if torch.cuda.is_available():
@@ -85,6 +101,23 @@ class StepEvents:
         return [a.elapsed_time(b) / 1e3 for a, b in zip(self.events, self.events[1:])]
 
 
+def preset_vocab(model_name: str) -> int:
+    from lora_ds.model import preset_config
+
+    return preset_config(model_name[len("preset:"):]).vocab_size
+
+
+def demo_tokenizer():
+    """A tokenizer object for DataCollatorForSeq2Seq's padding (the demo's; pad id 0 is in every vocab)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from lora_ds.config import DEMO_DIR
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(DEMO_DIR, "tokenizer", "tokenizer.json"))
+    tok.pad_token, tok.pad_token_id = tok.convert_ids_to_tokens(0), 0
+    return tok
+
+
 def run_ours(args, events: StepEvents) -> dict:
     from lora_ds.build import build
     from lora_ds.config import parse_config, resolve_ds_config
@@ -99,17 +132,24 @@ def run_ours(args, events: StepEvents) -> dict:
     cfg = parse_config(flags)
     env = init_distributed()
     ds_config = resolve_ds_config(cfg, env.world_size)
-    trainable, engine = build(cfg, ds_config, args.steps + 1)
-    rows = synthetic_rows(args.micro_batch * env.world_size * (args.steps + 1), args.seq,
-                          trainable.model.config.vocab_size)
+    per_step = args.micro_batch * env.world_size
+    if args.lengths:  # real-length rows, packed first-fit into rows of --seq tokens, as `lora-ds prep --pack` does
+        from lora_ds.packing import pack_rows
+
+        vocab = preset_vocab(args.model)
+        rows = pack_rows(real_length_rows(args.lengths, 14 * per_step * (args.steps + 1), vocab), args.seq)
+    else:
+        rows = synthetic_rows(per_step * (args.steps + 1), args.seq, preset_vocab(args.model))
+    trainable, engine = build(cfg, ds_config, args.steps + 1, packed=bool(args.lengths))
     sampler = StepSampler(len(rows), args.micro_batch, 1, env.world_size, seed=0)
-    data = TrainBatches(rows, sampler, env.rank, pad_id=0)
+    data = TrainBatches(rows, sampler, env.rank, pad_id=0, mask_from_positions=trainable.mask_from_positions)
     engine.train()
     for step in range(args.steps):
         events.mark()
-        train_step(engine, data, step, engine.device)
+        events.tokens.append(train_step(engine, data, step, engine.device)[1])
     events.mark()
-    info = {"fused_kernels": trainable.fused, "zero3_fetch": cfg.model.zero3_fetch}
+    info = {"fused_kernels": trainable.fused, "zero3_fetch": cfg.model.zero3_fetch,
+            "attn_implementation": trainable.attention}
     if args.profile:
         info["profile"] = profile_step(lambda: train_step(engine, data, args.steps, engine.device), args)
     return info
@@ -118,7 +158,7 @@ def run_ours(args, events: StepEvents) -> dict:
 def run_anchor(args, events: StepEvents) -> dict:
     """HF Trainer + PEFT + DeepSpeed ZeRO-3, as users glue them today (Liger through TrainingArguments)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     from lora_ds.model import preset_config
 
@@ -135,9 +175,24 @@ def run_anchor(args, events: StepEvents) -> dict:
     model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
                                              target_modules=args.targets.split(","), task_type="CAUSAL_LM"))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    rows = synthetic_rows(args.micro_batch * world * args.steps, args.seq, model.config.vocab_size)
-    dataset = [{"input_ids": torch.tensor(r["input_ids"]), "labels": torch.tensor(r["labels"]),
-                "attention_mask": torch.ones(args.seq, dtype=torch.long)} for r in rows]
+    n = args.micro_batch * world * args.steps
+    if args.lengths:  # one example a row, padded to the longest of its batch: how users feed the Trainer
+        rows = real_length_rows(args.lengths, n, model.config.vocab_size)
+        dataset = [{"input_ids": r["input_ids"], "labels": r["labels"], "attention_mask": [1] * len(r["input_ids"])}
+                   for r in rows]
+        collator = DataCollatorForSeq2Seq(demo_tokenizer(), padding="longest", label_pad_token_id=-100)
+    else:
+        rows = synthetic_rows(n, args.seq, model.config.vocab_size)
+        dataset = [{"input_ids": torch.tensor(r["input_ids"]), "labels": torch.tensor(r["labels"]),
+                    "attention_mask": torch.ones(args.seq, dtype=torch.long)} for r in rows]
+        collator = None
+    # Step i reads rows [i·micro, (i+1)·micro) of this rank's share (the order does not change the speed).
+    events.tokens = [sum(len(r["input_ids"]) for r in rows[i * args.micro_batch * world:][:args.micro_batch])
+                     for i in range(args.steps)]
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self, *a, **kw):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *a, **kw):
@@ -147,7 +202,7 @@ def run_anchor(args, events: StepEvents) -> dict:
             if state.global_step == args.steps:
                 events.mark()
 
-    Trainer(model=model, args=targs, train_dataset=dataset, callbacks=[StepTimer()]).train()
+    InOrder(model=model, args=targs, train_dataset=dataset, data_collator=collator, callbacks=[StepTimer()]).train()
     return {}
 
 
@@ -223,6 +278,9 @@ def main():
     parser.add_argument("--targets", default="q_proj,v_proj")
     parser.add_argument("--grad_ckpt", action="store_true")
     parser.add_argument("--ours_flags", default="", help="more launcher flags for --stack ours")
+    parser.add_argument("--lengths", help="real-length rows drawn from this length distribution "
+                                          "(bench/lengths_wikisql_samsum.json): ours packs them into rows of --seq, "
+                                          "the anchors pad each batch to its longest row; tok/s counts real tokens")
     parser.add_argument("--tag", default="")
     parser.add_argument("--profile", help="write a torch.profiler table of one extra step here (ours)")
     parser.add_argument("--local_rank", type=int)
@@ -248,24 +306,30 @@ def main():
                         device="cuda" if cuda else "cpu")
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0:
-        print("BENCH " + json.dumps(record(args, times, peak.tolist(), wall, fpt, info)), flush=True)
+        print("BENCH " + json.dumps(record(args, times, events.tokens, peak.tolist(), wall, fpt, info)), flush=True)
     shutdown()
 
 
-def record(args, times: list[float], peak: list[float], wall: float, fpt: float, info: dict) -> dict:
+def record(args, times: list[float], events_tokens: list[int], peak: list[float], wall: float, fpt: float,
+           info: dict) -> dict:
     import torch.distributed as dist
 
     steady = times[args.warmup_steps:]
     median, best = statistics.median(steady), min(steady)
     tokens = args.micro_batch * args.seq
+    # Useful (non-padding) tokens per second of each steady step; all tokens are useful at full length.
+    rates = [n / t for n, t in zip(events_tokens[args.warmup_steps:], steady)] if args.lengths else None
     return {
         "kind": "run", "stack": args.stack, "tag": args.tag or args.stack, "model": args.model,
         "gpus": dist.get_world_size(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "micro_batch": args.micro_batch, "seq": args.seq, "lora_r": args.lora_r, "targets": args.targets,
         "grad_ckpt": args.grad_ckpt, "ds_config": args.ds_config, "ours_flags": args.ours_flags,
         "steps": args.steps, "warmup_steps": args.warmup_steps, "step_s": [round(t, 4) for t in times],
-        "median_step_s": median, "best_step_s": best, "tok_s_per_gpu": tokens / median,
-        "best_tok_s_per_gpu": tokens / best, "flops_per_token": fpt, "mfu_vs_790": fpt * tokens / median / 790e12,
+        "median_step_s": median, "best_step_s": best, "lengths": args.lengths,
+        "tok_s_per_gpu": statistics.median(rates) if rates else tokens / median,
+        "best_tok_s_per_gpu": max(rates) if rates else tokens / best, "flops_per_token": fpt,
+        # At full length only: real-length rows have other attention costs and padding.
+        "mfu_vs_790": None if rates else fpt * tokens / median / 790e12,
         "peak_alloc_gib": peak[0], "peak_reserved_gib": peak[1], "process_wall_s": wall,
         "date": time.strftime("%Y-%m-%d"), **info,
     }

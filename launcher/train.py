@@ -51,7 +51,8 @@ class Recipe:
         self.sampler = StepSampler(len(self.rows), cfg.train.micro_batch, cfg.train.grad_accum, world,
                                    cfg.train.seed)
         self.total_steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * self.sampler.steps_per_epoch))
-        self.trainable, self.engine = build(cfg, self.ds_config, self.total_steps, vocab_size=self.tok.vocab_size)
+        self.trainable, self.engine = build(cfg, self.ds_config, self.total_steps, vocab_size=self.tok.vocab_size,
+                                            packed=getattr(self.rows, "packed", False))
         self._write_run_record()
         self.start_step = 0
         if self.tag is not None:
@@ -84,6 +85,7 @@ class Recipe:
                 "world_size": self.env.world_size, "rank_source": self.env.source, "total_steps": self.total_steps,
                 "steps_per_epoch": self.sampler.steps_per_epoch, "lora_targets": self.trainable.targets,
                 "adapted_modules": self.trainable.adapted, "fused_kernels": self.trainable.fused,
+                "attn_implementation": self.trainable.attention,
                 "trainable_params": self.trainable_params,
                 "total_params": sum(full_numel(p) for p in model.parameters()),
                 "tokenizer": tokenizer_record(self.tok), "ds_config": self.ds_config,
@@ -109,15 +111,17 @@ class Recipe:
             task_eval = TaskEval(cfg.data.eval_task, cfg.data.eval_task_samples, cfg.train.seed, self.tok,
                                  max_len=cfg.data.max_len, batch_size=cfg.train.micro_batch, output_dir=out,
                                  rank=rank, world=world, device=engine.device)
+        by_positions = self.trainable.mask_from_positions
         eval_batches = None if self.eval_rows is None else EvalBatches(
-            self.eval_rows, cfg.train.micro_batch, rank, world, self.tok.pad_token_id, mask_dtype)
+            self.eval_rows, cfg.train.micro_batch, rank, world, self.tok.pad_token_id, mask_dtype, by_positions)
         per_step = self.sampler.per_step
 
         def state(step: int) -> dict:
             return {"step": step, "samples": step * per_step, "world_size": world, "time": time.time()}
 
         return Loop(
-            engine=engine, data=TrainBatches(self.rows, self.sampler, rank, self.tok.pad_token_id, mask_dtype),
+            engine=engine,
+            data=TrainBatches(self.rows, self.sampler, rank, self.tok.pad_token_id, mask_dtype, by_positions),
             metrics=MetricsLog(os.path.join(out, "metrics.jsonl"), cfg.train.log_every, engine, rank),
             evaluator=Evaluator(engine, cfg.train.eval_every, eval_batches, task_eval, engine.device),
             checkpointer=Checkpointer(engine, self.ckpt_root, cfg.train.save_every, cfg.train.keep_checkpoints,

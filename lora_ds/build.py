@@ -13,7 +13,7 @@ from lora_ds import kernels
 from lora_ds.engine import build_engine
 from lora_ds.lora import inject_lora, lora_parameters
 from lora_ds.loss import defer_lm_head
-from lora_ds.model import build_model, default_targets
+from lora_ds.model import attention_implementation, build_model, default_targets
 from lora_ds.zero import fetch_by_layer, zero3_enabled
 
 
@@ -25,12 +25,18 @@ class Trainable:
     adapted: list[str]  # names of the LoRA-wrapped modules
     lora: dict  # {"<module>.lora_A.weight": Parameter, ...}
     fused: list[str]  # fused kernel paths (lora_ds.kernels), [] on the plain path
+    attention: str  # the attention implementation built
+
+    @property
+    def mask_from_positions(self) -> bool:
+        """Whether packed batches go without a dense mask (lora_ds.data.collate)."""
+        return self.attention == "flex_attention"
 
 
-def build_trainable(cfg, ds_config: dict | None, vocab_size: int | None = None) -> Trainable:
-    """The base of `cfg.model` with `cfg.lora`'s adapters, ready for `build_engine`."""
-    model, keepalive = build_model(cfg.model.name, cfg.model.dtype, ds_config, cfg.model.attn_implementation,
-                                   vocab_size=vocab_size)
+def build_trainable(cfg, ds_config: dict | None, vocab_size: int | None = None, packed: bool = False) -> Trainable:
+    """The base of `cfg.model` with `cfg.lora`'s adapters, ready for `build_engine`; `packed`: the rows are."""
+    attention = attention_implementation(cfg.model.attn_implementation, packed)
+    model, keepalive = build_model(cfg.model.name, cfg.model.dtype, ds_config, attention, vocab_size=vocab_size)
     liger = kernels.use_liger(cfg.model.kernels)
     fused = kernels.fuse(model) if liger else []
     targets = cfg.lora.target_spec() or default_targets(model)
@@ -42,11 +48,11 @@ def build_trainable(cfg, ds_config: dict | None, vocab_size: int | None = None) 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if ds_config and zero3_enabled(ds_config) and cfg.model.zero3_fetch == "layer":
         fetch_by_layer(model)
-    return Trainable(model, keepalive, targets, adapted, lora_parameters(model), fused)
+    return Trainable(model, keepalive, targets, adapted, lora_parameters(model), fused, attention)
 
 
-def build(cfg, ds_config: dict, total_steps: int, vocab_size: int | None = None):
+def build(cfg, ds_config: dict, total_steps: int, vocab_size: int | None = None, packed: bool = False):
     """(Trainable, DeepSpeed engine) of `cfg`."""
-    trainable = build_trainable(cfg, ds_config, vocab_size)
+    trainable = build_trainable(cfg, ds_config, vocab_size, packed)
     engine = build_engine(trainable.model, list(trainable.lora.values()), cfg, ds_config, total_steps)
     return trainable, engine

@@ -98,6 +98,9 @@ def _key(cfg, name: str) -> str:
     return f"{section}.{name}"
 
 
+ATTENTIONS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2")
+
+
 @dataclass
 class ModelConfig:
     name: str = _f("preset:tiny-gpt-neox", "--model",
@@ -106,7 +109,9 @@ class ModelConfig:
                                "tokenizer dir or tokenizer.model; default: the model dir (the demo's for presets)")
     dtype: str = _f("bf16", "--dtype", "compute dtype: bf16 or fp32 (fp32 master weights either way)")
     grad_ckpt: bool = _f(False, "--grad_ckpt", "activation (gradient) checkpointing of the transformer blocks")
-    attn_implementation: str = _f("sdpa", "--attn_implementation", "sdpa, eager or flash_attention_2")
+    attn_implementation: str = _f("auto", "--attn_implementation",
+                                  "auto (FlexAttention for packed data on a GPU, else sdpa), sdpa, eager, "
+                                  "flex_attention or flash_attention_2")
     kernels: str = _f("auto", "--kernels",
                       "fused GPU kernels (Liger: norms, RoPE, MLP, LM-head loss): auto (when a CUDA device and "
                       "liger-kernel are there), liger, or off (the plain PyTorch path)")
@@ -117,8 +122,8 @@ class ModelConfig:
     def __post_init__(self):
         _typed(self)
         _require(self, "dtype", self.dtype in ("bf16", "fp32"), "choose bf16 or fp32 (fp16 is not supported)")
-        _require(self, "attn_implementation", self.attn_implementation in ("sdpa", "eager", "flash_attention_2"),
-                 "choose sdpa, eager or flash_attention_2")
+        _require(self, "attn_implementation", self.attn_implementation in ATTENTIONS,
+                 f"choose {', '.join(ATTENTIONS)}")
         _require(self, "kernels", self.kernels in ("auto", "liger", "off"), "choose auto, liger or off")
         _require(self, "zero3_fetch", self.zero3_fetch in ("layer", "module"), "choose layer or module")
 

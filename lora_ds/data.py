@@ -6,6 +6,7 @@ A prepared directory (written by `lora-ds prep`, data_prep/) is a `datasets` Arr
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,9 +66,12 @@ class PreparedRows:
     def __init__(self, path: str):
         from datasets import load_from_disk
 
+        from lora_ds.fsutil import read_json
+
         self.dataset = load_from_disk(path).select_columns(["input_ids", "labels", "position_ids"])
         if len(self.dataset) == 0:
             raise UserError(f"{path}: the prepared dataset has no rows")
+        self.packed = bool(read_json(os.path.join(path, "manifest.json")).get("pack"))
 
     def __len__(self):
         return len(self.dataset)
@@ -140,6 +144,7 @@ class TrainBatches:
     rank: int
     pad_id: int
     mask_dtype: object = None
+    mask_from_positions: bool = False  # see collate
 
     @property
     def accum(self) -> int:
@@ -149,7 +154,8 @@ class TrainBatches:
         """(batch, tokens read) of each micro-batch of `step`."""
         for indices in self.sampler.micro_batches(step, self.rank):
             rows = [self.rows[i] for i in indices]
-            yield collate(rows, self.pad_id, self.mask_dtype), sum(len(r["input_ids"]) for r in rows)
+            yield (collate(rows, self.pad_id, self.mask_dtype, self.mask_from_positions),
+                   sum(len(r["input_ids"]) for r in rows))
 
 
 @dataclass
@@ -163,6 +169,7 @@ class EvalBatches:
     world: int
     pad_id: int
     mask_dtype: object = None
+    mask_from_positions: bool = False  # see collate
 
     def __iter__(self):
         for indices in eval_shards(len(self.rows), self.micro, self.world, self.rank):
@@ -172,18 +179,20 @@ class EvalBatches:
                 if i < 0:
                     row["labels"] = [IGNORE_INDEX] * len(row["labels"])
                 rows.append(row)
-            yield collate(rows, self.pad_id, self.mask_dtype)
+            yield collate(rows, self.pad_id, self.mask_dtype, self.mask_from_positions)
 
 
 def _is_packed(position_ids) -> bool:
     return any(p == 0 for p in position_ids[1:])
 
 
-def collate(rows: list[dict], pad_id: int, mask_dtype=None):
+def collate(rows: list[dict], pad_id: int, mask_dtype=None, mask_from_positions: bool = False):
     """Right-pad rows into tensors: input_ids, labels, position_ids, attention_mask.
 
     Packed rows (position ids restarting at 0) get a 4-D block-causal mask, so attention never
-    crosses an example boundary.
+    crosses an example boundary. With `mask_from_positions` (FlexAttention) they get no mask at all:
+    transformers then builds a block-sparse mask from the position ids (a padding token, at position 0,
+    is an example of its own), and no dense [B, 1, L, L] mask exists.
     """
     import torch
 
@@ -200,6 +209,9 @@ def collate(rows: list[dict], pad_id: int, mask_dtype=None):
         mask[i, :n] = 1
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": mask}
     if any(_is_packed(r["position_ids"]) for r in rows):
+        if mask_from_positions:
+            del batch["attention_mask"]
+            return batch
         from lora_ds.packing import block_causal_mask
 
         # Additive mask in the compute dtype: SDPA needs the mask's dtype to match the queries'.

@@ -96,7 +96,7 @@ def lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
     Both stay on the device: reading them back would stall the step.
     """
-    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                   position_ids=batch["position_ids"])
     labels = batch["labels"][:, 1:]
     n_targets = (labels != IGNORE_INDEX).sum()

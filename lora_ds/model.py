@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from lora_ds.dtypes import DTYPES
 from lora_ds.errors import UserError
 from lora_ds.hf_dir import read_model_dir
@@ -60,6 +62,15 @@ def check_model_dir(path: str) -> None:
     read_model_dir(path, "--model")
 
 
+def attention_implementation(requested: str, packed: bool = False) -> str:
+    """The attention that `requested` means here. auto: FlexAttention for packed rows on a GPU (transformers builds a
+    block-sparse mask from the position ids; a dense [B, 1, L, L] mask would keep SDPA off its flash kernels), else
+    SDPA (the CPU path, with lora_ds.packing's dense mask for packed rows)."""
+    if requested != "auto":
+        return requested
+    return "flex_attention" if packed and torch.cuda.is_available() else "sdpa"
+
+
 def build_model(name: str, dtype: str, ds_config: dict | None, attn_implementation: str = "sdpa",
                 vocab_size: int | None = None):
     """(model, keepalive): the base model, partitioned under ZeRO-3 when `ds_config` says stage 3.
@@ -73,7 +84,7 @@ def build_model(name: str, dtype: str, ds_config: dict | None, attn_implementati
     from lora_ds.zero import zero3_enabled
 
     keepalive = HfDeepSpeedConfig(ds_config) if ds_config and zero3_enabled(ds_config) else None
-    kwargs = dict(dtype=DTYPES[dtype], attn_implementation=attn_implementation)
+    kwargs = dict(dtype=DTYPES[dtype], attn_implementation=attention_implementation(attn_implementation))
     if name.startswith("preset:"):
         model = AutoModelForCausalLM.from_config(preset_config(name[len("preset:"):], vocab_size), **kwargs)
     else:
