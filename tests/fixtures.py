@@ -384,7 +384,7 @@ def write_samsum(root: Path) -> Path:
     return path
 
 
-# ---- a poisoned checkpoint -----------------------------------------------------------------------------------
+# ---- a poisoned checkpoint ---------------------------------------------------------------------------------
 
 class Payload:
     """Unpickling this runs a shell command: what a poisoned checkpoint would carry."""
