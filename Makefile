@@ -1,5 +1,6 @@
 # make demo   -- set up .venv (first time) and train the embedded demo (2 CPU ranks without a GPU)
-# make test   -- set up .venv (first time) and run the test suite
+# make test   -- set up .venv (first time) and run the test suite (what CI runs, .ci/run)
+# make test-fast -- the tests that start no ranks and need no cluster (seconds to minutes; no root needed)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch is installed before the project so that a bare `torch` requirement never pulls a CUDA build on a
@@ -8,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup demo test
+.PHONY: setup demo test test-fast
 
 # setup also installs what the cluster tests need (Slurm, OpenMPI, shellcheck, mpi4py; as root, Debian);
 # tests/system_deps.sh returns at once when all of it is there. The demo needs only the venv.
@@ -31,3 +32,6 @@ endif
 
 test: setup
 	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not distributed and not cluster"

@@ -4,16 +4,18 @@ It runs as root with no systemd and no munge daemon (auth/none, cred/none); each
 NAME` on its own port, all at 127.0.0.1. `start()` writes slurm.conf under `root`, adds the node names to
 /etc/hosts (so a rank can reach the master by its node name, as on a real cluster) and starts the three
 daemons; `stop()` cancels any job left, stops the daemons by PID and puts /etc/hosts back as it was.
-Clients find the cluster through SLURM_CONF (`env()`); nothing is written under /etc/slurm.
+Clients find the cluster through SLURM_CONF (`env()`, which is also the CPU-rank environment of helpers.cpu_env:
+jobs inherit it); nothing is written under /etc/slurm.
 """
 from __future__ import annotations
 
-import os
 import re
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+from helpers import cpu_env, require_mark
 
 HOSTS = Path("/etc/hosts")
 CTLD_PORT = 17000
@@ -38,7 +40,7 @@ class SlurmCluster:
         self._hosts_before: str | None = None
 
     def env(self, **extra) -> dict:
-        return dict(os.environ, SLURM_CONF=str(self.conf), **extra)
+        return cpu_env(SLURM_CONF=self.conf, **extra)
 
     def _write_conf(self) -> None:
         cpus, mem = _host_resources()
@@ -88,6 +90,7 @@ PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubsc
             self._hosts_before = None
 
     def start(self, timeout: float = 60) -> None:
+        require_mark("cluster")
         for port in (CTLD_PORT, *NODE_PORTS):
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:

@@ -3,27 +3,20 @@ leaves nothing half-written in the output directory."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import sys
-import time
-import traceback
 
 import pytest
 
-from conftest import REPO, launch
+from helpers import ds_config_file, fork_trainer, launch, train_args
 
-DS = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+
+def ds_file(tmp, **overrides):
+    return ds_config_file(tmp / "ds.json", **overrides)
 
 
 def write(path, text):
     path.write_text(text)
     return str(path)
-
-
-def ds_file(tmp, **overrides):
-    return write(tmp / "ds.json", json.dumps(DS | overrides))
 
 
 def model_copy(neox_dir, tmp, drop=(), truncate=None):
@@ -105,43 +98,11 @@ CASES = [
 ]
 
 
-def run_trainer(argv: list[str], log, timeout: int = 600) -> tuple[int, str]:
-    """launcher/train.py's cli(argv) in a forked process (imports are shared, the exit status is real); one that
-    hangs is killed and fails the test with its output."""
-    from launcher import train
-
-    pid = os.fork()
-    if pid == 0:
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # pytest replaced sys.std*
-        code = 1
-        try:
-            code = train.cli(argv)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    deadline = time.monotonic() + timeout
-    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise AssertionError(f"the trainer still ran after {timeout} s: {argv}\n{log.read_text()[-3000:]}")
-        time.sleep(0.1)
-    return os.waitstatus_to_exitcode(done[1]), log.read_text()
-
-
 @pytest.mark.parametrize("flags,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_exits_nonzero_with_one_clear_message(tmp_path, neox_dir, flags, message, monkeypatch):
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+def test_bad_input_exits_nonzero_with_one_clear_message(tmp_path, neox_dir, flags, message):
     out = tmp_path / "out"
-    args = ["--model", str(neox_dir), "--output_dir", str(out), "--max_steps", "1", "--micro_batch", "4",
-            "--dtype", "fp32", *flags(tmp_path, neox_dir)]
-    code, output = run_trainer(args, tmp_path / "log")
+    args = [*train_args(neox_dir, out, max_steps=1, micro_batch=4), *flags(tmp_path, neox_dir)]
+    code, output = fork_trainer(args, tmp_path / "log")
     assert code == 2, output[-3000:]
     errors = [line for line in output.splitlines() if line.startswith("train: error:")]
     assert len(errors) == 1 and message in errors[0], output[-3000:]
@@ -150,14 +111,13 @@ def test_bad_input_exits_nonzero_with_one_clear_message(tmp_path, neox_dir, flag
         assert not (out / artifact).exists()
 
 
+@pytest.mark.distributed
 def test_config_file_numbers_in_text_train_as_their_flags_would(tmp_path, neox_dir):
     """PyYAML reads `lr: 2e-4` as a string; it trains with lr 0.0002, as `--lr 2e-4` does ("7" likewise).
 
-    A real process, not run_trainer's fork: a forked pytest whose earlier tests started torch's OpenMP threads
-    can deadlock at the first parallel op of a training step."""
+    A real process (one rank), not fork_trainer's fork, which is for runs that stop before training."""
     out = tmp_path / "out"
     config = write(tmp_path / "c.yaml", "train:\n  lr: 2e-4\n  seed: '7'\n  max_steps: 1\n")
-    launch(["--model", str(neox_dir), "--output_dir", str(out), "--micro_batch", "4", "--dtype", "fp32",
-            "--eval_data", "", "--config", config], nproc=1)
+    launch(train_args(neox_dir, out, micro_batch=4, config=config), nproc=1)
     train = json.loads((out / "run_config.json").read_text())["train"]
     assert train["lr"] == 0.0002 and train["seed"] == 7

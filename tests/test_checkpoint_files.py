@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from fixtures import Payload
 from lora_ds.checkpoint import resolve_tag
 from lora_ds.checkpoint_files import STATE_FILE
 from lora_ds.errors import UserError
@@ -87,18 +88,6 @@ def test_resumed_metrics_drop_the_records_past_the_checkpoint(tmp_path):
     assert path.read_text() == ""
 
 
-class Payload:
-    """Unpickling this runs a shell command: what a poisoned checkpoint would carry."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_a_pickle_carrying_a_payload_is_refused(tmp_path):
     import torch
 
@@ -155,8 +144,8 @@ def test_latest_naming_an_incomplete_tag_is_one_error_for_resume_export_and_eval
     assert not (tmp_path / "adapter").exists()
 
 
-def test_a_malformed_run_config_in_a_checkpoint_is_a_clean_error_for_export_and_eval(tmp_path, capsys):
-    from eval_fixtures import write_wikisql
+def test_a_malformed_run_config_in_a_checkpoint_is_a_clean_error_for_export_and_eval(tmp_path, wikisql_file,
+                                                                                      capsys):
     from lora_ds.cli import main
     from lora_ds.consolidate import export_adapter
     from lora_ds.eval_model import read_lora
@@ -166,9 +155,8 @@ def test_a_malformed_run_config_in_a_checkpoint_is_a_clean_error_for_export_and_
     for read in (lambda: read_lora(None, str(ckpt)), lambda: export_adapter(str(ckpt), str(tmp_path / "adapter"))):
         with pytest.raises(UserError, match=f"{path}: not valid JSON"):
             read()
-    data = write_wikisql(tmp_path / "wikisql")
     assert main(["export-adapter", "--checkpoint", str(ckpt), "--out", str(tmp_path / "adapter")]) == 2
-    assert main(["eval", "--model", "preset:tiny-gpt-neox", "--task", "wikisql", "--data", str(data),
+    assert main(["eval", "--model", "preset:tiny-gpt-neox", "--task", "wikisql", "--data", str(wikisql_file),
                  "--checkpoint", str(ckpt), "--out", str(tmp_path / "eval")]) == 2
     err = capsys.readouterr().err
     assert f"lora-ds export-adapter: error: {path}: not valid JSON" in err

@@ -4,14 +4,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
-from pathlib import Path
 
 import pytest
 
+from helpers import REPO, ds_config_file
 from lora_ds.config import SECTION_TYPES, build_parser, parse_config, resolve_ds_config
 from lora_ds.errors import UserError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_then_file_then_flags(tmp_path):
@@ -70,13 +68,6 @@ def test_every_shipped_ds_config_resolves(name):
     assert "auto" not in json.dumps(ds)
 
 
-def write_ds(tmp_path, **overrides) -> str:
-    ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text()) | overrides
-    path = tmp_path / "ds.json"
-    path.write_text(json.dumps(ds))
-    return str(path)
-
-
 @pytest.mark.parametrize("overrides,message", [
     (dict(train_batch_size=10), "train_batch_size is 10 but --micro_batch × --grad_accum × world size"),
     (dict(train_micro_batch_size_per_gpu=8), "train_micro_batch_size_per_gpu is 8 but --micro_batch"),
@@ -86,14 +77,14 @@ def write_ds(tmp_path, **overrides) -> str:
     (dict(zero_optimization={"stage": 1}), "stage must be 2 or 3"),
 ])
 def test_ds_config_contradicting_flags_is_an_error(tmp_path, overrides, message):
-    cfg = parse_config(["--ds_config", write_ds(tmp_path, **overrides), "--micro_batch", "4"])
+    cfg = parse_config(["--ds_config", ds_config_file(tmp_path / "ds.json", **overrides), "--micro_batch", "4"])
     with pytest.raises(UserError, match=message):
         resolve_ds_config(cfg, world_size=2)
 
 
 def test_explicit_ds_values_that_agree_are_accepted(tmp_path):
-    cfg = parse_config(["--ds_config", write_ds(tmp_path, train_batch_size=16), "--micro_batch", "4",
-                        "--grad_accum", "2"])
+    cfg = parse_config(["--ds_config", ds_config_file(tmp_path / "ds.json", train_batch_size=16), "--micro_batch",
+                        "4", "--grad_accum", "2"])
     assert resolve_ds_config(cfg, world_size=2)["train_batch_size"] == 16
 
 

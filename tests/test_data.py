@@ -6,23 +6,15 @@ import json
 import pytest
 import torch
 
-from conftest import DEMO, demo_texts
+from helpers import DEMO_TOKENIZER
 from lora_ds.data import IGNORE_INDEX, StepSampler, collate, encode_pair, eval_shards, load_rows
 from lora_ds.errors import UserError
 from lora_ds.tokenizer import load_tokenizer
-from tokenizers_util import train_sentencepiece_model
 
 
 @pytest.fixture(scope="module")
 def hf_tok():
-    return load_tokenizer(str(DEMO / "tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def sp_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sp")
-    train_sentencepiece_model(demo_texts(), out / "tokenizer.model")
-    return out
+    return load_tokenizer(str(DEMO_TOKENIZER))
 
 
 def test_loss_covers_the_completion_and_eos_only(hf_tok):
@@ -44,17 +36,17 @@ def test_overlong_examples_lose_context_from_the_left_never_target(hf_tok):
         == (None, False)
 
 
-def test_sentencepiece_dir_gives_sentencepiece_ids_with_bos(sp_dir):
+def test_sentencepiece_dir_gives_sentencepiece_ids_with_bos(llama_dir):
     import sentencepiece as spm
 
-    tok = load_tokenizer(str(sp_dir))
-    sp = spm.SentencePieceProcessor(model_file=str(sp_dir / "tokenizer.model"))
+    tok = load_tokenizer(str(llama_dir))
+    sp = spm.SentencePieceProcessor(model_file=str(llama_dir / "tokenizer.model"))
     text = "Question: Who is the mayor of Farrow?"
     assert tok.encode(text) == sp.encode(text) and tok.add_bos and tok.bos_token_id == 1
     assert tok.eos_token_id == 2 and tok.decode(tok.encode(text)) == text
     row, _ = encode_pair(tok, "Q:", " A")
     assert row["input_ids"][0] == 1 and row["input_ids"][-1] == 2
-    assert load_tokenizer(str(sp_dir / "tokenizer.model")).identity == tok.identity
+    assert load_tokenizer(str(llama_dir / "tokenizer.model")).identity == tok.identity
 
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path):

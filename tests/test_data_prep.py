@@ -5,21 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from data_prep import common
-from fixtures_data import FIXTURES, mnli_data, samsum_data, tokenizer_texts, write_fixture
+from fixtures import (FIXTURES, mnli_data, samsum_data, tokenizer_texts, train_bpe_tokenizer,
+                      train_sentencepiece_model, write_fixture)
+from helpers import run_cli
 from lora_ds.data import IGNORE_INDEX, encode_pair
 from lora_ds.errors import UserError
 from lora_ds.tasks import get_task, samsum
 from lora_ds.tokenizer import load_tokenizer
-from tokenizers_util import train_bpe_tokenizer, train_sentencepiece_model
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -216,11 +213,6 @@ def test_skip_bad_skips_and_counts(tokenizers, tmp_path):
 
 # ---- bad input through the real CLI ---------------------------------------------------------------------------
 
-def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lora_ds", "prep", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
-
-
 def wikisql_files(tmp_path: Path, questions: list, tables: list | None = None) -> str:
     table = {"id": "t1", "header": ["Player", "Goals"], "types": ["text", "real"], "rows": [["A", 1]]}
     write_lines(tmp_path / "dev.tables.jsonl", [json.dumps(t) for t in (tables or [table])])
@@ -269,7 +261,7 @@ def test_bad_input_fails_with_file_line_and_field_and_leaves_nothing(case, messa
 
     task, src = bad_wikisql(tmp_path, case)
     out = tmp_path / "prepared"
-    proc = run_cli(task, "--src", src, "--tokenizer", tokenizers["bpe"], "--out", out)
+    proc = run_cli("prep", task, "--src", src, "--tokenizer", tokenizers["bpe"], "--out", out)
     assert proc.returncode == 2, proc.stderr
     assert re.search(message, proc.stderr), proc.stderr
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".prepared")]
@@ -295,7 +287,7 @@ def test_wrong_or_mixed_input_is_refused(sources, tokenizers, tmp_path):
         prep("wikisql", [str(lonely)], tok, tmp_path / "out")
     test_tsv = tmp_path / "test_matched.tsv"
     test_tsv.write_text("index\tpairID\tsentence1\tsentence2\n0\t1e\tA.\tB.\n")
-    proc = run_cli("mnli", "--src", test_tsv, "--tokenizer", tok, "--out", tmp_path / "out")
+    proc = run_cli("prep", "mnli", "--src", test_tsv, "--tokenizer", tok, "--out", tmp_path / "out")
     assert proc.returncode == 2 and "no gold_label column (GLUE's test files are unlabeled)" in proc.stderr
     hf_test = write_lines(tmp_path / "test.jsonl", [json.dumps({"premise": "P.", "hypothesis": "H.", "label": -1})])
     with pytest.raises(UserError, match=r"test.jsonl:1: field 'label' is -1, no label"):
@@ -321,13 +313,12 @@ def test_flags_are_checked_before_any_work(sources, tokenizers, tmp_path):
 
 def test_cli_prepares_and_the_module_entry_point_matches(sources, tokenizers, tmp_path):
     src = sources["mnli-glue-dev"]
-    proc = run_cli("mnli", "--src", *src, "--tokenizer", tokenizers["sp"], "--out", tmp_path / "cli",
+    proc = run_cli("prep", "mnli", "--src", *src, "--tokenizer", tokenizers["sp"], "--out", tmp_path / "cli",
                    "--split", "dev_matched", "--pack", "256")
     assert proc.returncode == 0, proc.stderr
     assert "mnli dev_matched: read 36, kept 36" in proc.stdout and "examples/s" in proc.stdout
-    module = subprocess.run([sys.executable, "-m", "data_prep.mnli", "--src", *src, "--tokenizer", tokenizers["sp"],
-                             "--out", tmp_path / "module", "--split", "dev_matched", "--pack", "256"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    module = run_cli("--src", *src, "--tokenizer", tokenizers["sp"], "--out", tmp_path / "module", "--split",
+                     "dev_matched", "--pack", "256", module="data_prep.mnli")
     assert module.returncode == 0, module.stderr
     assert dir_digest(tmp_path / "cli") == dir_digest(tmp_path / "module")
     assert load(tmp_path / "cli").split == "dev_matched"

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import pytest
 
-from conftest import DEEPSPEED, DEMO, REPO, free_port
+from helpers import finish, free_port, metric_steps, start, train_args
 from lora_ds.dist import STALE_BUILD_LOCK_S, DistEnv, check_build_locks, discover, in_slurm_step
 from lora_ds.errors import UserError
 
@@ -58,24 +57,19 @@ def test_deepspeed_hostfile_launch_of_two_nodes_without_ssh(neox_dir, tmp_path):
     ssh; node 0 holds rank 0 (it writes the adapter), and the two train one model together."""
     hosts = tmp_path / "hosts"
     hosts.write_text("node-a slots=1\nnode-b slots=1\n")
-    out = tmp_path / "run"
-    port = str(free_port())
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    flags = ["--model", str(neox_dir), "--data", str(DEMO / "train.jsonl"), "--eval_data", "", "--output_dir",
-             str(out), "--max_steps", "4", "--dtype", "fp32", "--micro_batch", "4", "--lora_r", "4", "--seed", "7"]
-    nodes = [subprocess.Popen([str(DEEPSPEED), "--hostfile", str(hosts), "--no_ssh", "--node_rank", str(k),
-                               "--master_addr", "127.0.0.1", "--master_port", port,
-                               str(REPO / "launcher" / "train.py"), *flags],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, port = tmp_path / "run", free_port()
+    args = train_args(neox_dir, out, max_steps=4, micro_batch=4, lora_r=4, seed=7)
+    nodes = [start(args, None, port=port, log=tmp_path / f"node{k}.log",
+                   launcher_args=("--hostfile", hosts, "--no_ssh", "--node_rank", k, "--master_addr", "127.0.0.1"))
              for k in (0, 1)]
-    logs = [p.communicate(timeout=600)[0] for p in nodes]
-    assert [p.returncode for p in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    codes = [finish(node, timeout=600, check=False).returncode for node in nodes]
+    logs = [(tmp_path / f"node{k}.log").read_text() for k in (0, 1)]
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert "adapter written" in logs[0] and "adapter written" not in logs[1]
     resolved = json.loads((out / "run_config.json").read_text())["resolved"]
     assert (resolved["world_size"], resolved["rank_source"]) == (2, "torchrun")
     assert resolved["ds_config"]["train_batch_size"] == 8
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    assert metric_steps(out) == [1, 2, 3, 4]
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 0
 
 

@@ -3,43 +3,24 @@ wrote, and the generation eval during training (real `deepspeed` launches on CPU
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import DEEPSPEED, REPO, free_port, launch
-from eval_fixtures import write_mnli, write_wikisql
+from fixtures import save_model_dir, write_mnli
+from helpers import launch, read_metrics, train_args
 from lora_ds.cli import main as cli
 
 EOS_LIKE = 102  # a token the tiny random model often generates
-
-
-def run_ranks(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    """`lora-ds ARGS` on `nproc` CPU ranks through the deepspeed launcher."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [str(DEEPSPEED), "--num_gpus", str(nproc), "--master_port", str(free_port()), "--no_local_rank",
-           "--module", "lora_ds", *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
 
 
 def read_rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
 
 
-def read_metrics(out: Path) -> dict:
+def eval_metrics(out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
-
-
-def copy_tokenizer(src: Path, dst: Path) -> None:
-    for f in src.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(f, dst / f.name)
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +29,11 @@ def base_dir(neox_dir, tmp_path_factory) -> Path:
     generations end at different lengths (as a trained model's do) and ranks finish at different steps."""
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path_factory.mktemp("eos_neox")
     model = AutoModelForCausalLM.from_pretrained(neox_dir, dtype=torch.float32)
     with torch.no_grad():
         head = model.get_output_embeddings().weight
         head[0] = head[EOS_LIKE] * 1.05  # id 0 is the demo tokenizer's EOS
-    model.save_pretrained(out, max_shard_size="100KB")
-    copy_tokenizer(neox_dir, out)
-    return out
+    return save_model_dir(model, tmp_path_factory.mktemp("eos_neox"), tokenizer=neox_dir)
 
 
 @pytest.fixture(scope="module")
@@ -78,22 +56,14 @@ def random_adapter(base_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def wikisql_file(tmp_path_factory) -> Path:
-    return write_wikisql(tmp_path_factory.mktemp("wikisql"))
-
-
-@pytest.fixture(scope="module")
 def merged_dir(base_dir, random_adapter, tmp_path_factory) -> Path:
     """base + the random adapter merged (W0 + s·B·A) and saved as a plain Hugging Face model dir."""
     from lora_ds.eval_model import build_eval_model, read_lora
     from lora_ds.tokenizer import load_tokenizer
 
-    out = tmp_path_factory.mktemp("merged")
     lora = read_lora(str(random_adapter), None)
     model, _, _ = build_eval_model(str(base_dir), load_tokenizer(str(base_dir)), lora, "fp32", None)
-    model.save_pretrained(out)
-    copy_tokenizer(base_dir, out)
-    return out
+    return save_model_dir(model, tmp_path_factory.mktemp("merged"), tokenizer=base_dir)
 
 
 MAX_NEW = 28
@@ -105,8 +75,8 @@ def wikisql_runs(base_dir, random_adapter, merged_dir, wikisql_file, tmp_path_fa
     root = tmp_path_factory.mktemp("wikisql_runs")
     common = ["--task", "wikisql", "--data", str(wikisql_file), "--dtype", "fp32", "--batch-size", "2",
               "--max-new-tokens", str(MAX_NEW)]
-    run_ranks(["eval", "--model", str(base_dir), "--adapter", str(random_adapter), "--out", str(root / "zero3"),
-               "--no-progress", *common])
+    launch(["eval", "--model", base_dir, "--adapter", random_adapter, "--out", root / "zero3", "--no-progress",
+            *common], program="lora_ds", timeout=600)
     return root / "zero3", root / "merged", common
 
 
@@ -143,7 +113,7 @@ def test_greedy_under_two_rank_zero3_equals_one_process_on_the_merged_model(wiki
     a, b = read_rows(zero3), read_rows(merged)
     assert [r["id"] for r in a] == [f"dev.jsonl:{i}" for i in range(1, 6)] == [r["id"] for r in b]
     assert [r["prediction"] for r in a] == [r["prediction"] for r in b]
-    ma, mb = read_metrics(zero3), read_metrics(merged)
+    ma, mb = eval_metrics(zero3), eval_metrics(merged)
     assert ma["metrics"] == mb["metrics"] and ma["metrics"]["dev"]["n"] == 5
     assert (ma["world_size"], ma["zero3"], mb["world_size"], mb["zero3"]) == (2, True, 1, False)
     assert ma["decoding"] == {"strategy": "greedy", "num_beams": 1, "max_new_tokens": MAX_NEW, "max_len": 1024}
@@ -154,14 +124,15 @@ def test_greedy_under_two_rank_zero3_equals_one_process_on_the_merged_model(wiki
     assert "wikisql generate" in err  # the progress bar
 
 
+@pytest.mark.distributed
 def test_score_of_eval_predictions_reproduces_eval_metrics(wikisql_runs, wikisql_file, tmp_path, capsys):
     zero3, _, _ = wikisql_runs
     assert cli(["score", "--task", "wikisql", "--data", str(wikisql_file), "--predictions",
                 str(zero3 / "predictions.jsonl"), "--out", str(tmp_path / "by_id")]) == 0
-    assert read_metrics(tmp_path / "by_id")["metrics"] == read_metrics(zero3)["metrics"]
+    assert eval_metrics(tmp_path / "by_id")["metrics"] == eval_metrics(zero3)["metrics"]
     assert cli(["score", "--task", "wikisql", "--data", str(wikisql_file), "--predictions",
                 str(zero3 / "predictions.official.jsonl"), "--out", str(tmp_path / "official")]) == 0
-    assert read_metrics(tmp_path / "official")["metrics"] == read_metrics(zero3)["metrics"]
+    assert eval_metrics(tmp_path / "official")["metrics"] == eval_metrics(zero3)["metrics"]
     assert "lf_accuracy" in capsys.readouterr().out
 
 
@@ -173,21 +144,20 @@ def run_dir(base_dir, wikisql_file, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("train")
     prepare(Settings(task="wikisql", src=[str(wikisql_file)], tokenizer=str(base_dir), out=str(root / "prepared")))
-    launch(["--model", str(base_dir), "--data", str(root / "prepared"), "--eval_data", "", "--output_dir",
-            str(root / "run"), "--eval_task", f"wikisql:{wikisql_file}", "--eval_task_samples", "3",
-            "--eval_every", "1", "--max_steps", "2", "--micro_batch", "1", "--dtype", "fp32", "--lr", "1e-2"])
+    launch(train_args(base_dir, root / "run", data=root / "prepared", eval_task=f"wikisql:{wikisql_file}",
+                      eval_task_samples=3, eval_every=1, max_steps=2, micro_batch=1, lr=1e-2))
     return root / "run"
 
 
 @pytest.mark.distributed
 def test_generation_eval_during_training_is_logged_at_eval_steps(run_dir):
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     assert [r["step"] for r in records if "eval_wikisql_lf_accuracy" in r] == [1, 2]
     for r in records:
         assert r["eval_wikisql_n"] == 3 and 0 <= r["eval_wikisql_unparsed"] <= 3
         assert r["eval_wikisql_lf_accuracy"] in (0.0, 100 / 3, 200 / 3, 100.0)
     sample = read_rows(run_dir / "eval" / "step_00000002")
-    assert len(sample) == 3 and read_metrics(run_dir / "eval" / "step_00000002")["step"] == 2
+    assert len(sample) == 3 and eval_metrics(run_dir / "eval" / "step_00000002")["step"] == 2
     assert {r["id"] for r in sample} == {r["id"] for r in read_rows(run_dir / "eval" / "step_00000001")}
 
 
@@ -199,7 +169,8 @@ def test_beam_search_and_label_choice_from_a_checkpoint_match_its_adapter_in_one
     data = [str(p) for p in write_mnli(tmp_path / "mnli")]
     common = ["--model", str(base_dir), "--task", "mnli", "--data", *data, "--dtype", "fp32", "--batch-size", "3",
               "--num-beams", "2", "--max-new-tokens", "6", "--no-progress"]
-    run_ranks(["eval", *common, "--checkpoint", str(run_dir / "checkpoints"), "--out", str(tmp_path / "zero3")])
+    launch(["eval", *common, "--checkpoint", run_dir / "checkpoints", "--out", tmp_path / "zero3"], program="lora_ds",
+           timeout=600)
     assert cli(["eval", *common, "--adapter", str(run_dir / "adapter"), "--out", str(tmp_path / "one")]) == 0
     a, b = read_rows(tmp_path / "zero3"), read_rows(tmp_path / "one")
     assert [(r["split"], r["id"]) for r in a] == [("matched", "m1"), ("matched", "m2"), ("matched", "m3"),
@@ -207,8 +178,8 @@ def test_beam_search_and_label_choice_from_a_checkpoint_match_its_adapter_in_one
                                                   ("mismatched", "x3")]
     assert [(r["prediction"], r["constrained"]) for r in a] == [(r["prediction"], r["constrained"]) for r in b]
     assert all(r["constrained"] in ("entailment", "neutral", "contradiction") for r in a)
-    metrics = read_metrics(tmp_path / "zero3")
-    assert metrics["metrics"] == read_metrics(tmp_path / "one")["metrics"]
+    metrics = eval_metrics(tmp_path / "zero3")
+    assert metrics["metrics"] == eval_metrics(tmp_path / "one")["metrics"]
     assert metrics["lora"].endswith("checkpoints/step_00000002")
     assert metrics["decoding"]["strategy"] == "beam" and set(metrics["metrics"]) == {"matched", "mismatched"}
     expected = 100 * sum(r["constrained"] == r["reference"] for r in a[:4]) / 4

@@ -1,45 +1,30 @@
 """Faults a long run meets: a rank killed at any step or in the middle of a save, non-finite gradients."""
 from __future__ import annotations
 
-import json
 import os
 import random
-import shutil
-import subprocess
 import time
 
-import psutil
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import DEMO, REPO, launch, save_tiny, start, stop_group
+from fixtures import Payload, save_tiny
+from helpers import (DEMO_TOKENIZER, adapter_tensors, assert_equal_tensors, fault_env, launch, rank_pid,
+                     read_metrics, start, stop_group, train_args)
 from lora_ds.consolidate import export_adapter
 
 pytestmark = pytest.mark.distributed
 
 STEPS = 24
-KEEP_ALL = ["--keep_checkpoints", "100"]
 
 
 def run_args(model_dir, out) -> list[str]:
-    return ["--model", str(model_dir), "--output_dir", str(out), "--max_steps", str(STEPS), "--save_every", "2",
-            "--log_every", "1", "--lora_dropout", "0.1", "--dtype", "fp32", "--micro_batch", "2", "--seed", "3",
-            "--data", str(DEMO / "train.jsonl"), "--eval_data", "", *KEEP_ALL]
-
-
-def adapter(path) -> dict:
-    return load_file(os.path.join(path, "adapter_model.safetensors"))
-
-
-def assert_same_tensors(a: dict, b: dict) -> None:
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    return train_args(model_dir, out, max_steps=STEPS, save_every=2, log_every=1, lora_dropout=0.1, micro_batch=2,
+                      seed=3, keep_checkpoints=100)
 
 
 def losses(run) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    return [(r["step"], r["loss"]) for r in read_metrics(run)]
 
 
 @pytest.fixture(scope="module")
@@ -50,27 +35,16 @@ def uninterrupted(neox_dir, tmp_path_factory):
     return out
 
 
-def rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
-    for child in psutil.Process(launcher.pid).children(recursive=True):
-        try:
-            if "launcher/train.py" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
-                return child.pid
-        except psutil.NoSuchProcess:
-            continue
-    return None
-
-
 def last_logged_step(run) -> int:
-    path = run / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return json.loads(lines[-1])["step"] if lines and lines[-1].endswith("}") else 0
+    records = read_metrics(run, running=True)
+    return records[-1]["step"] if records else 0
 
 
 def assert_resumes_to_the_uninterrupted_adapter(neox_dir, run, uninterrupted, from_step: int) -> str:
     """Rerun the same command: it resumes at `from_step` and ends where the uninterrupted run ended, bit for bit."""
     resumed = launch(run_args(neox_dir, run))
     assert f"at step {from_step}" in resumed.stdout, resumed.stdout[-3000:]
-    assert_same_tensors(adapter(run / "adapter"), adapter(uninterrupted / "adapter"))
+    assert_equal_tensors(adapter_tensors(run / "adapter"), adapter_tensors(uninterrupted / "adapter"))
     assert losses(run) == losses(uninterrupted)
     tags = sorted(os.listdir(run / "checkpoints"))
     assert tags == sorted(os.listdir(uninterrupted / "checkpoints"))
@@ -84,8 +58,7 @@ def test_kill_9_of_one_rank_at_a_random_step_loses_nothing(neox_dir, uninterrupt
     why = f"LORA_DS_TEST_SEED={seed}: kill rank {victim_rank} once step {kill_at} is logged"
     run = tmp_path / "run"
     log = tmp_path / "killed.log"
-    with open(log, "w") as out:  # a file, not a pipe: nobody reads while the run goes on
-        proc = start(run_args(neox_dir, run), stdout=out, stderr=subprocess.STDOUT)
+    proc = start(run_args(neox_dir, run), log=log)  # a file, not a pipe: nobody reads while the run goes on
     try:
         deadline = time.monotonic() + 600
         while last_logged_step(run) < kill_at:
@@ -109,7 +82,7 @@ def test_kill_9_of_one_rank_at_a_random_step_loses_nothing(neox_dir, uninterrupt
     assert 2 <= step <= killed_after, why
     export_adapter(str(run / "checkpoints"), str(tmp_path / "at_kill"))
     export_adapter(str(uninterrupted / "checkpoints"), str(tmp_path / "reference"), tag=tag)
-    assert_same_tensors(adapter(tmp_path / "at_kill"), adapter(tmp_path / "reference"))
+    assert_equal_tensors(adapter_tensors(tmp_path / "at_kill"), adapter_tensors(tmp_path / "reference"))
 
     assert_resumes_to_the_uninterrupted_adapter(neox_dir, run, uninterrupted, step)
     print(f"{why}: killed after step {killed_after} was logged; launcher exit {proc.returncode}; "
@@ -129,17 +102,14 @@ KILL_POINTS = {
 @pytest.mark.parametrize("point", sorted(KILL_POINTS))
 def test_a_kill_during_a_save_keeps_the_previous_checkpoint_and_latest(neox_dir, uninterrupted, tmp_path, point):
     run = tmp_path / "run"
-    killed = launch(run_args(neox_dir, run), check=False,
-                    env={"LORA_DS_KILL_DURING": KILL_POINTS[point],
-                         "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "faults"),
-                                                        os.environ.get("PYTHONPATH", "")])})
+    killed = launch(run_args(neox_dir, run), check=False, env=fault_env(KILL_POINTS[point]))
     assert killed.returncode != 0, killed.stderr[-3000:]
     ckpt = run / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "step_00000002"
     assert (ckpt / "step_00000004").is_dir() and not (run / "adapter").exists()
     export_adapter(str(ckpt), str(tmp_path / "latest"))
     export_adapter(str(uninterrupted / "checkpoints"), str(tmp_path / "reference"), tag="step_00000002")
-    assert_same_tensors(adapter(tmp_path / "latest"), adapter(tmp_path / "reference"))
+    assert_equal_tensors(adapter_tensors(tmp_path / "latest"), adapter_tensors(tmp_path / "reference"))
 
     stderr = assert_resumes_to_the_uninterrupted_adapter(neox_dir, run, uninterrupted, 2)
     assert "ignoring step_00000004, newer than 'latest' (step_00000002)" in stderr
@@ -150,10 +120,7 @@ def test_a_kill_during_a_save_keeps_the_previous_checkpoint_and_latest(neox_dir,
 @pytest.fixture(scope="module")
 def poisoned_dir(tmp_path_factory):
     """A tiny GPT-NeoX whose EOS embedding is Inf: every example ends with EOS, so every step's gradient is NaN."""
-    out = tmp_path_factory.mktemp("poisoned")
-    save_tiny("gpt_neox", 512, out)
-    for f in (DEMO / "tokenizer").iterdir():
-        shutil.copy(f, out / f.name)
+    out = save_tiny("gpt_neox", 512, tmp_path_factory.mktemp("poisoned"), tokenizer=DEMO_TOKENIZER)
     for shard in out.glob("*.safetensors"):
         tensors = load_file(shard)
         if "gpt_neox.embed_in.weight" in tensors:
@@ -163,14 +130,12 @@ def poisoned_dir(tmp_path_factory):
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops_at_its_last_checkpoint(poisoned_dir, tmp_path):
-    proc = launch(["--model", str(poisoned_dir), "--output_dir", str(tmp_path), "--max_steps", "8",
-                   "--save_every", "2", "--max_skipped_steps", "3", "--dtype", "fp32", "--micro_batch", "2",
-                   "--data", str(DEMO / "train.jsonl"), "--eval_data", ""], check=False)
+    proc = launch(train_args(poisoned_dir, tmp_path, max_steps=8, save_every=2, max_skipped_steps=3, micro_batch=2),
+                  check=False)
     assert proc.returncode == 3
     assert "more than 3 steps had NaN/Inf gradients (--max_skipped_steps)" in proc.stderr
     assert "last good checkpoint is" in proc.stderr and "step_00000002" in proc.stderr
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["skipped_steps"] for r in records] == [1, 2, 3]
+    assert [r["skipped_steps"] for r in read_metrics(tmp_path)] == [1, 2, 3]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert not (tmp_path / "adapter").exists()
 
@@ -178,10 +143,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_at_its_last_checkpoint(p
 def test_resume_refuses_a_checkpoint_file_carrying_a_payload(neox_dir, tmp_path):
     import torch
 
-    from test_checkpoint_files import Payload
-
-    args = ["--model", str(neox_dir), "--output_dir", str(tmp_path / "run"), "--max_steps", "4", "--dtype", "fp32",
-            "--micro_batch", "2", "--data", str(DEMO / "train.jsonl"), "--eval_data", ""]
+    args = train_args(neox_dir, tmp_path / "run", max_steps=4, micro_batch=2)
     launch([*args, "--halt_at_step", "2"])
     tag_dir = tmp_path / "run" / "checkpoints" / "step_00000002"
     marker = tmp_path / "pwned"

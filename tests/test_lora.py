@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from fixtures import tiny_model as tiny
 from lora_ds.adapter import peft_config, read_adapter, write_adapter
 from lora_ds.errors import UserError
 from lora_ds.lora import LoRALinear, inject_lora, lora_modules, lora_parameters
@@ -90,16 +91,6 @@ def test_merge_refuses_non_finite_adapters():
 def test_rslora_scale_is_alpha_over_sqrt_r():
     assert trained_layer("linear", rslora=True).scaling == pytest.approx(6 / 3 ** 0.5)
     assert trained_layer("linear").scaling == 2.0
-
-
-def tiny(model_type: str):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from lora_ds.model import PRESETS
-
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **PRESETS[
-        f"tiny-{model_type.replace('_', '-')}"][1]))
 
 
 @pytest.mark.parametrize("model_type,targets,count", [
@@ -214,9 +205,8 @@ BAD_ADAPTERS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_ADAPTERS))
-def test_every_reader_refuses_a_bad_adapter_with_the_same_message(tmp_path, case, capsys):
+def test_every_reader_refuses_a_bad_adapter_with_the_same_message(tmp_path, case, wikisql_file, capsys):
     """read_adapter, and through it merge, analyze and eval, apply one validator: one error per fault."""
-    from eval_fixtures import write_wikisql
     from lora_ds.analyze import analyze
     from lora_ds.cli import main
     from lora_ds.eval_model import read_lora
@@ -231,9 +221,8 @@ def test_every_reader_refuses_a_bad_adapter_with_the_same_message(tmp_path, case
                  lambda: analyze([str(adapter)], str(tmp_path / "analysis"), progress=False)):
         with pytest.raises(UserError, match=message):
             read()
-    data = write_wikisql(tmp_path / "wikisql")
-    assert main(["eval", "--model", "preset:tiny-gpt-neox", "--task", "wikisql", "--data", str(data), "--adapter",
-                 str(adapter), "--out", str(tmp_path / "eval")]) == 2
+    assert main(["eval", "--model", "preset:tiny-gpt-neox", "--task", "wikisql", "--data", str(wikisql_file),
+                 "--adapter", str(adapter), "--out", str(tmp_path / "eval")]) == 2
     assert "lora-ds eval: error:" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in ("merged", "analysis", "eval"))
 
@@ -247,16 +236,14 @@ def test_write_adapter_refuses_tensors_its_config_does_not_describe(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good"]
 
 
-def test_eval_with_a_malformed_run_config_beside_the_adapter_is_a_clean_error(tmp_path, capsys):
-    from eval_fixtures import write_wikisql
+def test_eval_with_a_malformed_run_config_beside_the_adapter_is_a_clean_error(tmp_path, wikisql_file, capsys):
     from lora_ds.cli import main
 
     adapter = tmp_path / "adapter"
     small_adapter(adapter)
     (adapter / "run_config.json").write_text('{"train": {"seed": 3},')
-    data = write_wikisql(tmp_path / "wikisql")
-    assert main(["eval", "--model", "preset:tiny-gpt-neox", "--task", "wikisql", "--data", str(data), "--adapter",
-                 str(adapter), "--out", str(tmp_path / "eval")]) == 2
+    assert main(["eval", "--model", "preset:tiny-gpt-neox", "--task", "wikisql", "--data", str(wikisql_file),
+                 "--adapter", str(adapter), "--out", str(tmp_path / "eval")]) == 2
     err = capsys.readouterr().err
     assert f"lora-ds eval: error: {adapter / 'run_config.json'}: not valid JSON" in err and "Traceback" not in err
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fixtures import tiny_model as tiny
 from lora_ds import loss as loss_mod
 from lora_ds.data import IGNORE_INDEX
 from lora_ds.lora import inject_lora, lora_parameters
 from lora_ds.loss import defer_lm_head, lm_loss
-from test_lora import tiny
 
 
 @pytest.mark.parametrize("model_type,targets", [("gpt_neox", ["query_key_value"]), ("gpt2", ["c_attn"])])

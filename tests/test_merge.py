@@ -12,7 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import DEMO, save_tiny
+from fixtures import save_tiny
+from helpers import DEMO_TOKENIZER
 from lora_ds.adapter import peft_config, write_adapter
 from lora_ds.cli import main
 from lora_ds.errors import UserError
@@ -60,11 +61,10 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("merge")
     out = {}
     for model_type, targets in TARGETS.items():
-        base = save_tiny(model_type, VOCAB, root / model_type)
+        base = save_tiny(model_type, VOCAB, root / model_type,
+                         tokenizer=DEMO_TOKENIZER if model_type == "gpt_neox" else None)
         adapter, logits = make_adapter(base, targets, root / f"{model_type}_adapter")
         out[model_type] = (base, adapter, logits)
-    for f in (DEMO / "tokenizer").iterdir():
-        shutil.copy(f, out["gpt_neox"][0] / f.name)
     return out
 
 

@@ -5,8 +5,7 @@ import json
 
 import pytest
 
-from eval_fixtures import SAMSUM, TABLE, write_mnli, write_samsum, write_wikisql
-from fixtures_data import FIXTURES, write_fixture
+from fixtures import FIXTURES, SAMSUM, TABLE, write_fixture, write_mnli, write_samsum
 from lora_ds.errors import UserError
 from lora_ds.evaluation import load_eval_set, read_predictions, score, split_name, write_outputs
 from lora_ds.tasks import get_task, samsum
@@ -16,8 +15,8 @@ WRONG_SQL = "SELECT \"Years\" FROM table WHERE \"Player\" = 'Bob Jones'"  # ['19
 
 
 @pytest.fixture(scope="module")
-def wikisql(tmp_path_factory):
-    return load_eval_set("wikisql", [str(write_wikisql(tmp_path_factory.mktemp("wikisql")))])
+def wikisql(wikisql_file):
+    return load_eval_set("wikisql", [str(wikisql_file)])
 
 
 def test_wikisql_prompts_are_the_task_template_and_ids_are_file_lines(wikisql):

@@ -2,39 +2,22 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
-import subprocess
 import sys
+import tempfile
 
 import pytest
 
-from conftest import DEMO, REPO
+from helpers import PROGRAMS, TRAINER, metric_steps, mpirun, read_reports, train_args
 
-MPIRUN = ["mpirun", "--allow-run-as-root", "-np", "2", "--bind-to", "none"]
-# Each rank writes its own file: two ranks printing to one forwarded stdout can interleave within a line.
-PROBE = ("import dataclasses, json, os; from lora_ds.dist import discover; "
-         "[os.environ.pop(k) for k in {drop!r}]; d = discover(); "
-         "open(os.path.join({out!r}, f'rank{{d.rank}}.json'), 'w').write(json.dumps(dataclasses.asdict(d)))")
-
-
-def mpirun(args: list[str], timeout: int = 120) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([shutil.which("mpirun"), *MPIRUN[1:], *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc
+pytestmark = pytest.mark.cluster
 
 
 def probe(*mpirun_opts: str, drop: tuple[str, ...] = ()) -> list[dict]:
-    import tempfile
-
+    """What discover() finds on each of 2 mpirun ranks (tests/programs/rank_probe.py)."""
     with tempfile.TemporaryDirectory() as out:
-        mpirun([*mpirun_opts, sys.executable, "-c", PROBE.format(drop=list(drop), out=out)])
-        return sorted((json.loads(open(os.path.join(out, f)).read()) for f in os.listdir(out)),
-                      key=lambda r: r["rank"])
+        mpirun([*mpirun_opts, sys.executable, PROGRAMS / "rank_probe.py", "--out", out, "--drop", *drop])
+        return read_reports(out, "discover", 2)
 
 
 def expected(master_port: int = 29500) -> list[dict]:
@@ -62,14 +45,11 @@ def test_pmix_alone_is_enough_without_open_mpi_variables():
 
 @pytest.mark.distributed
 def test_mpirun_trains_launcher_with_ranks_from_mpi(neox_dir, tmp_path):
-    proc = mpirun([sys.executable, str(REPO / "launcher" / "train.py"), "--model", str(neox_dir),
-                   "--data", str(DEMO / "train.jsonl"), "--eval_data", "", "--output_dir", str(tmp_path),
-                   "--max_steps", "4", "--dtype", "fp32", "--micro_batch", "4", "--lora_r", "4", "--seed", "7"],
-                  timeout=600)
+    proc = mpirun([sys.executable, TRAINER, *train_args(neox_dir, tmp_path, max_steps=4, micro_batch=4, lora_r=4,
+                                                        seed=7)], timeout=600)
     assert proc.stdout.count("adapter written to") == 1  # rank 0 only
     resolved = json.loads((tmp_path / "run_config.json").read_text())["resolved"]
     assert (resolved["world_size"], resolved["rank_source"]) == (2, "mpi")
     assert resolved["ds_config"]["train_batch_size"] == 8
-    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    assert metric_steps(tmp_path) == [1, 2, 3, 4]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size > 0

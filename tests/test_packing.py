@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fixtures import tiny_model as preset_shaped
 from lora_ds.packing import block_causal_mask, pack_rows
 
 IGNORE = -100
@@ -52,15 +53,10 @@ def test_mask_is_causal_within_examples_and_ignores_padding():
 
 
 def tiny_model(model_type: str, attn: str):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                  vocab_size=64, max_position_embeddings=64)
+    """Smaller than the tiny presets: 32 wide, 64 tokens; GPT-NeoX's rotary on every dimension."""
     extra = {"gpt_neox": dict(rotary_pct=1.0), "llama": dict(num_key_value_heads=2)}[model_type]
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, **common, **extra)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
-    return model.eval()
+    return preset_shaped(model_type, attn, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, vocab_size=64, max_position_embeddings=64, **extra).eval()
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -11,22 +11,20 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from conftest import DEMO, REPO
+from helpers import (PROGRAMS, REPO, TRAIN_DATA, adapter_tensors, assert_equal_tensors, flags, metric_steps,
+                     read_reports)
 from slurm_cluster import SlurmCluster
+
+pytestmark = pytest.mark.cluster
 
 SCRIPTS = [REPO / "slurm" / "gpt_neox.sh", REPO / "slurm" / "train.sh"]
 STEPS = 20
 # The tiny model on CPU, in the shape of the 20B run: LoRA with dropout (its RNG must resume too).
-TRAIN_ARGS = (f"--max_steps {STEPS} --dtype fp32 --micro_batch 4 --grad_accum 2 --lora_r 4 --lora_alpha 8 "
-              "--lora_dropout 0.1 --lr 1e-2 --seed 7 --max_len 128 --save_every 10")
+TRAIN_ARGS = " ".join(flags(max_steps=STEPS, dtype="fp32", micro_batch=4, grad_accum=2, lora_r=4, lora_alpha=8,
+                            lora_dropout=0.1, lr=1e-2, seed=7, max_len=128, save_every=10))
 # One rank per node, one CPU per rank, no GPUs (the test cluster lets concurrent jobs share CPUs).
 CPU_NODES = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0"]
-PROBE = ("import dataclasses, json, os; from lora_ds.dist import discover; "
-         "print(json.dumps({**dataclasses.asdict(discover()), 'job': int(os.environ['SLURM_JOB_ID']), "
-         "'node': os.environ['SLURMD_NODENAME']}))")
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +38,9 @@ def cluster(tmp_path_factory):
 
 
 def job_env(cluster: SlurmCluster, model: Path, output: Path) -> dict:
-    return cluster.env(MODEL=str(model), DATA=str(DEMO / "train.jsonl"), EVAL_DATA="", OUTPUT=str(output),
-                       TRAIN_ARGS=TRAIN_ARGS, PYTHON=sys.executable, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-                       PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    """What the batch script reads (slurm/gpt_neox.sh's variables), in the CPU-rank environment."""
+    return cluster.env(MODEL=model, DATA=TRAIN_DATA, EVAL_DATA="", OUTPUT=output, TRAIN_ARGS=TRAIN_ARGS,
+                       PYTHON=sys.executable)
 
 
 def submit(cluster: SlurmCluster, args: list[str], env: dict, log: Path) -> int:
@@ -68,14 +66,6 @@ def wait_done(cluster: SlurmCluster, job_id: int, timeout: float = 600) -> dict:
     raise AssertionError(f"job {job_id} still {cluster.job(job_id)['JobState']} after {timeout} s")
 
 
-def adapter(run: Path) -> dict:
-    return load_file(run / "adapter" / "adapter_model.safetensors")
-
-
-def metric_steps(run: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 # How a running job is stopped: the command, the signal its ranks get, and whether the batch script requeues
 # the job (else Slurm does).
 STOPS = {
@@ -98,8 +88,7 @@ def jobs(cluster, neox_dir, tmp_path_factory) -> dict:
     waiting = dict(STOPS)
     while waiting:
         for name in list(waiting):
-            metrics = root / name / "metrics.jsonl"
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            if len(metric_steps(root / name, running=True)) >= 2:
                 cluster.run([*waiting.pop(name)[0], str(ids[name])])
             else:
                 assert cluster.job(ids[name])["JobState"] in ("PENDING", "RUNNING"), (name, cluster.logs())
@@ -138,9 +127,10 @@ def test_slurm_expands_a_nodelist_for_the_master(cluster, monkeypatch):
     (["--nodes=2", "--ntasks-per-node=1"], ["n1", "n2"], [0, 0]),
     (["--nodes=1", "--ntasks-per-node=2"], ["n1", "n1"], [0, 1]),
 ])
-def test_srun_tasks_find_their_ranks_and_the_master_from_slurm(cluster, shape, nodes, local_ranks):
-    proc = cluster.run(["srun", *shape, "--cpus-per-task=1", sys.executable, "-c", PROBE], cwd=REPO, timeout=120)
-    tasks = sorted((json.loads(line) for line in proc.stdout.splitlines()), key=lambda t: t["rank"])
+def test_srun_tasks_find_their_ranks_and_the_master_from_slurm(cluster, shape, nodes, local_ranks, tmp_path):
+    cluster.run(["srun", *shape, "--cpus-per-task=1", sys.executable, str(PROGRAMS / "rank_probe.py"), "--out",
+                 str(tmp_path), "--slurm"], cwd=REPO, timeout=120)
+    tasks = read_reports(tmp_path, "discover", 2)
     job = tasks[0]["job"]
     assert [t["rank"] for t in tasks] == [0, 1]
     assert [t["node"] for t in tasks] == nodes
@@ -162,7 +152,7 @@ def test_gpt_neox_script_trains_on_two_nodes(jobs):
     assert resolved["ds_config"]["train_batch_size"] == 4 * 2 * 2
     assert metric_steps(run) == list(range(1, STEPS + 1))
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
-    b = [v for k, v in adapter(run).items() if "lora_B" in k]
+    b = [v for k, v in adapter_tensors(run / "adapter").items() if "lora_B" in k]
     assert len(b) == 2 and min(v.abs().max().item() for v in b) > 1e-3  # trained: B starts at 0
 
 
@@ -184,10 +174,7 @@ def test_stopped_job_checkpoints_requeues_and_resumes_to_the_uninterrupted_adapt
     tag_step, stopped_at = map(int, re.search(r"resumed from \S+/step_(\d+) at step (\d+)", log).groups())
     assert tag_step == stopped_at and 2 <= stopped_at < STEPS
     assert metric_steps(run) == list(range(1, STEPS + 1))  # no step lost, none done twice
-    ours, whole = adapter(run), adapter(jobs["whole"][1])
-    assert sorted(ours) == sorted(whole)
-    for name in whole:
-        assert torch.equal(ours[name], whole[name]), name
+    assert_equal_tensors(adapter_tensors(run / "adapter"), adapter_tensors(jobs["whole"][1] / "adapter"))
 
 
 def rank_process(job_id: int, rank: int) -> psutil.Process | None:
@@ -212,7 +199,7 @@ def test_a_rank_killed_by_sigkill_fails_the_job_and_resubmitting_resumes_to_the_
     env = job_env(cluster, neox_dir, run)
     job_id = submit(cluster, [*CPU_NODES, str(SCRIPTS[0])], env, log)
     deadline = time.monotonic() + 600
-    while not (run / "metrics.jsonl").exists() or len(metric_steps(run)) < 11:
+    while len(metric_steps(run, running=True)) < 11:
         assert cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING") and time.monotonic() < deadline, \
             (log.read_text() if log.exists() else "", cluster.logs())
         time.sleep(0.05)
@@ -232,9 +219,6 @@ def test_a_rank_killed_by_sigkill_fails_the_job_and_resubmitting_resumes_to_the_
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), excerpt(text)
     assert re.search(r"resumed from \S+/step_00000010 at step 10", text)
     assert metric_steps(run) == list(range(1, STEPS + 1))
-    ours, whole = adapter(run), adapter(jobs["whole"][1])
-    assert sorted(ours) == sorted(whole)
-    for name in whole:
-        assert torch.equal(ours[name], whole[name]), name
+    assert_equal_tensors(adapter_tensors(run / "adapter"), adapter_tensors(jobs["whole"][1] / "adapter"))
     print(f"\n--- kill -9 of rank 1 after step 11: job {job_id} {killed['JobState']}, exit {killed['ExitCode']}\n"
           f"{excerpt(log.read_text())}\n--- resubmitted: job {again} {job['JobState']}\n{excerpt(text)}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fixtures_data import FIXTURES, wikisql_hf_rows, wikisql_data, write_fixture
+from fixtures import FIXTURES, wikisql_data, wikisql_hf_rows, write_fixture
 from lora_ds.tasks import TASKS, get_task, mnli, samsum, wikisql
 from lora_ds.tasks.reading import BadRecord
 
@@ -128,7 +128,7 @@ def test_each_task_module_has_the_whole_interface(name):
     assert task.CHOICES is None or all(isinstance(c, str) for c in task.CHOICES.values())
     assert task.OFFICIAL is None or all(hasattr(task.OFFICIAL, a) for a in ("FILE", "HINT", "recognizes", "read",
                                                                               "line"))
-    assert any(t == name for t in FIXTURES.values()), f"add {name}'s download formats to tests/fixtures_data.py"
+    assert any(t == name for t in FIXTURES.values()), f"add {name}'s download formats to tests/fixtures.py"
 
 
 @pytest.mark.parametrize("name", sorted(FIXTURES))

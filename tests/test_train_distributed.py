@@ -3,70 +3,40 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import DEMO, REPO, launch
+from fixtures import write_fixture
+from helpers import (EVAL_DATA, PROGRAMS, adapter_tensors, assert_close_tensors, assert_equal_tensors, launch,
+                     read_metrics, read_reports, reference_lora, run_cli, train_args)
+from lora_ds.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.distributed
 
-TRAIN = str(DEMO / "train.jsonl")
-EVAL = str(DEMO / "eval.jsonl")
-COMMON = ["--data", TRAIN, "--eval_data", EVAL, "--dtype", "fp32", "--micro_batch", "4", "--grad_accum", "2",
-          "--lora_r", "4", "--lora_alpha", "8", "--lr", "1e-2", "--warmup", "2", "--max_grad_norm", "1.0",
-          "--seed", "7", "--max_len", "128"]
+# The reference's setup as flags: micro 4 x accum 2 x 2 ranks, warm-up 2, seed 7.
+COMMON = dict(eval_data=EVAL_DATA, micro_batch=4, grad_accum=2, lora_r=4, lora_alpha=8, lr=1e-2, warmup=2,
+              max_grad_norm=1.0, seed=7, max_len=128)
 STEPS = 8
 # Adam divides by sqrt(v): for elements whose gradient is near zero it amplifies fp32 summation-order noise
 # (2 ranks reduce in another order than 1 process) to ~1e-5 after a few steps at lr 1e-2.
 ATOL = 3e-5
 
 
-def reference_lora(model_dir: Path, targets, steps: int, world: int = 2, micro: int = 4, accum: int = 2,
-                   lr: float = 1e-2, warmup: int = 2, r: int = 4, alpha: float = 8, seed: int = 7) -> dict:
-    """The same training as the launcher, in one process with plain PyTorch (no DeepSpeed)."""
+def reference(model_dir, targets, steps: int) -> dict:
+    """COMMON's training of `model_dir` for `steps` steps, in one process with plain PyTorch."""
     from transformers import AutoModelForCausalLM
 
-    from lora_ds.data import StepSampler, collate, read_jsonl_pairs
-    from lora_ds.engine import WarmupLinear
-    from lora_ds.lora import inject_lora, lora_parameters
-    from lora_ds.tokenizer import load_tokenizer
-    from lora_ds.loss import lm_loss
-
-    tok = load_tokenizer(str(model_dir))
-    rows = read_jsonl_pairs(TRAIN, tok, 128)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    inject_lora(model, targets, r, alpha, 0.0, seed=seed)
-    params = lora_parameters(model)
-    opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupLinear(warmup, steps))
-    sampler = StepSampler(len(rows), micro, accum, world, seed)
-    for step in range(steps):
-        opt.zero_grad()
-        per_rank = [sampler.micro_batches(step, rank) for rank in range(world)]
-        for a in range(accum):
-            for rank in range(world):
-                loss, _ = lm_loss(model, collate([rows[i] for i in per_rank[rank][a]], tok.pad_token_id))
-                (loss / (accum * world)).backward()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
-        opt.step()
-        sched.step()
-    return {k: v.detach().clone() for k, v in params.items()}
-
-
-def adapter_tensors(run: Path) -> dict:
-    prefix = "base_model.model."
-    return {k[len(prefix):]: v for k, v in load_file(run / "adapter" / "adapter_model.safetensors").items()}
+    return reference_lora(model, load_tokenizer(str(model_dir)), targets, steps=range(steps), world=2, micro=4,
+                          accum=2, warmup=2, seed=7)
 
 
 @pytest.fixture(scope="module")
 def neox_run(neox_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("neox_run")
-    done = launch(["--model", str(neox_dir), "--output_dir", str(out), "--max_steps", str(STEPS), "--save_every", "4",
-                   "--eval_every", "4", *COMMON])
+    done = launch(train_args(neox_dir, out, max_steps=STEPS, save_every=4, eval_every=4, **COMMON))
     (out / "shm_leftovers.json").write_text(json.dumps(done.shm_leftovers))
     return out
 
@@ -77,18 +47,16 @@ def test_a_cpu_run_leaves_no_shared_memory_behind(neox_run):
 
 
 def test_zero3_two_ranks_match_single_process_reference(neox_run, neox_dir):
-    ours = adapter_tensors(neox_run)
-    ref = reference_lora(neox_dir, ["query_key_value"], STEPS)
-    assert sorted(ours) == sorted(ref)
-    for name in ref:
-        torch.testing.assert_close(ours[name], ref[name], rtol=1e-4, atol=ATOL, msg=name)
+    ours = adapter_tensors(neox_run / "adapter")
+    ref = reference(neox_dir, ["query_key_value"], STEPS)
+    assert_close_tensors(ours, ref, rtol=1e-4, atol=ATOL)
     moved = max((ref[n] - v).abs().max().item() for n, v in ours.items() if n.endswith("lora_B.weight"))
     assert moved < 1e-4
     assert max(v.abs().max().item() for n, v in ours.items() if n.endswith("lora_B.weight")) > 1e-3
 
 
 def test_loss_falls_and_metrics_are_logged(neox_run):
-    records = [json.loads(line) for line in (neox_run / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(neox_run)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     for r in records:
         assert set(r) >= {"step", "loss", "lr", "tokens", "tokens_per_s", "peak_mem_gib"}
@@ -106,7 +74,7 @@ def test_checkpoint_holds_lora_state_only(neox_run, neox_dir):
     tag_dir = ckpt / f"step_{STEPS:08d}"
     ckpt_bytes = sum(f.stat().st_size for f in tag_dir.iterdir())
     base_bytes = sum(f.stat().st_size for f in neox_dir.glob("*.safetensors"))
-    lora_numel = sum(v.numel() for v in adapter_tensors(neox_run).values())
+    lora_numel = sum(v.numel() for v in adapter_tensors(neox_run / "adapter").values())
     # fp32 master + two Adam moments = 12 bytes per LoRA param, plus a fixed overhead of pickled metadata.
     assert ckpt_bytes < 12 * lora_numel + 64 * 1024, (ckpt_bytes, lora_numel)
     assert ckpt_bytes < base_bytes / 10, (ckpt_bytes, base_bytes)
@@ -121,7 +89,7 @@ def test_checkpoint_holds_lora_state_only(neox_run, neox_dir):
         per_rank += flat[0].numel()
         for moment in ("exp_avg", "exp_avg_sq"):
             assert state[0][moment].numel() == flat[0].numel()
-    expected = sum(-(-v.numel() // 2) for v in adapter_tensors(neox_run).values())
+    expected = sum(-(-v.numel() // 2) for v in adapter_tensors(neox_run / "adapter").values())
     assert per_rank == 2 * expected
     assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step_")) == \
         ["step_00000004", "step_00000008"]
@@ -147,40 +115,33 @@ def test_adapter_is_peft_format_and_gives_our_logits(neox_run, neox_dir):
     inject_lora(ours, ["query_key_value"], 4, 8)
     params = lora_parameters(ours)
     with torch.no_grad():
-        for name, value in adapter_tensors(neox_run).items():
+        for name, value in adapter_tensors(neox_run / "adapter").items():
             params[name].copy_(value)
     torch.testing.assert_close(ours.eval()(input_ids=ids).logits, peft_logits, rtol=0, atol=1e-5)
 
 
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(neox_dir, tmp_path):
-    args = ["--model", str(neox_dir), "--max_steps", "6", "--lora_dropout", "0.1", "--save_every", "100",
-            *COMMON]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    launch([*args, "--output_dir", str(whole)])
-    halted = launch([*args, "--output_dir", str(parts), "--halt_at_step", "3"])
+    args = dict(max_steps=6, lora_dropout=0.1, save_every=100, **COMMON)
+    launch(train_args(neox_dir, whole, **args))
+    halted = launch(train_args(neox_dir, parts, halt_at_step=3, **args))
     assert (parts / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     assert not (parts / "adapter").exists()
     assert "rerun the same command to resume" in halted.stdout
-    resumed = launch([*args, "--output_dir", str(parts)])
+    resumed = launch(train_args(neox_dir, parts, **args))
     assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
-    a, b = adapter_tensors(whole), adapter_tensors(parts)
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    steps = [json.loads(line)["step"] for line in (parts / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    assert_equal_tensors(adapter_tensors(parts / "adapter"), adapter_tensors(whole / "adapter"))
+    assert [r["step"] for r in read_metrics(parts)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_llama_with_sentencepiece_tokenizer_matches_reference(llama_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    launch(["--model", str(llama_dir), "--output_dir", str(tmp_path), "--max_steps", "4", *COMMON])
-    ours = adapter_tensors(tmp_path)
+    launch(train_args(llama_dir, tmp_path, max_steps=4, **COMMON))
+    ours = adapter_tensors(tmp_path / "adapter")
     assert sorted({k.split(".")[-3] for k in ours}) == ["q_proj", "v_proj"]
-    ref = reference_lora(llama_dir, ["q_proj", "v_proj"], 4)
-    for name in ref:
-        torch.testing.assert_close(ours[name], ref[name], rtol=1e-4, atol=ATOL, msg=name)
+    assert_close_tensors(ours, reference(llama_dir, ["q_proj", "v_proj"], 4), rtol=1e-4, atol=ATOL)
     ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(1))
     base = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
     before = base(input_ids=ids).logits
@@ -189,19 +150,10 @@ def test_llama_with_sentencepiece_tokenizer_matches_reference(llama_dir, tmp_pat
 
 
 def test_zero3_partitions_base_and_optimizes_only_lora(neox_dir, tmp_path):
-    """Inside a live 2-rank engine: no rank holds the whole base, and step 0 equals the base model."""
-    import subprocess
-
-    from conftest import DEEPSPEED, free_port
-
-    probe = REPO / "tests" / "zero3_probe.py"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    proc = subprocess.run([str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(probe),
-                           "--model", str(neox_dir), "--out", str(tmp_path)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    for rank in range(2):
-        report = json.loads((tmp_path / f"probe_rank{rank}.json").read_text())
+    """Inside a live 2-rank engine built by lora_ds.build: no rank holds the whole base, and step 0 equals the base
+    model."""
+    launch(["--model", neox_dir, "--out", tmp_path], program=PROGRAMS / "zero3_probe.py", timeout=600)
+    for report in read_reports(tmp_path, "probe", 2):
         assert report["base_params_fully_local"] == 0
         assert report["base_local_numel"] == report["base_expected_partition_numel"]
         assert report["base_local_numel"] < report["base_total_numel"] / 1.9
@@ -213,21 +165,16 @@ def test_zero3_partitions_base_and_optimizes_only_lora(neox_dir, tmp_path):
 
 def test_training_reads_a_packed_prepared_dir_in_bf16(neox_dir, tmp_path):
     """lora-ds prep output (packed rows, block-causal masks) trains on 2 ranks in bf16."""
-    import subprocess
-    import sys
-
-    from fixtures_data import write_fixture
-
     src = write_fixture("samsum-corpus", tmp_path / "raw", n=60)
     prepared = tmp_path / "prepared"
-    subprocess.run([sys.executable, "-m", "lora_ds", "prep", "samsum", "--src", *map(str, src), "--tokenizer",
-                    str(neox_dir), "--out", str(prepared), "--pack", "256", "--max-len", "256"], check=True,
-                   capture_output=True, text=True)
+    prep = run_cli("prep", "samsum", "--src", *src, "--tokenizer", neox_dir, "--out", prepared, "--pack", "256",
+                   "--max-len", "256")
+    assert prep.returncode == 0, prep.stderr
     manifest = json.loads((prepared / "manifest.json").read_text())
     assert manifest["pack"] == 256
     out = tmp_path / "run"
-    launch(["--model", str(neox_dir), "--data", str(prepared), "--eval_data", str(prepared), "--output_dir",
-            str(out), "--max_steps", "2", "--micro_batch", "1", "--dtype", "bf16", "--lora_r", "4"])
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    launch(train_args(neox_dir, out, data=prepared, eval_data=prepared, max_steps=2, micro_batch=1, dtype="bf16",
+                      lora_r=4))
+    records = read_metrics(out)
     assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
     assert math.isfinite(records[-1]["eval_loss"]) and (out / "adapter" / "adapter_model.safetensors").exists()

@@ -1,4 +1,5 @@
-"""Test-only fault injection, loaded by every Python process started with tests/faults on PYTHONPATH.
+"""Test-only fault injection, loaded by every Python process started with tests/programs/faults on PYTHONPATH
+(helpers.fault_env).
 
 LORA_DS_KILL_DURING="<rank>:<tag>:<file name>": when the process with RANK=<rank> writes <file name> of checkpoint
 tag <tag> (or `latest` while it would name <tag>), it is killed with SIGKILL part-way: a DeepSpeed `.pt` file gets

@@ -1,19 +1,114 @@
-"""Fixture files in each task's real download layouts, written by the tests (nothing is downloaded).
+"""Files the tests write (nothing is downloaded): tiny model dirs, tokenizers, and task data with known answers.
 
+    save_tiny("gpt_neox", 512, out, tokenizer=DEMO_TOKENIZER)   # random-weight HF model dir, several shards
+    tiny_model("llama")                                         # the same, in memory
+    train_bpe_tokenizer(texts, out)  train_sentencepiece_model(texts, out / "tokenizer.model")
     write_fixture("wikisql-original", tmp_path)   # -> [tmp_path/train.jsonl] (+ train.tables.jsonl beside it)
-    python tests/fixtures_data.py OUT --records 5000   # every set at that size, plus both tokenizers
+    write_wikisql(tmp_path)  write_mnli(tmp_path)  write_samsum(tmp_path)   # small eval sets, known answers
+    python tests/fixtures.py OUT --records 5000   # every download-format set at that size, plus both tokenizers
 
-The records are seeded and synthetic but keep what makes the real files awkward: headers and
+The download-format sets are seeded and synthetic but keep what makes the real files awkward: headers and
 quoting, `\\r\\n` mixed with `\\n`, stray quotes in MNLI sentences, numbers (ints and floats) in
 WikiSQL conditions, duplicate and quoted WikiSQL column names, tables without the optional fields,
-MNLI "-" gold labels, dialogues with commas, quotes and line breaks.
+MNLI "-" gold labels, dialogues with commas, quotes and line breaks. Both tokenizers are deterministic for the
+same texts and keep text verbatim (newlines, `\\r`, quotes, emoji): the BPE works on bytes, the SentencePiece
+model falls back to bytes and does not normalize.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
+import shutil
 from pathlib import Path
+
+
+# ---- tiny models -------------------------------------------------------------------------------------------
+
+def tiny_model(model_type: str, attn_implementation: str = "sdpa", **overrides):
+    """A random-weight model of the shape of lora_ds's tiny preset of `model_type` (seed 0, fp32), `overrides`
+    changing its config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lora_ds.model import PRESETS
+
+    torch.manual_seed(0)
+    kwargs = dict(PRESETS[f"tiny-{model_type.replace('_', '-')}"][1], **overrides)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs), dtype=torch.float32,
+                                            attn_implementation=attn_implementation)
+
+
+def save_model_dir(model, out: Path, tokenizer: Path | None = None) -> Path:
+    """`model` as a HF model dir in several safetensors shards with an index, with the tokenizer files of the
+    dir `tokenizer` copied in."""
+    model.save_pretrained(out, max_shard_size="100KB")
+    if tokenizer is not None:
+        for f in Path(tokenizer).iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens")):
+                shutil.copy(f, Path(out) / f.name)
+    return Path(out)
+
+
+def save_tiny(model_type: str, vocab_size: int, out: Path, tokenizer: Path | None = None, **overrides) -> Path:
+    """A tiny random-weight HF model dir (`tiny_model`'s) with `vocab_size` tokens; see `save_model_dir`."""
+    return save_model_dir(tiny_model(model_type, vocab_size=vocab_size, **overrides), out, tokenizer)
+
+
+def demo_texts() -> list[str]:
+    """The demo's training examples as text (prompt + completion), to train tokenizers on."""
+    lines = (Path(__file__).resolve().parents[1] / "launcher" / "demo" / "train.jsonl").read_text().splitlines()
+    return [json.loads(line)["prompt"] + json.loads(line)["completion"] for line in lines]
+
+
+# ---- tokenizers --------------------------------------------------------------------------------------------
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+
+
+def train_bpe_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 300) -> Path:
+    """A byte-level BPE (GPT-2 style) saved as a transformers tokenizer dir; BOS = EOS = `<|endoftext|>`.
+
+    The dir holds tokenizer.json and tokenizer_config.json and loads with `AutoTokenizer`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD)
+    fast.save_pretrained(str(out_dir))
+    return Path(out_dir)
+
+
+def train_sentencepiece_model(texts: list[str], out_file: Path, vocab_size: int = 400) -> Path:
+    """A Llama-style SentencePiece BPE `tokenizer.model`: unk=0, bos=1, eos=2, no pad, byte fallback.
+
+    SentencePiece trains on lines, so texts are split at line breaks; byte fallback (which needs
+    256 byte pieces, hence the larger vocab) still encodes the line breaks themselves.
+    """
+    import sentencepiece as spm
+
+    lines = [line for text in texts for line in text.splitlines() if line.strip()]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, character_coverage=1.0,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+        hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_bytes(model.getvalue())
+    return out_file
+
+
+# ---- task files in the real download layouts (data prep, task readers) -------------------------------------
 
 WORDS = ("river city mayor team player club season goal coach match score county station election party "
          "village bridge harbour festival school winner runner title album song year round venue").split()
@@ -31,7 +126,7 @@ def _sentence(rng: random.Random, n: int = 8) -> str:
     return " ".join(words).capitalize() + "."
 
 
-# ---- WikiSQL ---------------------------------------------------------------------------------------
+# WikiSQL
 
 def wikisql_data(n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(tables, questions) in the original release's layout: conds values are strings, ints or floats."""
@@ -101,7 +196,7 @@ def _wikisql_hf_schema():
     return pa.schema([("phase", pa.int32()), ("question", pa.string()), ("table", table), ("sql", sql)])
 
 
-# ---- MNLI ------------------------------------------------------------------------------------------
+# MNLI
 
 def mnli_data(n: int, seed: int = 1) -> list[dict]:
     """Records with the MultiNLI fields; about one in ten has no majority label ("-")."""
@@ -140,7 +235,7 @@ def mnli_hf_rows(n: int) -> list[dict]:
              "idx": i} for i, r in enumerate(r for r in mnli_data(n) if r["gold_label"] != "-")]
 
 
-# ---- SAMSum ----------------------------------------------------------------------------------------
+# SAMSum
 
 def samsum_data(n: int, seed: int = 2) -> list[dict]:
     """{id, dialogue, summary}: utterances joined by \\r\\n or \\n (mixed within a dialogue)."""
@@ -160,7 +255,7 @@ def samsum_data(n: int, seed: int = 2) -> list[dict]:
     return out
 
 
-# ---- writing the sets ------------------------------------------------------------------------------
+# Writing the sets
 
 def _write_parquet(path: Path, rows: list[dict], schema=None) -> Path:
     import pyarrow as pa
@@ -218,6 +313,93 @@ FIXTURES = {  # fixture set -> task
 }
 
 
+# ---- small eval sets with known answers (evaluation, metrics) ----------------------------------------------
+
+TABLE = {
+    "id": "1-1000-1",
+    "header": ["Player", "No.", "Position", "Years", "Goals"],
+    "types": ["text", "real", "text", "text", "real"],
+    "rows": [["Alan Smith", 3, "Forward", "1990-1995", 12],
+             ["Bob Jones", 7, "Defender", "1993", 4],
+             ["Carl Brown", 10, "Forward", "1996-2000", 10]],
+}
+# (question, sql) with sql as the original release writes it: a condition value may be a JSON number.
+WIKISQL = [
+    ("What position does Alan Smith play?", {"sel": 2, "agg": 0, "conds": [[0, 0, "Alan Smith"]]}),
+    ("How many goals did number 3 score?", {"sel": 4, "agg": 0, "conds": [[1, 0, 3]]}),
+    ("Which forward wore number 10?", {"sel": 0, "agg": 0, "conds": [[2, 0, "Forward"], [1, 0, 10]]}),
+    ("How many goals did Carl Brown score?", {"sel": 4, "agg": 0, "conds": [[0, 0, "Carl Brown"]]}),
+    ("How many players are forwards?", {"sel": 0, "agg": 3, "conds": [[2, 0, "Forward"]]}),
+]
+
+MNLI_MATCHED = [  # (pairID, genre, sentence1, sentence2, gold_label)
+    ("m1", "fiction", "A man is playing a guitar.", "A man plays music.", "entailment"),
+    ("m2", "travel", "The hotel is by the sea.", "The hotel is in the mountains.", "contradiction"),
+    ("m3", "slate", "She went to the market.", "She bought apples.", "neutral"),
+    ("m4", "government", "The office opens at nine.", "The office opens in the morning.", "entailment"),
+    ("m5", "telephone", "We talked for an hour.", "We never spoke.", "-"),
+]
+MNLI_MISMATCHED = [
+    ("x1", "letters", "Thank you for your gift.", "The writer received a gift.", "entailment"),
+    ("x2", "oup", "The book has ten chapters.", "The book is short.", "neutral"),
+    ("x3", "verbatim", "It rained all day.", "The day was dry.", "contradiction"),
+]
+
+SAMSUM = [
+    {"id": "s1", "dialogue": "Anna: Are you coming?\r\nTom: Yes, in 10 minutes.", "summary":
+        "Tom is coming in 10 minutes."},
+    {"id": "s2", "dialogue": "John: I bought apples.\nMary: I ate them!", "summary":
+        "John bought apples. Mary ate them."},
+    {"id": "s3", "dialogue": "Anna: Call Tom.\nBen: He is late.", "summary": "Anna calls Tom. Tom is late."},
+]
+
+
+def write_wikisql(root: Path, name: str = "dev") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    questions = root / f"{name}.jsonl"
+    questions.write_text("".join(json.dumps({"phase": 1, "table_id": TABLE["id"], "question": q, "sql": sql}) + "\n"
+                                 for q, sql in WIKISQL))
+    (root / f"{name}.tables.jsonl").write_text(json.dumps(TABLE) + "\n")
+    return questions
+
+
+def _tsv(path: Path, rows) -> Path:
+    header = ["index", "promptID", "pairID", "genre", "sentence1", "sentence2", "gold_label"]
+    lines = ["\t".join(header)]
+    for k, (pair_id, genre, s1, s2, label) in enumerate(rows):
+        lines.append("\t".join([str(k), str(100 + k), pair_id, genre, s1, s2, label]))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_mnli(root: Path) -> list[Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    return [_tsv(root / "dev_matched.tsv", MNLI_MATCHED), _tsv(root / "dev_mismatched.tsv", MNLI_MISMATCHED)]
+
+
+def write_samsum(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "val.json"
+    path.write_text(json.dumps(SAMSUM, indent=1))
+    return path
+
+
+# ---- a poisoned checkpoint ---------------------------------------------------------------------------------
+
+class Payload:
+    """Unpickling this runs a shell command: what a poisoned checkpoint would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+# ---- by hand -----------------------------------------------------------------------------------------------
+
 def tokenizer_texts(n: int = 40) -> list[str]:
     """Text of every task's fixtures, rendered with the task templates, to train the test tokenizers on."""
     from lora_ds.tasks import mnli, samsum, wikisql
@@ -234,8 +416,6 @@ def tokenizer_texts(n: int = 40) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     """Write every fixture set at a given size, plus both test tokenizers, for measuring prep by hand."""
     import argparse
-
-    from tokenizers_util import train_bpe_tokenizer, train_sentencepiece_model
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("out", type=Path)
