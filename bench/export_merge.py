@@ -4,7 +4,7 @@
     python bench/export_merge.py --work /tmp/lora-bench --only export
     python bench/export_merge.py --work /tmp/lora-bench --only merge --base_gb 3 --rounds 3
 
-Export: real ZeRO-3 checkpoints written by 2 CPU ranks (the rank program of tests/test_export_adapter.py) of
+Export: real ZeRO-3 checkpoints written by 2 CPU ranks (the trainer's Recipe, through tests/programs/train_oracles.py) of
 one LoRA (r=64 on query_key_value of a 4-layer, 512-wide GPT-NeoX): saved LoRA-only (1x), and with the frozen
 base fragments of bases whose vocabulary makes the checkpoint about 10x and 100x bigger. Each
 `lora-ds export-adapter` runs as a child process. DeepSpeed's zero_to_fp32
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RANK_PROGRAM = REPO / "tests" / "test_export_adapter.py"
+RANK_PROGRAM = REPO / "tests" / "programs" / "train_oracles.py"
 GIB = 1 << 30
 MIB = 1 << 20
 
@@ -85,12 +85,15 @@ def save_base(out: Path, vocab: int) -> None:
 
 
 def train_checkpoint(base: Path, root: Path, with_frozen: bool) -> None:
-    """2 CPU ranks of the test rank program: ZeRO-3, 2 steps, checkpoint (frozen fragments optional)."""
+    """2 CPU ranks of the trainer: ZeRO-3, 2 steps, checkpoint into `root` (frozen fragments optional)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = [sys.executable, str(RANK_PROGRAM), "--base", str(base), "--root", str(root), "--targets",
-            "query_key_value", "--lora_r", "64", *(["--with_frozen"] if with_frozen else [])]
+    out = root.parent  # the trainer writes OUTPUT/checkpoints
+    args = [sys.executable, str(RANK_PROGRAM), "--model", str(base), "--tokenizer", str(REPO / "launcher" / "demo" /
+            "tokenizer"), "--output_dir", str(out), "--lora_targets", "query_key_value", "--lora_r", "64",
+            "--max_steps", "2", "--save_every", "2", "--micro_batch", "2", "--dtype", "fp32", "--eval_data", "",
+            "--oracles", str(out / "oracles"), *(["--with_frozen"] if with_frozen else [])]
     procs = []
     for rank in range(2):
         env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank),
