@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup demo test test-fast
+.PHONY: setup demo lint test test-fast
 
 # setup also installs what the cluster tests need (Slurm, OpenMPI, shellcheck, mpi4py; as root, Debian);
 # tests/system_deps.sh returns at once when all of it is there. The demo needs only the venv.
@@ -30,7 +30,11 @@ else
 	DS_ACCELERATOR=cpu $(VENV)/bin/deepspeed --num_gpus 2 launcher/train.py --ds_config ds_configs/zero3.json
 endif
 
-test: setup
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup lint
 	$(PY) -m pytest -q
 
 test-fast: $(VENV)/.installed

@@ -3,10 +3,12 @@ file as `{"kind": "ratio", ...}` lines and printed.
 
     python bench/compare.py bench/results/FILE.jsonl
 
-A stack's figure is the median over rounds of its runs' tok/s (each run's: tokens per step / its median step, or
-with --lengths the median of its steps' useful tokens / time); the best single step of all rounds is beside it. speedup = ours tok/s / anchor tok/s; memory_ratio =
-ours peak allocated / anchor peak allocated (the largest over rounds, each).
+A stack's figure is the median over rounds of its runs' tok/s (each run's: tokens per step / its median step,
+or with --lengths the median of its steps' useful tokens / time); the best single step of all rounds is beside
+it. speedup = ours tok/s / anchor tok/s; memory_ratio = ours peak allocated / anchor peak allocated (the
+largest over rounds, each).
 """
+
 import json
 import statistics
 import sys
@@ -15,10 +17,14 @@ import sys
 def summary(runs: list[dict]) -> dict:
     tok_s = statistics.median(r["tok_s_per_gpu"] for r in runs)
     mfu = [r["mfu_vs_790"] for r in runs if r.get("mfu_vs_790") is not None]
-    return {"tok_s_per_gpu": tok_s, "best_tok_s_per_gpu": max(r["best_tok_s_per_gpu"] for r in runs),
-            "rounds_tok_s": [round(r["tok_s_per_gpu"]) for r in runs],
-            "mfu_vs_790": statistics.median(mfu) if mfu else None,
-            "peak_alloc_gib": max(r["peak_alloc_gib"] for r in runs), "rounds": len(runs)}
+    return {
+        "tok_s_per_gpu": tok_s,
+        "best_tok_s_per_gpu": max(r["best_tok_s_per_gpu"] for r in runs),
+        "rounds_tok_s": [round(r["tok_s_per_gpu"]) for r in runs],
+        "mfu_vs_790": statistics.median(mfu) if mfu else None,
+        "peak_alloc_gib": max(r["peak_alloc_gib"] for r in runs),
+        "rounds": len(runs),
+    }
 
 
 def ratios(runs: list[dict]) -> list[dict]:
@@ -32,16 +38,29 @@ def ratios(runs: list[dict]) -> list[dict]:
             continue
         for anchor in (t for t in stats if t.startswith("anchor")):
             first = by_tag[tag][0]
-            lines.append({
-                "kind": "ratio", "model": first["model"], "gpus": first["gpus"], "micro_batch": first["micro_batch"],
-                "seq": first["seq"], "targets": first["targets"], "lora_r": first["lora_r"], "ours": tag,
-                "anchor": anchor, "speedup": ours["tok_s_per_gpu"] / stats[anchor]["tok_s_per_gpu"],
-                "best_step_speedup": ours["best_tok_s_per_gpu"] / stats[anchor]["best_tok_s_per_gpu"],
-                "ours_mfu_vs_790": ours["mfu_vs_790"], "anchor_mfu_vs_790": stats[anchor]["mfu_vs_790"],
-                "memory_ratio": ours["peak_alloc_gib"] / stats[anchor]["peak_alloc_gib"],
-                "rounds": min(ours["rounds"], stats[anchor]["rounds"]), "lengths": first.get("lengths"),
-                "ours_stats": ours,
-                "anchor_stats": stats[anchor], "date": first["date"]})
+            lines.append(
+                {
+                    "kind": "ratio",
+                    "model": first["model"],
+                    "gpus": first["gpus"],
+                    "micro_batch": first["micro_batch"],
+                    "seq": first["seq"],
+                    "targets": first["targets"],
+                    "lora_r": first["lora_r"],
+                    "ours": tag,
+                    "anchor": anchor,
+                    "speedup": ours["tok_s_per_gpu"] / stats[anchor]["tok_s_per_gpu"],
+                    "best_step_speedup": ours["best_tok_s_per_gpu"] / stats[anchor]["best_tok_s_per_gpu"],
+                    "ours_mfu_vs_790": ours["mfu_vs_790"],
+                    "anchor_mfu_vs_790": stats[anchor]["mfu_vs_790"],
+                    "memory_ratio": ours["peak_alloc_gib"] / stats[anchor]["peak_alloc_gib"],
+                    "rounds": min(ours["rounds"], stats[anchor]["rounds"]),
+                    "lengths": first.get("lengths"),
+                    "ours_stats": ours,
+                    "anchor_stats": stats[anchor],
+                    "date": first["date"],
+                }
+            )
     return lines
 
 

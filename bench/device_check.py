@@ -10,6 +10,7 @@ bf16 path is (both are bf16 roundings of one function), and its loss within 1e-3
 Packed rows are checked the same way: FlexAttention with its mask from position ids against SDPA with the dense
 block-causal mask (FlexAttention has no backward on CPU, so CI checks only its forward).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,14 +19,43 @@ import sys
 import torch
 
 FAMILIES = {
-    "llama-3": ("llama", dict(hidden_size=4096, num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=8,
-                              intermediate_size=14336, vocab_size=128256, rope_theta=500000.0),
-                ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-    "gpt-neox": ("gpt_neox", dict(hidden_size=4096, num_hidden_layers=2, num_attention_heads=32,
-                                  intermediate_size=16384, vocab_size=50432, rotary_pct=0.25),
-                 ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
-    "qwen2": ("qwen2", dict(hidden_size=2048, num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=2,
-                            intermediate_size=11008, vocab_size=151936), ["q_proj", "v_proj"]),
+    "llama-3": (
+        "llama",
+        dict(
+            hidden_size=4096,
+            num_hidden_layers=2,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            intermediate_size=14336,
+            vocab_size=128256,
+            rope_theta=500000.0,
+        ),
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    ),
+    "gpt-neox": (
+        "gpt_neox",
+        dict(
+            hidden_size=4096,
+            num_hidden_layers=2,
+            num_attention_heads=32,
+            intermediate_size=16384,
+            vocab_size=50432,
+            rotary_pct=0.25,
+        ),
+        ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    ),
+    "qwen2": (
+        "qwen2",
+        dict(
+            hidden_size=2048,
+            num_hidden_layers=2,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            intermediate_size=11008,
+            vocab_size=151936,
+        ),
+        ["q_proj", "v_proj"],
+    ),
 }
 
 
@@ -58,8 +88,12 @@ def check(name: str, model_type: str, kwargs: dict, targets: list[str]) -> dict:
     ids = torch.randint(0, config.vocab_size, (2, 1024), device="cuda")
     labels = ids.clone()
     labels[:, :100] = -100
-    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
-             "position_ids": torch.arange(1024, device="cuda").expand(2, -1)}
+    batch = {
+        "input_ids": ids,
+        "labels": labels,
+        "attention_mask": torch.ones_like(ids),
+        "position_ids": torch.arange(1024, device="cuda").expand(2, -1),
+    }
     ref_loss, ref = loss_and_grads(model.float(), batch)  # fp32: what both bf16 paths approximate
     model.to(torch.bfloat16)
     plain_loss, plain = loss_and_grads(model, batch)
@@ -71,19 +105,27 @@ def check(name: str, model_type: str, kwargs: dict, targets: list[str]) -> dict:
         return {n: ((grads[n] - ref[n]).norm() / ref[n].norm()).item() for n in ref}
 
     plain_err, fused_err = errors(plain), errors(fused)
-    result = {"kind": "device_check", "family": name, "fused": fused_paths + ["linear_cross_entropy"],
-              "loss_fp32": ref_loss.item(), "loss_plain": plain_loss.item(), "loss_fused": fused_loss.item(),
-              "loss_rel_diff": abs(fused_loss.item() - plain_loss.item()) / abs(plain_loss.item()),
-              "grad_err_vs_fp32_plain_max": max(plain_err.values()),
-              "grad_err_vs_fp32_fused_max": max(fused_err.values()),
-              "grad_err_vs_fp32_plain_median": sorted(plain_err.values())[len(ref) // 2],
-              "grad_err_vs_fp32_fused_median": sorted(fused_err.values())[len(ref) // 2],
-              "grad_rel_diff_fused_vs_plain_max": max(((fused[n] - plain[n]).norm() / plain[n].norm()).item()
-                                                      for n in ref),
-              "lora_tensors": len(ref), "gpu": torch.cuda.get_device_name()}
+    result = {
+        "kind": "device_check",
+        "family": name,
+        "fused": fused_paths + ["linear_cross_entropy"],
+        "loss_fp32": ref_loss.item(),
+        "loss_plain": plain_loss.item(),
+        "loss_fused": fused_loss.item(),
+        "loss_rel_diff": abs(fused_loss.item() - plain_loss.item()) / abs(plain_loss.item()),
+        "grad_err_vs_fp32_plain_max": max(plain_err.values()),
+        "grad_err_vs_fp32_fused_max": max(fused_err.values()),
+        "grad_err_vs_fp32_plain_median": sorted(plain_err.values())[len(ref) // 2],
+        "grad_err_vs_fp32_fused_median": sorted(fused_err.values())[len(ref) // 2],
+        "grad_rel_diff_fused_vs_plain_max": max(((fused[n] - plain[n]).norm() / plain[n].norm()).item() for n in ref),
+        "lora_tensors": len(ref),
+        "gpu": torch.cuda.get_device_name(),
+    }
     # The fused path must be as close to fp32 as the plain bf16 path is (bf16 rounding, not a different function).
-    result["ok"] = (result["loss_rel_diff"] < 1e-3
-                    and result["grad_err_vs_fp32_fused_max"] <= 1.5 * result["grad_err_vs_fp32_plain_max"] + 1e-3)
+    result["ok"] = (
+        result["loss_rel_diff"] < 1e-3
+        and result["grad_err_vs_fp32_fused_max"] <= 1.5 * result["grad_err_vs_fp32_plain_max"] + 1e-3
+    )
     return result
 
 
@@ -101,14 +143,35 @@ def check_packing() -> dict:
     for i in range(48):
         n = int(torch.randint(60, 270, (1,), generator=gen))
         ids = torch.randint(0, 512, (n,), generator=gen).tolist()
-        rows.append({"id": str(i), "input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:],
-                     "position_ids": list(range(n))})
+        rows.append(
+            {
+                "id": str(i),
+                "input_ids": ids,
+                "labels": [-100] * (n // 2) + ids[n // 2 :],
+                "position_ids": list(range(n)),
+            }
+        )
     packed = pack_rows(rows, 2048)[:4]
     runs = {}
     for name, attn, dtype in (("fp32", "sdpa", "fp32"), ("dense", "sdpa", "bf16"), ("flex", "flex_attention", "bf16")):
         torch.manual_seed(0)
-        trainable = build_trainable(parse_config(["--model", "preset:tiny-llama", "--dtype", dtype, "--kernels",
-                                                  "off", "--attn_implementation", attn, "--lora_r", "16"]), None)
+        trainable = build_trainable(
+            parse_config(
+                [
+                    "--model",
+                    "preset:tiny-llama",
+                    "--dtype",
+                    dtype,
+                    "--kernels",
+                    "off",
+                    "--attn_implementation",
+                    attn,
+                    "--lora_r",
+                    "16",
+                ]
+            ),
+            None,
+        )
         model = trainable.model
         for n, p in trainable.lora.items():
             if n.endswith("lora_B.weight"):
@@ -123,14 +186,24 @@ def check_packing() -> dict:
     def worst(grads):
         return max(((grads[n] - ref[n]).norm() / ref[n].norm()).item() for n in ref)
 
-    result = {"kind": "device_check", "family": "packing", "rows": len(packed),
-              "tokens": sum(len(r["input_ids"]) for r in packed), "dense_mask_in_flex_batch": runs["flex"][2],
-              "loss_fp32": runs["fp32"][0].item(), "loss_dense": runs["dense"][0].item(),
-              "loss_flex": runs["flex"][0].item(), "grad_err_vs_fp32_dense_max": worst(runs["dense"][1]),
-              "grad_err_vs_fp32_flex_max": worst(runs["flex"][1]), "gpu": torch.cuda.get_device_name()}
-    result["ok"] = (not runs["flex"][2]
-                    and abs(result["loss_flex"] - result["loss_dense"]) / abs(result["loss_dense"]) < 1e-3
-                    and result["grad_err_vs_fp32_flex_max"] <= 1.5 * result["grad_err_vs_fp32_dense_max"] + 1e-3)
+    result = {
+        "kind": "device_check",
+        "family": "packing",
+        "rows": len(packed),
+        "tokens": sum(len(r["input_ids"]) for r in packed),
+        "dense_mask_in_flex_batch": runs["flex"][2],
+        "loss_fp32": runs["fp32"][0].item(),
+        "loss_dense": runs["dense"][0].item(),
+        "loss_flex": runs["flex"][0].item(),
+        "grad_err_vs_fp32_dense_max": worst(runs["dense"][1]),
+        "grad_err_vs_fp32_flex_max": worst(runs["flex"][1]),
+        "gpu": torch.cuda.get_device_name(),
+    }
+    result["ok"] = (
+        not runs["flex"][2]
+        and abs(result["loss_flex"] - result["loss_dense"]) / abs(result["loss_dense"]) < 1e-3
+        and result["grad_err_vs_fp32_flex_max"] <= 1.5 * result["grad_err_vs_fp32_dense_max"] + 1e-3
+    )
     return result
 
 

@@ -24,6 +24,7 @@ N_frozen counts the weights of every Linear layer including the LM head (embeddi
 and B factors, L layers, s sequence length, d model width. MFU is against 790 TFLOP/s, the dense bf16 matmul
 rate measured on one H200 here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,7 @@ def flops_per_token(model_name: str, targets: list[str], r: int, seq: int) -> fl
     from lora_ds.lora import match_targets
     from lora_ds.model import preset_config
 
-    config = preset_config(model_name[len("preset:"):])
+    config = preset_config(model_name[len("preset:") :])
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     linear = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -74,8 +75,14 @@ def real_length_rows(path: str, n: int, vocab: int, seed: int = 0) -> list[dict]
     for i in range(n):
         length = lengths[int(torch.randint(len(lengths), (1,), generator=gen))]
         ids = torch.randint(0, vocab, (length,), generator=gen).tolist()
-        rows.append({"id": str(i), "input_ids": ids, "labels": [-100] * (length // 2) + ids[length // 2:],
-                     "position_ids": list(range(length))})
+        rows.append(
+            {
+                "id": str(i),
+                "input_ids": ids,
+                "labels": [-100] * (length // 2) + ids[length // 2 :],
+                "position_ids": list(range(length)),
+            }
+        )
     return rows
 
 
@@ -104,7 +111,7 @@ class StepEvents:
 def preset_vocab(model_name: str) -> int:
     from lora_ds.model import preset_config
 
-    return preset_config(model_name[len("preset:"):]).vocab_size
+    return preset_config(model_name[len("preset:") :]).vocab_size
 
 
 def demo_tokenizer():
@@ -125,10 +132,28 @@ def run_ours(args, events: StepEvents) -> dict:
     from lora_ds.dist import init_distributed
     from lora_ds.train_loop import train_step
 
-    flags = ["--model", args.model, "--ds_config", args.ds_config, "--micro_batch", str(args.micro_batch),
-             "--lora_r", str(args.lora_r), "--lora_alpha", str(2 * args.lora_r), "--lora_targets", args.targets,
-             "--max_steps", str(args.steps), "--dtype", "bf16", "--seed", "0",
-             *(["--grad_ckpt"] if args.grad_ckpt else []), *shlex.split(args.ours_flags)]
+    flags = [
+        "--model",
+        args.model,
+        "--ds_config",
+        args.ds_config,
+        "--micro_batch",
+        str(args.micro_batch),
+        "--lora_r",
+        str(args.lora_r),
+        "--lora_alpha",
+        str(2 * args.lora_r),
+        "--lora_targets",
+        args.targets,
+        "--max_steps",
+        str(args.steps),
+        "--dtype",
+        "bf16",
+        "--seed",
+        "0",
+        *(["--grad_ckpt"] if args.grad_ckpt else []),
+        *shlex.split(args.ours_flags),
+    ]
     cfg = parse_config(flags)
     env = init_distributed()
     ds_config = resolve_ds_config(cfg, env.world_size)
@@ -148,8 +173,11 @@ def run_ours(args, events: StepEvents) -> dict:
         events.mark()
         events.tokens.append(train_step(engine, data, step, engine.device)[1])
     events.mark()
-    info = {"fused_kernels": trainable.fused, "zero3_fetch": cfg.model.zero3_fetch,
-            "attn_implementation": trainable.attention}
+    info = {
+        "fused_kernels": trainable.fused,
+        "zero3_fetch": cfg.model.zero3_fetch,
+        "attn_implementation": trainable.attention,
+    }
     if args.profile:
         info["profile"] = profile_step(lambda: train_step(engine, data, args.steps, engine.device), args)
     return info
@@ -164,31 +192,62 @@ def run_anchor(args, events: StepEvents) -> dict:
 
     with open(args.ds_config) as f:
         ds = json.load(f)
-    targs = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.micro_batch,
-                              gradient_accumulation_steps=1, max_steps=args.steps, bf16=True, deepspeed=ds,
-                              learning_rate=2e-4, weight_decay=0.1, max_grad_norm=1.0, save_strategy="no",
-                              logging_steps=10**6, report_to=[], remove_unused_columns=False,
-                              gradient_checkpointing=args.grad_ckpt, dataloader_num_workers=0,
-                              use_liger_kernel=args.stack == "anchor-liger")
-    model = AutoModelForCausalLM.from_config(preset_config(args.model[len("preset:"):]), dtype=torch.bfloat16,
-                                             attn_implementation="sdpa")
-    model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                                             target_modules=args.targets.split(","), task_type="CAUSAL_LM"))
+    targs = TrainingArguments(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=1,
+        max_steps=args.steps,
+        bf16=True,
+        deepspeed=ds,
+        learning_rate=2e-4,
+        weight_decay=0.1,
+        max_grad_norm=1.0,
+        save_strategy="no",
+        logging_steps=10**6,
+        report_to=[],
+        remove_unused_columns=False,
+        gradient_checkpointing=args.grad_ckpt,
+        dataloader_num_workers=0,
+        use_liger_kernel=args.stack == "anchor-liger",
+    )
+    model = AutoModelForCausalLM.from_config(
+        preset_config(args.model[len("preset:") :]), dtype=torch.bfloat16, attn_implementation="sdpa"
+    )
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=args.lora_r,
+            lora_alpha=2 * args.lora_r,
+            lora_dropout=0.0,
+            target_modules=args.targets.split(","),
+            task_type="CAUSAL_LM",
+        ),
+    )
     world = int(os.environ.get("WORLD_SIZE", 1))
     n = args.micro_batch * world * args.steps
     if args.lengths:  # one example a row, padded to the longest of its batch: how users feed the Trainer
         rows = real_length_rows(args.lengths, n, model.config.vocab_size)
-        dataset = [{"input_ids": r["input_ids"], "labels": r["labels"], "attention_mask": [1] * len(r["input_ids"])}
-                   for r in rows]
+        dataset = [
+            {"input_ids": r["input_ids"], "labels": r["labels"], "attention_mask": [1] * len(r["input_ids"])}
+            for r in rows
+        ]
         collator = DataCollatorForSeq2Seq(demo_tokenizer(), padding="longest", label_pad_token_id=-100)
     else:
         rows = synthetic_rows(n, args.seq, model.config.vocab_size)
-        dataset = [{"input_ids": torch.tensor(r["input_ids"]), "labels": torch.tensor(r["labels"]),
-                    "attention_mask": torch.ones(args.seq, dtype=torch.long)} for r in rows]
+        dataset = [
+            {
+                "input_ids": torch.tensor(r["input_ids"]),
+                "labels": torch.tensor(r["labels"]),
+                "attention_mask": torch.ones(args.seq, dtype=torch.long),
+            }
+            for r in rows
+        ]
         collator = None
     # Step i reads rows [i·micro, (i+1)·micro) of this rank's share (the order does not change the speed).
-    events.tokens = [sum(len(r["input_ids"]) for r in rows[i * args.micro_batch * world:][:args.micro_batch])
-                     for i in range(args.steps)]
+    events.tokens = [
+        sum(len(r["input_ids"]) for r in rows[i * args.micro_batch * world :][: args.micro_batch])
+        for i in range(args.steps)
+    ]
 
     class InOrder(Trainer):
         def _get_train_sampler(self, *a, **kw):
@@ -209,8 +268,12 @@ def run_anchor(args, events: StepEvents) -> dict:
 class HookClock:
     """Host seconds spent in DeepSpeed's ZeRO-3 module hooks (fetch, release, prefetch) while active."""
 
-    NAMES = ("pre_sub_module_forward_function", "post_sub_module_forward_function",
-             "pre_sub_module_backward_function", "post_sub_module_backward_function")
+    NAMES = (
+        "pre_sub_module_forward_function",
+        "post_sub_module_forward_function",
+        "pre_sub_module_backward_function",
+        "post_sub_module_backward_function",
+    )
 
     def __enter__(self):
         from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
@@ -257,19 +320,25 @@ def profile_step(step, args) -> dict:
     others = sorted((e for e, g in zip(kernels, is_gemm) if not g), key=lambda e: -e.self_device_time_total)
     with open(args.profile, "w") as f:
         f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
-    return {"step_wall_s": wall, "cuda_time_s": total / 1e6,
-            "gemm_share": sum(e.self_device_time_total for e, g in zip(kernels, is_gemm) if g) / total,
-            "top_non_gemm": [{"kernel": e.key[:90], "share": e.self_device_time_total / total, "calls": e.count}
-                             for e in others[:10]],
-            "zero3_hook_host_s": hooks.seconds, "zero3_hook_calls": hooks.calls}
+    return {
+        "step_wall_s": wall,
+        "cuda_time_s": total / 1e6,
+        "gemm_share": sum(e.self_device_time_total for e, g in zip(kernels, is_gemm) if g) / total,
+        "top_non_gemm": [
+            {"kernel": e.key[:90], "share": e.self_device_time_total / total, "calls": e.count} for e in others[:10]
+        ],
+        "zero3_hook_host_s": hooks.seconds,
+        "zero3_hook_calls": hooks.calls,
+    }
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stack", choices=["ours", "anchor", "anchor-liger"], required=True)
     parser.add_argument("--model", default="preset:llama-3-8b")
-    parser.add_argument("--ds_config", default=None, help="default: ds_configs/zero3.json (ours), "
-                                                            "bench/anchor_zero3.json (anchors)")
+    parser.add_argument(
+        "--ds_config", default=None, help="default: ds_configs/zero3.json (ours), bench/anchor_zero3.json (anchors)"
+    )
     parser.add_argument("--micro_batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=24)
@@ -278,9 +347,12 @@ def main():
     parser.add_argument("--targets", default="q_proj,v_proj")
     parser.add_argument("--grad_ckpt", action="store_true")
     parser.add_argument("--ours_flags", default="", help="more launcher flags for --stack ours")
-    parser.add_argument("--lengths", help="real-length rows drawn from this length distribution "
-                                          "(bench/lengths_wikisql_samsum.json): ours packs them into rows of --seq, "
-                                          "the anchors pad each batch to its longest row; tok/s counts real tokens")
+    parser.add_argument(
+        "--lengths",
+        help="real-length rows drawn from this length distribution "
+        "(bench/lengths_wikisql_samsum.json): ours packs them into rows of --seq, "
+        "the anchors pad each batch to its longest row; tok/s counts real tokens",
+    )
     parser.add_argument("--tag", default="")
     parser.add_argument("--profile", help="write a torch.profiler table of one extra step here (ours)")
     parser.add_argument("--local_rank", type=int)
@@ -301,37 +373,59 @@ def main():
     from lora_ds.dist import shutdown
 
     cuda = torch.cuda.is_available()
-    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
-                         torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0],
-                        device="cuda" if cuda else "cpu")
+    peak = torch.tensor(
+        [
+            torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+            torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0,
+        ],
+        device="cuda" if cuda else "cpu",
+    )
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0:
         print("BENCH " + json.dumps(record(args, times, events.tokens, peak.tolist(), wall, fpt, info)), flush=True)
     shutdown()
 
 
-def record(args, times: list[float], events_tokens: list[int], peak: list[float], wall: float, fpt: float,
-           info: dict) -> dict:
+def record(
+    args, times: list[float], events_tokens: list[int], peak: list[float], wall: float, fpt: float, info: dict
+) -> dict:
     import torch.distributed as dist
 
-    steady = times[args.warmup_steps:]
+    steady = times[args.warmup_steps :]
     median, best = statistics.median(steady), min(steady)
     tokens = args.micro_batch * args.seq
     # Useful (non-padding) tokens per second of each steady step; all tokens are useful at full length.
-    rates = [n / t for n, t in zip(events_tokens[args.warmup_steps:], steady)] if args.lengths else None
+    rates = [n / t for n, t in zip(events_tokens[args.warmup_steps :], steady)] if args.lengths else None
     return {
-        "kind": "run", "stack": args.stack, "tag": args.tag or args.stack, "model": args.model,
-        "gpus": dist.get_world_size(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "micro_batch": args.micro_batch, "seq": args.seq, "lora_r": args.lora_r, "targets": args.targets,
-        "grad_ckpt": args.grad_ckpt, "ds_config": args.ds_config, "ours_flags": args.ours_flags,
-        "steps": args.steps, "warmup_steps": args.warmup_steps, "step_s": [round(t, 4) for t in times],
-        "median_step_s": median, "best_step_s": best, "lengths": args.lengths,
+        "kind": "run",
+        "stack": args.stack,
+        "tag": args.tag or args.stack,
+        "model": args.model,
+        "gpus": dist.get_world_size(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "micro_batch": args.micro_batch,
+        "seq": args.seq,
+        "lora_r": args.lora_r,
+        "targets": args.targets,
+        "grad_ckpt": args.grad_ckpt,
+        "ds_config": args.ds_config,
+        "ours_flags": args.ours_flags,
+        "steps": args.steps,
+        "warmup_steps": args.warmup_steps,
+        "step_s": [round(t, 4) for t in times],
+        "median_step_s": median,
+        "best_step_s": best,
+        "lengths": args.lengths,
         "tok_s_per_gpu": statistics.median(rates) if rates else tokens / median,
-        "best_tok_s_per_gpu": max(rates) if rates else tokens / best, "flops_per_token": fpt,
+        "best_tok_s_per_gpu": max(rates) if rates else tokens / best,
+        "flops_per_token": fpt,
         # At full length only: real-length rows have other attention costs and padding.
         "mfu_vs_790": None if rates else fpt * tokens / median / 790e12,
-        "peak_alloc_gib": peak[0], "peak_reserved_gib": peak[1], "process_wall_s": wall,
-        "date": time.strftime("%Y-%m-%d"), **info,
+        "peak_alloc_gib": peak[0],
+        "peak_reserved_gib": peak[1],
+        "process_wall_s": wall,
+        "date": time.strftime("%Y-%m-%d"),
+        **info,
     }
 
 

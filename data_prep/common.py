@@ -11,6 +11,7 @@ The task's module (lora_ds/tasks/<task>.py) tells each file's format and reads i
 example, the record None for one the source itself marks unusable (MNLI's "-" gold label) or the
 `BadRecord` describing what is wrong.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,7 +65,7 @@ def encode_all(tok, tokenizer_path: str, pairs: list, max_len: int, truncate: bo
         return [encode_pair(tok, prompt, completion, max_len, truncate) for prompt, completion in pairs]
     import multiprocessing
 
-    jobs = [(pairs[i:i + _CHUNK], max_len, truncate) for i in range(0, len(pairs), _CHUNK)]
+    jobs = [(pairs[i : i + _CHUNK], max_len, truncate) for i in range(0, len(pairs), _CHUNK)]
     with multiprocessing.get_context().Pool(num_proc, _init_worker, (tokenizer_path,)) as pool:
         return [result for chunk in pool.imap(_encode_chunk, jobs) for result in chunk]
 
@@ -76,8 +77,16 @@ def length_stats(lengths: list[int]) -> dict:
     def rank(p):
         return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
 
-    return {"count": len(s), "min": s[0], "mean": round(sum(s) / len(s), 2), "p50": rank(50), "p90": rank(90),
-            "p99": rank(99), "max": s[-1], "total": sum(s)}
+    return {
+        "count": len(s),
+        "min": s[0],
+        "mean": round(sum(s) / len(s), 2),
+        "p50": rank(50),
+        "p90": rank(90),
+        "p99": rank(99),
+        "max": s[-1],
+        "total": sum(s),
+    }
 
 
 def save_rows(rows: list[dict], directory: str, split: str, fingerprint: str) -> None:
@@ -88,11 +97,13 @@ def save_rows(rows: list[dict], directory: str, split: str, fingerprint: str) ->
     from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     ints = List(Value("int32"))
-    features = Features({"input_ids": ints, "labels": ints, "position_ids": ints, "id": Value("string"),
-                         "length": Value("int32")})
+    features = Features(
+        {"input_ids": ints, "labels": ints, "position_ids": ints, "id": Value("string"), "length": Value("int32")}
+    )
     table = pa.Table.from_pydict({key: [r[key] for r in rows] for key in features}, schema=features.arrow_schema)
-    dataset = Dataset(InMemoryTable(table), info=DatasetInfo(features=features), split=NamedSplit(split),
-                      fingerprint=fingerprint)
+    dataset = Dataset(
+        InMemoryTable(table), info=DatasetInfo(features=features), split=NamedSplit(split), fingerprint=fingerprint
+    )
     quiet = are_progress_bars_disabled()
     disable_progress_bars()
     try:
@@ -103,6 +114,7 @@ def save_rows(rows: list[dict], directory: str, split: str, fingerprint: str) ->
 
 
 # ---- the pipeline ----------------------------------------------------------------------------------
+
 
 @dataclass
 class Settings:
@@ -129,8 +141,10 @@ class Settings:
         if self.max_len < 2:
             raise UserError(f"--max-len {self.max_len}: an example needs at least 2 tokens")
         if self.pack is not None and self.max_len > self.pack:
-            raise UserError(f"--max-len {self.max_len} is longer than --pack {self.pack}: an example must fit "
-                            "in a packed row; lower --max-len or raise --pack")
+            raise UserError(
+                f"--max-len {self.max_len} is longer than --pack {self.pack}: an example must fit "
+                "in a packed row; lower --max-len or raise --pack"
+            )
         if self.num_proc < 1:
             raise UserError(f"--num-proc {self.num_proc}: give 1 or more processes")
         if not os.path.exists(self.tokenizer):  # checked now: the tokenizer is loaded after reading
@@ -154,8 +168,9 @@ def _detect_sources(task, paths: list[str]) -> tuple[str, list[str]]:
 
 def _check_out(out: str) -> None:
     """Refuse to replace a directory that is not an earlier prepared dir (it may hold anything)."""
-    if os.path.exists(out) and not (os.path.isdir(out) and (not os.listdir(out)
-                                                             or os.path.isfile(os.path.join(out, MANIFEST)))):
+    if os.path.exists(out) and not (
+        os.path.isdir(out) and (not os.listdir(out) or os.path.isfile(os.path.join(out, MANIFEST)))
+    ):
         raise UserError(f"--out {out}: exists and is not a prepared dir; choose another --out or remove it")
 
 
@@ -163,7 +178,7 @@ def _read_examples(s: Settings, task, fmt: str, counts: dict) -> tuple[list, lis
     """(ids, (prompt, completion) pairs, skipped-record messages) of every usable record of --src."""
     ids, pairs, skipped = [], [], []
     for path in s.src:
-        for loc, record in task.read(path, fmt):
+        for _, record in task.read(path, fmt):
             counts["read"] += 1
             if isinstance(record, BadRecord):
                 if not s.skip_bad:
@@ -182,8 +197,9 @@ def _read_examples(s: Settings, task, fmt: str, counts: dict) -> tuple[list, lis
 def _encode_examples(s: Settings, tok, ids: list, pairs: list, counts: dict) -> list[dict]:
     """The rows of the examples that fit --max-len (after truncation, unless --drop-overlong)."""
     rows = []
-    for ex_id, (row, truncated) in zip(ids, encode_all(tok, s.tokenizer, pairs, s.max_len, not s.drop_overlong,
-                                                       s.num_proc)):
+    for ex_id, (row, truncated) in zip(
+        ids, encode_all(tok, s.tokenizer, pairs, s.max_len, not s.drop_overlong, s.num_proc)
+    ):
         if row is None:
             counts["dropped"] += 1
             continue
@@ -191,12 +207,15 @@ def _encode_examples(s: Settings, tok, ids: list, pairs: list, counts: dict) -> 
         row.update(id=ex_id, length=len(row["input_ids"]))
         rows.append(row)
     if not rows:
-        raise UserError(f"--src {' '.join(s.src)}: no examples left ({counts['read']} read, {counts['skipped']} "
-                        f"skipped, {counts['filtered']} filtered, {counts['dropped']} longer than --max-len)")
+        raise UserError(
+            f"--src {' '.join(s.src)}: no examples left ({counts['read']} read, {counts['skipped']} "
+            f"skipped, {counts['filtered']} filtered, {counts['dropped']} longer than --max-len)"
+        )
     if s.pack and any("," in r["id"] for r in rows):
         bad = next(r["id"] for r in rows if "," in r["id"])
-        raise UserError(f"--pack: example id {bad!r} holds a ',', which separates the ids of a packed row; "
-                        "prepare without --pack")
+        raise UserError(
+            f"--pack: example id {bad!r} holds a ',', which separates the ids of a packed row; prepare without --pack"
+        )
     return rows
 
 
@@ -257,46 +276,84 @@ def prepare(s: Settings) -> tuple[dict, float]:
 
 # ---- command line ----------------------------------------------------------------------------------
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `lora-ds prep TASK` and `python -m data_prep.TASK`."""
-    parser.add_argument("--src", nargs="+", required=True, metavar="PATH",
-                        help="the downloaded file(s), all of one format (told from the name and content)")
-    parser.add_argument("--tokenizer", required=True, metavar="PATH",
-                        help="a Hugging Face tokenizer dir, a model dir, or a SentencePiece tokenizer.model")
+    parser.add_argument(
+        "--src",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="the downloaded file(s), all of one format (told from the name and content)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        required=True,
+        metavar="PATH",
+        help="a Hugging Face tokenizer dir, a model dir, or a SentencePiece tokenizer.model",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="the prepared dir to write")
     parser.add_argument("--split", default="train", help="split name recorded in the dataset (default: train)")
-    parser.add_argument("--max-len", type=int, default=None, metavar="N",
-                        help=f"tokens per example; longer ones lose context from the left "
-                             f"(default: --pack, else {DEFAULT_MAX_LEN})")
-    parser.add_argument("--drop-overlong", action="store_true",
-                        help="drop examples longer than --max-len instead of truncating their context")
-    parser.add_argument("--pack", type=int, default=None, metavar="N",
-                        help="pack examples into rows of at most N tokens (attention stays inside each example)")
+    parser.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"tokens per example; longer ones lose context from the left (default: --pack, else {DEFAULT_MAX_LEN})",
+    )
+    parser.add_argument(
+        "--drop-overlong",
+        action="store_true",
+        help="drop examples longer than --max-len instead of truncating their context",
+    )
+    parser.add_argument(
+        "--pack",
+        type=int,
+        default=None,
+        metavar="N",
+        help="pack examples into rows of at most N tokens (attention stays inside each example)",
+    )
     parser.add_argument("--num-proc", type=int, default=1, metavar="K", help="tokenizer processes (default: 1)")
-    parser.add_argument("--skip-bad", action="store_true",
-                        help="skip malformed records (counted in the manifest) instead of stopping at the first")
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip malformed records (counted in the manifest) instead of stopping at the first",
+    )
 
 
 def run(task: str, args: argparse.Namespace) -> int:
     """Prepare from parsed flags; prints one summary line with the throughput."""
-    settings = Settings(task=task, src=args.src, tokenizer=args.tokenizer, out=args.out, split=args.split,
-                        max_len=args.max_len, pack=args.pack, num_proc=args.num_proc, skip_bad=args.skip_bad,
-                        drop_overlong=args.drop_overlong)
+    settings = Settings(
+        task=task,
+        src=args.src,
+        tokenizer=args.tokenizer,
+        out=args.out,
+        split=args.split,
+        max_len=args.max_len,
+        pack=args.pack,
+        num_proc=args.num_proc,
+        skip_bad=args.skip_bad,
+        drop_overlong=args.drop_overlong,
+    )
     manifest, seconds = prepare(settings)
     c, stats = manifest["counts"], manifest["length_stats"]
-    print(f"{task} {args.split}: read {c['read']}, kept {c['kept']} ({c['truncated']} truncated, {c['dropped']} "
-          f"dropped, {c['skipped']} skipped, {c['filtered']} filtered) -> {c['rows']} rows in {args.out}; "
-          f"tokens/example mean {stats['mean']} p99 {stats['p99']} max {stats['max']}; "
-          f"{seconds:.2f} s, {c['read'] / seconds:.0f} examples/s")
+    print(
+        f"{task} {args.split}: read {c['read']}, kept {c['kept']} ({c['truncated']} truncated, {c['dropped']} "
+        f"dropped, {c['skipped']} skipped, {c['filtered']} filtered) -> {c['rows']} rows in {args.out}; "
+        f"tokens/example mean {stats['mean']} p99 {stats['p99']} max {stats['max']}; "
+        f"{seconds:.2f} s, {c['read'] / seconds:.0f} examples/s"
+    )
     return 0
 
 
 def main(task: str, commands: str, argv: list[str] | None = None) -> int:
     """`python -m data_prep.TASK`: the same as `lora-ds prep TASK`; --help shows `commands` (the entry
     point's docstring), then the task's formats."""
-    parser = argparse.ArgumentParser(prog=f"python -m data_prep.{task}",
-                                     description=f"{commands}\n{get_task(task).__doc__}",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m data_prep.{task}",
+        description=f"{commands}\n{get_task(task).__doc__}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -5,6 +5,7 @@
 
 The formats it reads and the template are lora_ds/tasks/samsum.py's; --help shows them.
 """
+
 import sys
 
 from data_prep.common import main

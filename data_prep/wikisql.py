@@ -6,6 +6,7 @@
 
 The formats it reads and the template are lora_ds/tasks/wikisql.py's; --help shows them.
 """
+
 import sys
 
 from data_prep.common import main

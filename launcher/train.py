@@ -11,6 +11,7 @@
 With no arguments it trains the embedded demo: a tiny GPT-NeoX (random weights) on launcher/demo/
 into runs/demo/. `--help` lists every flag; `--config FILE` (YAML/JSON) sets the same fields.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,11 +49,15 @@ class Recipe:
         cfg, world = self.cfg, self.env.world_size
         self.ds_config = resolve_ds_config(cfg, world)
         torch.manual_seed(cfg.train.seed)
-        self.sampler = StepSampler(len(self.rows), cfg.train.micro_batch, cfg.train.grad_accum, world,
-                                   cfg.train.seed)
+        self.sampler = StepSampler(len(self.rows), cfg.train.micro_batch, cfg.train.grad_accum, world, cfg.train.seed)
         self.total_steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * self.sampler.steps_per_epoch))
-        self.trainable, self.engine = build(cfg, self.ds_config, self.total_steps, vocab_size=self.tok.vocab_size,
-                                            packed=getattr(self.rows, "packed", False))
+        self.trainable, self.engine = build(
+            cfg,
+            self.ds_config,
+            self.total_steps,
+            vocab_size=self.tok.vocab_size,
+            packed=getattr(self.rows, "packed", False),
+        )
         self._write_run_record()
         self.start_step = 0
         if self.tag is not None:
@@ -67,11 +72,12 @@ class Recipe:
         cfg = self.cfg
         is_preset = cfg.model.name.startswith("preset:")
         if is_preset:
-            preset_config(cfg.model.name[len("preset:"):])
+            preset_config(cfg.model.name[len("preset:") :])
         else:
             check_model_dir(cfg.model.name)
-        self.tok = load_tokenizer(cfg.model.tokenizer or (os.path.join(DEMO_DIR, "tokenizer") if is_preset
-                                                          else cfg.model.name))
+        self.tok = load_tokenizer(
+            cfg.model.tokenizer or (os.path.join(DEMO_DIR, "tokenizer") if is_preset else cfg.model.name)
+        )
         self.rows = load_rows(cfg.data.path, self.tok, cfg.data.max_len)
         self.eval_rows = load_rows(cfg.data.eval_path, self.tok, cfg.data.max_len) if cfg.data.eval_path else None
         self.tag = checkpoint.resolve_tag(self.ckpt_root, cfg.train.resume)
@@ -82,21 +88,34 @@ class Recipe:
         self.run_record = {
             **cfg.to_dict(),
             "resolved": {
-                "world_size": self.env.world_size, "rank_source": self.env.source, "total_steps": self.total_steps,
-                "steps_per_epoch": self.sampler.steps_per_epoch, "lora_targets": self.trainable.targets,
-                "adapted_modules": self.trainable.adapted, "fused_kernels": self.trainable.fused,
+                "world_size": self.env.world_size,
+                "rank_source": self.env.source,
+                "total_steps": self.total_steps,
+                "steps_per_epoch": self.sampler.steps_per_epoch,
+                "lora_targets": self.trainable.targets,
+                "adapted_modules": self.trainable.adapted,
+                "fused_kernels": self.trainable.fused,
                 "attn_implementation": self.trainable.attention,
                 "trainable_params": self.trainable_params,
                 "total_params": sum(full_numel(p) for p in model.parameters()),
-                "tokenizer": tokenizer_record(self.tok), "ds_config": self.ds_config,
-                "versions": {"torch": torch.__version__, "deepspeed": __import__("deepspeed").__version__,
-                             "transformers": __import__("transformers").__version__},
+                "tokenizer": tokenizer_record(self.tok),
+                "ds_config": self.ds_config,
+                "versions": {
+                    "torch": torch.__version__,
+                    "deepspeed": __import__("deepspeed").__version__,
+                    "transformers": __import__("transformers").__version__,
+                },
             },
         }
         self.adapter_config = peft_config(
-            r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, target_modules=self.trainable.targets,
-            use_rslora=cfg.lora.rslora, base_model=cfg.model.name,
-            fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in model.modules()))
+            r=cfg.lora.r,
+            alpha=cfg.lora.alpha,
+            dropout=cfg.lora.dropout,
+            target_modules=self.trainable.targets,
+            use_rslora=cfg.lora.rslora,
+            base_model=cfg.model.name,
+            fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in model.modules()),
+        )
         if self.env.rank == 0:
             os.makedirs(cfg.train.output_dir, exist_ok=True)
             write_json(os.path.join(cfg.train.output_dir, "run_config.json"), self.run_record)
@@ -108,12 +127,26 @@ class Recipe:
         if cfg.data.eval_task:
             from lora_ds.evaluation import TaskEval
 
-            task_eval = TaskEval(cfg.data.eval_task, cfg.data.eval_task_samples, cfg.train.seed, self.tok,
-                                 max_len=cfg.data.max_len, batch_size=cfg.train.micro_batch, output_dir=out,
-                                 rank=rank, world=world, device=engine.device)
+            task_eval = TaskEval(
+                cfg.data.eval_task,
+                cfg.data.eval_task_samples,
+                cfg.train.seed,
+                self.tok,
+                max_len=cfg.data.max_len,
+                batch_size=cfg.train.micro_batch,
+                output_dir=out,
+                rank=rank,
+                world=world,
+                device=engine.device,
+            )
         by_positions = self.trainable.mask_from_positions
-        eval_batches = None if self.eval_rows is None else EvalBatches(
-            self.eval_rows, cfg.train.micro_batch, rank, world, self.tok.pad_token_id, mask_dtype, by_positions)
+        eval_batches = (
+            None
+            if self.eval_rows is None
+            else EvalBatches(
+                self.eval_rows, cfg.train.micro_batch, rank, world, self.tok.pad_token_id, mask_dtype, by_positions
+            )
+        )
         per_step = self.sampler.per_step
 
         def state(step: int) -> dict:
@@ -124,11 +157,20 @@ class Recipe:
             data=TrainBatches(self.rows, self.sampler, rank, self.tok.pad_token_id, mask_dtype, by_positions),
             metrics=MetricsLog(os.path.join(out, "metrics.jsonl"), cfg.train.log_every, engine, rank),
             evaluator=Evaluator(engine, cfg.train.eval_every, eval_batches, task_eval, engine.device),
-            checkpointer=Checkpointer(engine, self.ckpt_root, cfg.train.save_every, cfg.train.keep_checkpoints,
-                                      state, {"adapter_config.json": self.adapter_config,
-                                              "run_config.json": self.run_record}),
-            stop=self.stop, total_steps=self.total_steps, halt_at_step=cfg.train.halt_at_step,
-            max_skipped_steps=cfg.train.max_skipped_steps, device=engine.device)
+            checkpointer=Checkpointer(
+                engine,
+                self.ckpt_root,
+                cfg.train.save_every,
+                cfg.train.keep_checkpoints,
+                state,
+                {"adapter_config.json": self.adapter_config, "run_config.json": self.run_record},
+            ),
+            stop=self.stop,
+            total_steps=self.total_steps,
+            halt_at_step=cfg.train.halt_at_step,
+            max_skipped_steps=cfg.train.max_skipped_steps,
+            device=engine.device,
+        )
 
     def train(self) -> Outcome:
         return self.loop.run(self.start_step)
@@ -139,15 +181,22 @@ class Recipe:
         if outcome is Outcome.NONFINITE:
             last = checkpoint.resolve_tag(self.ckpt_root, "auto")
             if rank == 0:
-                print(f"train: error: more than {self.cfg.train.max_skipped_steps} steps had NaN/Inf gradients "
-                      f"(--max_skipped_steps); stopped without saving. The last good checkpoint is "
-                      f"{os.path.join(self.ckpt_root, last) if last else 'none (no checkpoint was saved)'}; "
-                      f"check the data and --lr before resuming", file=sys.stderr, flush=True)
+                print(
+                    f"train: error: more than {self.cfg.train.max_skipped_steps} steps had NaN/Inf gradients "
+                    f"(--max_skipped_steps); stopped without saving. The last good checkpoint is "
+                    f"{os.path.join(self.ckpt_root, last) if last else 'none (no checkpoint was saved)'}; "
+                    f"check the data and --lr before resuming",
+                    file=sys.stderr,
+                    flush=True,
+                )
         elif outcome is not Outcome.DONE:
             if rank == 0:
                 why = "halt" if outcome is Outcome.HALTED else self.stop.received or "signal"
-                print(f"stopped after a checkpoint ({why}); rerun the same command to resume "
-                      "(the Slurm scripts requeue the job, which does so by itself)", flush=True)
+                print(
+                    f"stopped after a checkpoint ({why}); rerun the same command to resume "
+                    "(the Slurm scripts requeue the job, which does so by itself)",
+                    flush=True,
+                )
                 if outcome is Outcome.PREEMPTED:
                     report_stopped(checkpoint.resolve_tag(self.ckpt_root, "auto"))
         else:
@@ -158,13 +207,15 @@ class Recipe:
         from deepspeed.utils import safe_get_full_fp32_param
 
         # The fp32 master copies, gathered from the optimizer's partitions (collective).
-        tensors = {name: safe_get_full_fp32_param(p).detach().cpu().clone()
-                   for name, p in self.trainable.lora.items()}
+        tensors = {name: safe_get_full_fp32_param(p).detach().cpu().clone() for name, p in self.trainable.lora.items()}
         if self.env.rank == 0:
             path = os.path.join(self.cfg.train.output_dir, "adapter")
             write_adapter(path, tensors, self.adapter_config, extra_json={"run_config.json": self.run_record})
-            print(f"adapter written to {path} ({self.trainable_params:,} trainable of "
-                  f"{self.run_record['resolved']['total_params']:,} params)", flush=True)
+            print(
+                f"adapter written to {path} ({self.trainable_params:,} trainable of "
+                f"{self.run_record['resolved']['total_params']:,} params)",
+                flush=True,
+            )
 
     def cleanup(self) -> None:
         """Every rank together, on a normal end only: a rank's error never waits in a barrier."""

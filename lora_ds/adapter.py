@@ -7,6 +7,7 @@ Keys are `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`, as PEFT w
 tensors (export, merge, analyze, eval, `read_adapter`, `write_adapter`) goes through them, so a new variant
 of the format (DoRA, rank patterns, modules_to_save) is taught here once.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,9 @@ class LoRAWeights:
         return adapted_modules(self.tensors)
 
 
-def peft_config(*, r: int, alpha: float, dropout: float, target_modules, use_rslora: bool,
-                fan_in_fan_out: bool, base_model: str) -> dict:
+def peft_config(
+    *, r: int, alpha: float, dropout: float, target_modules, use_rslora: bool, fan_in_fan_out: bool, base_model: str
+) -> dict:
     """The adapter_config.json PEFT reads (LoraConfig fields)."""
     return {
         "peft_type": "LORA",
@@ -67,8 +69,13 @@ def scaling(config: dict) -> float:
 
 def adapted_modules(tensors: dict) -> list[str]:
     """The modules that `tensors` hold LoRA factors of, sorted."""
-    return sorted({n[:-len(LORA_A)] if n.endswith(LORA_A) else n[:-len(LORA_B)]
-                   for n in tensors if n.endswith((LORA_A, LORA_B))})
+    return sorted(
+        {
+            n[: -len(LORA_A)] if n.endswith(LORA_A) else n[: -len(LORA_B)]
+            for n in tensors
+            if n.endswith((LORA_A, LORA_B))
+        }
+    )
 
 
 def factors(tensors: dict, module: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,8 +92,9 @@ def check_config(config: dict, path: str) -> dict:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise UserError(f"{path}: field {field!r} must be a positive number, got {value!r}")
     targets = config.get("target_modules")
-    if not isinstance(targets, str) and not (isinstance(targets, list) and targets
-                                             and all(isinstance(t, str) for t in targets)):
+    if not isinstance(targets, str) and not (
+        isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)
+    ):
         raise UserError(f"{path}: field 'target_modules' must be a list of module names or a regex, got {targets!r}")
     return config
 
@@ -97,13 +105,17 @@ def _check_module(tensors: dict, module: str, config: dict, source: str) -> None
         raise UserError(f"{source}: {module} has only one of lora_A / lora_B; the adapter is incomplete")
     r = config["r"]
     if A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] != r:
-        raise UserError(f"{source}: {module} has lora_A {list(A.shape)} and lora_B {list(B.shape)}, but "
-                        f"{CONFIG_FILE} says r = {r}; the config belongs to another run")
+        raise UserError(
+            f"{source}: {module} has lora_A {list(A.shape)} and lora_B {list(B.shape)}, but "
+            f"{CONFIG_FILE} says r = {r}; the config belongs to another run"
+        )
     if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
         raise UserError(f"{source}: {module} holds NaN/Inf (the run diverged); use an earlier checkpoint")
     if not is_target(module, config["target_modules"]):
-        raise UserError(f"{source}: module {module} is not selected by target_modules "
-                        f"{config['target_modules']!r} of {CONFIG_FILE}; the config belongs to another run")
+        raise UserError(
+            f"{source}: module {module} is not selected by target_modules "
+            f"{config['target_modules']!r} of {CONFIG_FILE}; the config belongs to another run"
+        )
 
 
 def check_lora(tensors: dict, config: dict, source: str, adapted: list[str] | None = None) -> list[str]:
@@ -120,9 +132,11 @@ def check_lora(tensors: dict, config: dict, source: str, adapted: list[str] | No
         _check_module(tensors, module, config, source)
     if adapted is not None and sorted(adapted) != modules:
         lost = sorted(set(adapted) - set(modules))
-        raise UserError(f"{source}: {RUN_CONFIG} lists {len(adapted)} adapted modules but the checkpoint holds "
-                        f"LoRA for {len(modules)} (not found: {', '.join(lost[:3]) or 'none'}); the files belong to "
-                        "different runs")
+        raise UserError(
+            f"{source}: {RUN_CONFIG} lists {len(adapted)} adapted modules but the checkpoint holds "
+            f"LoRA for {len(modules)} (not found: {', '.join(lost[:3]) or 'none'}); the files belong to "
+            "different runs"
+        )
     return modules
 
 
@@ -162,7 +176,7 @@ def read_adapter(adapter_dir: str) -> tuple[dict, dict]:
         raise UserError(f"{weights_path}: unreadable safetensors file ({e}); re-export the adapter") from e
     tensors = {}
     for key, value in raw.items():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         # PEFT may keep the adapter name in keys (".lora_A.default.weight"); files it saves drop it.
         name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
         tensors[name] = value

@@ -11,6 +11,7 @@ so their base weights are transposed on reading. "output" vectors are ΔW's left
 space, in R^out), "input" vectors its right singular vectors (in R^in, the row space of A: the space the
 paper compares through A's right singular vectors).
 """
+
 from __future__ import annotations
 
 import math
@@ -27,17 +28,17 @@ from lora_ds.hf_dir import read_model_dir
 ANALYSIS_FILE = "analysis.json"
 DEFINITIONS = {
     "delta_w": "ΔW = s·B·A in nn.Linear layout (out, in), s = lora_alpha/r (or /sqrt(r) with rsLoRA); GPT-2 "
-               "Conv1D (fan_in_fan_out) bases are transposed to this layout",
+    "Conv1D (fan_in_fan_out) bases are transposed to this layout",
     "singular_values": "of ΔW, descending, from the factors: B = Q_B R_B, Aᵀ = Q_A R_A, SVD of s·R_B R_Aᵀ (r×r)",
     "energy": "energy[k-1] = sum of the top-k squared singular values / sum of all (fraction of ‖ΔW‖²_F)",
     "effective_rank": "exp(entropy of p), p_i = σ_i / Σσ (Roy & Vetterli 2007): 1 for rank one, r for r equal "
-                      "singular values",
+    "singular values",
     "subspace_similarity": "phi[i-1][j-1] = ‖U1_iᵀ U2_j‖²_F / min(i, j), U_i the top-i singular vectors of ΔW; "
-                           "'input': right singular vectors (R^in, the paper's choice via A), 'output': left "
-                           "(R^out). Two random subspaces give about max(i, j) / d",
+    "'input': right singular vectors (R^in, the paper's choice via A), 'output': left "
+    "(R^out). Two random subspaces give about max(i, j) / d",
     "amplification": "‖ΔW‖_F / ‖Uᵀ W V‖_F, U, V the top-r left/right singular vectors of ΔW (paper Table 7); "
-                     "beside it ‖Uᵀ W V‖_F for U, V the top-r singular vectors of W, and for random orthonormal "
-                     "U, V (seed 0), and ‖W‖_F",
+    "beside it ‖Uᵀ W V‖_F for U, V the top-r singular vectors of W, and for random orthonormal "
+    "U, V (seed 0), and ‖W‖_F",
 }
 
 
@@ -99,20 +100,26 @@ def amplification(weight: torch.Tensor, spec: Spectrum, r: int, seed: int = 0) -
     ru, rv = _random_orthonormal(w.shape[0], r, generator), _random_orthonormal(w.shape[1], r, generator)
     random = torch.linalg.matrix_norm(ru.T @ w @ rv).item()
     delta_norm = spec.S.norm().item()
-    return {"delta_w_fro": delta_norm, "w_fro": torch.linalg.matrix_norm(w).item(),
-            "proj_delta_w": projected, "proj_w": own, "proj_random": random,
-            "amplification": delta_norm / projected if projected > 0 else float("inf")}
+    return {
+        "delta_w_fro": delta_norm,
+        "w_fro": torch.linalg.matrix_norm(w).item(),
+        "proj_delta_w": projected,
+        "proj_w": own,
+        "proj_random": random,
+        "amplification": delta_norm / projected if projected > 0 else float("inf"),
+    }
 
 
 # ---------------------------------------------------------------- adapters and bases
+
 
 @dataclass
 class Adapter:
     path: str
     config: dict
     scale: float
-    spectra: dict          # module -> Spectrum
-    shapes: dict           # module -> [out, in]
+    spectra: dict  # module -> Spectrum
+    shapes: dict  # module -> [out, in]
 
 
 def load_adapter(path: str, progress: bool = False) -> Adapter:
@@ -138,8 +145,9 @@ def iter_base_weights(base_dir: str, modules, fan_in_fan_out: bool):
     for module in modules:
         keys[module] = base.weight_key(module)
         if keys[module] is None:
-            raise UserError(f"--base {base_dir}: no weight for the adapter's {module}; the adapter was trained "
-                            "on another base")
+            raise UserError(
+                f"--base {base_dir}: no weight for the adapter's {module}; the adapter was trained on another base"
+            )
     for shard in base.shards:
         mine = [m for m in modules if base.where[keys[m]] is shard]
         if not mine:
@@ -152,9 +160,14 @@ def iter_base_weights(base_dir: str, modules, fan_in_fan_out: bool):
 
 # ---------------------------------------------------------------- the whole analysis
 
+
 def _matrix_record(spec: Spectrum) -> dict:
-    return {"singular_values": spec.S.tolist(), "energy": energy(spec.S), "effective_rank": effective_rank(spec.S),
-            "delta_w_fro": spec.S.norm().item()}
+    return {
+        "singular_values": spec.S.tolist(),
+        "energy": energy(spec.S),
+        "effective_rank": effective_rank(spec.S),
+        "delta_w_fro": spec.S.norm().item(),
+    }
 
 
 def _mean(values) -> float:
@@ -163,10 +176,15 @@ def _mean(values) -> float:
 
 
 def _adapter_summary(modules: dict) -> dict:
-    return {"mean_effective_rank": _mean(m["effective_rank"] for m in modules.values()),
-            "mean_energy_top1": _mean(m["energy"][0] for m in modules.values()),
-            **({"mean_amplification": _mean(m["amplification"]["amplification"] for m in modules.values())}
-               if all("amplification" in m for m in modules.values()) else {})}
+    return {
+        "mean_effective_rank": _mean(m["effective_rank"] for m in modules.values()),
+        "mean_energy_top1": _mean(m["energy"][0] for m in modules.values()),
+        **(
+            {"mean_amplification": _mean(m["amplification"]["amplification"] for m in modules.values())}
+            if all("amplification" in m for m in modules.values())
+            else {}
+        ),
+    }
 
 
 def _pair(a: Adapter, b: Adapter) -> dict:
@@ -175,18 +193,27 @@ def _pair(a: Adapter, b: Adapter) -> dict:
         raise UserError(f"--adapter {a.path} and --adapter {b.path} adapt no module in common; nothing to compare")
     for m in common:
         if a.shapes[m] != b.shapes[m]:
-            raise UserError(f"{m}: ΔW is {a.shapes[m]} in {a.path} but {b.shapes[m]} in {b.path}; the adapters "
-                            "were trained on different bases")
+            raise UserError(
+                f"{m}: ΔW is {a.shapes[m]} in {a.path} but {b.shapes[m]} in {b.path}; the adapters "
+                "were trained on different bases"
+            )
     modules = {}
     for m in common:
-        modules[m] = {side: subspace_similarity(getattr(a.spectra[m], vec), getattr(b.spectra[m], vec)).tolist()
-                      for side, vec in (("input", "V"), ("output", "U"))}
+        modules[m] = {
+            side: subspace_similarity(getattr(a.spectra[m], vec), getattr(b.spectra[m], vec)).tolist()
+            for side, vec in (("input", "V"), ("output", "U"))
+        }
     k = min(len(modules[common[0]]["input"]), len(modules[common[0]]["input"][0]))
-    summary = {side: {"mean_phi_diag": [_mean(modules[m][side][i][i] for m in common) for i in range(k)],
-                      "mean_phi_top1_vs_all": _mean(modules[m][side][0][-1] for m in common),
-                      "random_phi_diag": [_mean((i + 1) / a.shapes[m][1 if side == "input" else 0] for m in common)
-                                          for i in range(k)]}
-               for side in ("input", "output")}
+    summary = {
+        side: {
+            "mean_phi_diag": [_mean(modules[m][side][i][i] for m in common) for i in range(k)],
+            "mean_phi_top1_vs_all": _mean(modules[m][side][0][-1] for m in common),
+            "random_phi_diag": [
+                _mean((i + 1) / a.shapes[m][1 if side == "input" else 0] for m in common) for i in range(k)
+            ],
+        }
+        for side in ("input", "output")
+    }
     return {"a": a.path, "b": b.path, "modules": modules, "summary": summary}
 
 
@@ -207,21 +234,30 @@ def analyze(adapter_dirs: list[str], out_dir: str, base_dir: str | None = None, 
     adapters = [load_adapter(p, progress) for p in adapter_dirs]
     result = {"definitions": DEFINITIONS, "adapters": []}
     for adapter in adapters:
-        record = {"path": adapter.path, "r": adapter.config["r"], "lora_alpha": adapter.config["lora_alpha"],
-                  "scaling": adapter.scale, "fan_in_fan_out": bool(adapter.config.get("fan_in_fan_out")),
-                  "modules": {}}
+        record = {
+            "path": adapter.path,
+            "r": adapter.config["r"],
+            "lora_alpha": adapter.config["lora_alpha"],
+            "scaling": adapter.scale,
+            "fan_in_fan_out": bool(adapter.config.get("fan_in_fan_out")),
+            "modules": {},
+        }
         for module, spec in adapter.spectra.items():
             record["modules"][module] = {"shape": adapter.shapes[module], **_matrix_record(spec)}
         if base_dir is not None:
             weights = iter_base_weights(base_dir, list(adapter.spectra), record["fan_in_fan_out"])
-            for module, weight in tqdm(weights, total=len(adapter.spectra), desc=f"base r={adapter.config['r']}",
-                                       disable=not progress):
+            for module, weight in tqdm(
+                weights, total=len(adapter.spectra), desc=f"base r={adapter.config['r']}", disable=not progress
+            ):
                 if list(weight.shape) != adapter.shapes[module]:
-                    raise UserError(f"--base {base_dir}: {module}'s weight is {list(weight.shape)} (out, in) but "
-                                    f"the adapter's ΔW is {adapter.shapes[module]}; the adapter was trained on "
-                                    "another base")
-                record["modules"][module]["amplification"] = amplification(weight, adapter.spectra[module],
-                                                                           int(adapter.config["r"]))
+                    raise UserError(
+                        f"--base {base_dir}: {module}'s weight is {list(weight.shape)} (out, in) but "
+                        f"the adapter's ΔW is {adapter.shapes[module]}; the adapter was trained on "
+                        "another base"
+                    )
+                record["modules"][module]["amplification"] = amplification(
+                    weight, adapter.spectra[module], int(adapter.config["r"])
+                )
             record["base"] = os.path.abspath(base_dir)
         record["summary"] = _adapter_summary(record["modules"])
         result["adapters"].append(record)

@@ -1,8 +1,9 @@
 """The one build sequence of a trainable model, shared by the launcher, the benchmark and the tests:
 
-    base model (partitioned under ZeRO-3) -> fused kernels -> LoRA -> deferred LM head (the loss)
-    -> activation checkpointing -> ZeRO-3 fetch units -> DeepSpeed engine
+base model (partitioned under ZeRO-3) -> fused kernels -> LoRA -> deferred LM head (the loss)
+-> activation checkpointing -> ZeRO-3 fetch units -> DeepSpeed engine
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,8 +41,9 @@ def build_trainable(cfg, ds_config: dict | None, vocab_size: int | None = None, 
     liger = kernels.use_liger(cfg.model.kernels)
     fused = kernels.fuse(model) if liger else []
     targets = cfg.lora.target_spec() or default_targets(model)
-    adapted = inject_lora(model, targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.rslora,
-                          seed=cfg.train.seed)
+    adapted = inject_lora(
+        model, targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.rslora, seed=cfg.train.seed
+    )
     if defer_lm_head(model, fused=liger) is not None and liger:
         fused.append("linear_cross_entropy")
     if cfg.model.grad_ckpt:

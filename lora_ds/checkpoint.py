@@ -9,6 +9,7 @@ their Adam moments (small) and re-partitioning them for M ranks. What changes: t
 start fresh, and each step's rows are dealt out as micro × accum × M; keep micro × accum × ranks equal
 (e.g. double --grad_accum when halving the ranks) and every step still reads the same rows.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,20 @@ import warnings
 
 import torch
 
-from lora_ds.checkpoint_files import (LATEST, STATE_FILE, check_complete, is_complete, latest_tag, load_pt,
-                                      read_model_states, read_state, read_zero3_state, rng_file, tag_for, tags)
+from lora_ds.checkpoint_files import (
+    LATEST,
+    STATE_FILE,
+    check_complete,
+    is_complete,
+    latest_tag,
+    load_pt,
+    read_model_states,
+    read_state,
+    read_zero3_state,
+    rng_file,
+    tag_for,
+    tags,
+)
 from lora_ds.errors import UserError
 from lora_ds.fsutil import write_json, write_text
 
@@ -94,8 +107,7 @@ def resolve_tag(root: str, requested: str) -> str | None:
     if requested == "never":
         return None
     if requested != "auto":
-        check_complete(os.path.join(root, requested), f"--resume {requested}",
-                       "pass a complete tag, auto, or never")
+        check_complete(os.path.join(root, requested), f"--resume {requested}", "pass a complete tag, auto, or never")
         return requested
     tag = latest_tag(root, "point it at a complete tag or pass --resume never")
     found = tags(root)
@@ -103,17 +115,24 @@ def resolve_tag(root: str, requested: str) -> str | None:
         complete = [t for t in found if is_complete(os.path.join(root, t))]
         if complete:
             # Starting over would overwrite these tags as it reaches their steps.
-            raise UserError(f"{root}: complete checkpoints ({', '.join(complete)}) but no '{LATEST}' file; pass "
-                            f"--resume {complete[-1]} to continue from the newest, or --resume never to start over "
-                            "(which replaces them)")
+            raise UserError(
+                f"{root}: complete checkpoints ({', '.join(complete)}) but no '{LATEST}' file; pass "
+                f"--resume {complete[-1]} to continue from the newest, or --resume never to start over "
+                "(which replaces them)"
+            )
         if found:
-            warnings.warn(f"{root}: unfinished checkpoint dirs {found} (the first save died) and no '{LATEST}'; "
-                          "starting fresh")
+            warnings.warn(
+                f"{root}: unfinished checkpoint dirs {found} (the first save died) and no '{LATEST}'; starting fresh",
+                stacklevel=2,
+            )
         return None
     ignored = [t for t in found if t > tag]
     if ignored:
-        warnings.warn(f"{root}: ignoring {', '.join(ignored)}, newer than 'latest' ({tag}): a save that a dying "
-                      f"rank left unfinished; resuming from {tag}, the run writes these steps again")
+        warnings.warn(
+            f"{root}: ignoring {', '.join(ignored)}, newer than 'latest' ({tag}): a save that a dying "
+            f"rank left unfinished; resuming from {tag}, the run writes these steps again",
+            stacklevel=2,
+        )
     return tag
 
 
@@ -123,8 +142,10 @@ def _load_resharded(engine, root: str, tag: str) -> None:
 
     tag_dir = os.path.join(root, tag)
     if not engine.zero_optimization_partition_weights():
-        raise UserError(f"{tag_dir}: written by another number of ranks; only ZeRO-3 checkpoints resume "
-                        "elastically: resume with the same number of ranks")
+        raise UserError(
+            f"{tag_dir}: written by another number of ranks; only ZeRO-3 checkpoints resume "
+            "elastically: resume with the same number of ranks"
+        )
     tensors, _, step = read_zero3_state(tag_dir, moments=True)
     rank = dist.get_rank()
     opt = engine.optimizer
@@ -137,15 +158,20 @@ def _load_resharded(engine, root: str, tag: str) -> None:
         for p in params:
             saved = tensors.get(names[id(p)])
             if saved is None:
-                raise UserError(f"{tag_dir}: no saved state for {names[id(p)]}; the checkpoint is of another "
-                                "LoRA configuration (check --lora_targets and the model)")
+                raise UserError(
+                    f"{tag_dir}: no saved state for {names[id(p)]}; the checkpoint is of another "
+                    "LoRA configuration (check --lora_targets and the model)"
+                )
             size = p.ds_tensor.numel()
-            for key, dest in (("fp32", flat.data), ("exp_avg", moments["exp_avg"]),
-                              ("exp_avg_sq", moments["exp_avg_sq"])):
-                part = saved[key].reshape(-1)[rank * size:(rank + 1) * size]
-                dest[offset:offset + size].zero_()
-                dest[offset:offset + part.numel()].copy_(part)
-            p.ds_tensor.data.copy_(flat.data[offset:offset + size])
+            for key, dest in (
+                ("fp32", flat.data),
+                ("exp_avg", moments["exp_avg"]),
+                ("exp_avg_sq", moments["exp_avg_sq"]),
+            ):
+                part = saved[key].reshape(-1)[rank * size : (rank + 1) * size]
+                dest[offset : offset + size].zero_()
+                dest[offset : offset + part.numel()].copy_(part)
+            p.ds_tensor.data.copy_(flat.data[offset : offset + size])
             offset += size
         state[g] = {"step": step.clone(), **moments}
     # Between steps DeepSpeed detaches the fp32 flats from the inner optimizer's groups; attach them so the
@@ -172,8 +198,9 @@ def load(engine, root: str, tag: str) -> dict:
     if state["world_size"] != dist.get_world_size():
         _load_resharded(engine, root, tag)
     else:
-        load_path, _ = engine.load_checkpoint(root, tag, load_module_strict=False, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        load_path, _ = engine.load_checkpoint(
+            root, tag, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if load_path is None:
             raise UserError(f"{os.path.join(root, tag)}: DeepSpeed could not load this checkpoint")
     rank = dist.get_rank()
@@ -184,6 +211,9 @@ def load(engine, root: str, tag: str) -> dict:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     elif rank == 0:
-        warnings.warn(f"{tag}: written by {state['world_size']} ranks, resumed on {dist.get_world_size()}; "
-                      "dropout RNG streams start fresh")
+        warnings.warn(
+            f"{tag}: written by {state['world_size']} ranks, resumed on {dist.get_world_size()}; "
+            "dropout RNG streams start fresh",
+            stacklevel=2,
+        )
     return state

@@ -24,6 +24,7 @@ Only rank 0's model-state file and the optimizer files are opened, each with mma
 allowlist of DeepSpeed's types (`load_pt`): only the pages of the LoRA partitions are read, so frozen fragments
 and optimizer moments stay on disk however large they are.
 """
+
 from __future__ import annotations
 
 import math
@@ -106,8 +107,10 @@ def load_pt(path: str, map_location="cpu", mmap: bool = False):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[-1][:200]
-        raise UserError(f"{path}: refused to unpickle: it holds objects outside the allowlist of DeepSpeed "
-                        f"checkpoint types ({reason}); this is not a checkpoint lora-ds wrote") from e
+        raise UserError(
+            f"{path}: refused to unpickle: it holds objects outside the allowlist of DeepSpeed "
+            f"checkpoint types ({reason}); this is not a checkpoint lora-ds wrote"
+        ) from e
 
 
 def read_model_states(tag_dir: str) -> dict:
@@ -126,16 +129,22 @@ def _optim_files(tag_dir: str) -> dict[int, str]:
         if m is None:
             continue
         if int(m.group(2)) != 0:
-            raise UserError(f"{tag_dir}: {name} belongs to model-parallel rank {int(m.group(2))}; only "
-                            "data-parallel ZeRO-3 checkpoints (mp_rank_00) can be read")
+            raise UserError(
+                f"{tag_dir}: {name} belongs to model-parallel rank {int(m.group(2))}; only "
+                "data-parallel ZeRO-3 checkpoints (mp_rank_00) can be read"
+            )
         rank = int(m.group(1))
         if rank in found:
-            raise UserError(f"{tag_dir}: two optimizer files for rank {rank} ({os.path.basename(found[rank])}, "
-                            f"{name}); files of two runs are mixed")
+            raise UserError(
+                f"{tag_dir}: two optimizer files for rank {rank} ({os.path.basename(found[rank])}, "
+                f"{name}); files of two runs are mixed"
+            )
         found[rank] = os.path.join(tag_dir, name)
     if 0 not in found:
-        raise UserError(f"{tag_dir}: no optimizer file of rank 0 ([bf16_]{OPTIM_FILE.format(0)}); not a ZeRO-3 "
-                        "checkpoint with optimizer state")
+        raise UserError(
+            f"{tag_dir}: no optimizer file of rank 0 ([bf16_]{OPTIM_FILE.format(0)}); not a ZeRO-3 "
+            "checkpoint with optimizer state"
+        )
     return found
 
 
@@ -166,9 +175,11 @@ def _world(tag_dir: str, model_state: dict, files: dict, first: dict) -> int:
     world = first["partition_count"]
     if sorted(files) != list(range(world)) or model_state.get("dp_world_size") != world:
         missing = [f"rank {r}" for r in range(world) if r not in files]
-        raise UserError(f"{tag_dir}: written by {world} ranks (dp_world_size {model_state.get('dp_world_size')}), "
-                        f"but holds optimizer files of ranks {sorted(files)} (missing: {', '.join(missing) or 'none'})"
-                        "; a rank's files were lost or mixed in from another run")
+        raise UserError(
+            f"{tag_dir}: written by {world} ranks (dp_world_size {model_state.get('dp_world_size')}), "
+            f"but holds optimizer files of ranks {sorted(files)} (missing: {', '.join(missing) or 'none'})"
+            "; a rank's files were lost or mixed in from another run"
+        )
     return world
 
 
@@ -176,9 +187,11 @@ def _rank_partitions(path: str, state: dict, layout: list, world: int, moments: 
     """Per group, {"fp32"[, moments]: flat tensor} of one rank's optimizer file, checked against `layout`."""
     groups = state.get("fp32_flat_groups")
     if state.get("partition_count") != world or not isinstance(groups, list) or len(groups) != len(layout):
-        raise UserError(f"{path}: partition_count {state.get('partition_count')} / "
-                        f"{len(groups) if isinstance(groups, list) else 'no'} fp32 groups, expected {world} / "
-                        f"{len(layout)}; the files come from different runs")
+        raise UserError(
+            f"{path}: partition_count {state.get('partition_count')} / "
+            f"{len(groups) if isinstance(groups, list) else 'no'} fp32 groups, expected {world} / "
+            f"{len(layout)}; the files come from different runs"
+        )
     per_group = []
     for g, (group, entries) in enumerate(zip(groups, layout)):
         buffers = {"fp32": group}
@@ -187,11 +200,17 @@ def _rank_partitions(path: str, state: dict, layout: list, world: int, moments: 
             buffers.update({key: adam.get(key) for key in MOMENTS})
         expected = sum(part for *_, part in entries)
         for key, buffer in buffers.items():
-            if (not isinstance(buffer, torch.Tensor) or buffer.dtype != torch.float32 or buffer.dim() != 1
-                    or buffer.numel() != expected):
+            if (
+                not isinstance(buffer, torch.Tensor)
+                or buffer.dtype != torch.float32
+                or buffer.dim() != 1
+                or buffer.numel() != expected
+            ):
                 found = f"{buffer.numel()} {buffer.dtype}" if isinstance(buffer, torch.Tensor) else "no"
-                raise UserError(f"{path}: {key} of group {g} has {found} elements, but its params need "
-                                f"{expected} fp32 per rank; the shapes do not match this checkpoint")
+                raise UserError(
+                    f"{path}: {key} of group {g} has {found} elements, but its params need "
+                    f"{expected} fp32 per rank; the shapes do not match this checkpoint"
+                )
         per_group.append(buffers)
     return per_group
 
@@ -202,20 +221,28 @@ def read_zero3_state(tag_dir: str, moments: bool = False) -> tuple[dict, int, to
     model_state = read_model_states(tag_dir)
     param_shapes = model_state.get("param_shapes")
     if not isinstance(param_shapes, list) or not param_shapes:
-        raise UserError(f"{os.path.join(tag_dir, MODEL_STATES.format(0))}: no param_shapes; the checkpoint was "
-                        "not saved by a ZeRO engine")
+        raise UserError(
+            f"{os.path.join(tag_dir, MODEL_STATES.format(0))}: no param_shapes; the checkpoint was "
+            "not saved by a ZeRO engine"
+        )
     files = _optim_files(tag_dir)
     first = _optim_state(files[0])
     world = _world(tag_dir, model_state, files, first)
     layout = _group_layout(param_shapes, world)
-    flat = [_rank_partitions(files[r], first if r == 0 else _optim_state(files[r]), layout, world, moments)
-            for r in range(world)]  # flat[r][g][key]: rank r's partition of group g (mmapped)
+    flat = [
+        _rank_partitions(files[r], first if r == 0 else _optim_state(files[r]), layout, world, moments)
+        for r in range(world)
+    ]  # flat[r][g][key]: rank r's partition of group g (mmapped)
     keys = ("fp32", *MOMENTS) if moments else ("fp32",)
     params = {}
     for g, entries in enumerate(layout):
         for name, shape, offset, part in entries:
-            params[name] = {key: torch.cat([flat[rank][g][key][offset:offset + part] for rank in range(world)])
-                            [:shape.numel()].view(shape).clone() for key in keys}
+            params[name] = {
+                key: torch.cat([flat[rank][g][key][offset : offset + part] for rank in range(world)])[: shape.numel()]
+                .view(shape)
+                .clone()
+                for key in keys
+            }
     step = first.get("optimizer_state_dict", {}).get("state", {}).get(0, {}).get("step") if moments else None
     return params, world, step
 

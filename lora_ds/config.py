@@ -5,6 +5,7 @@ fields, so a flag, a config-file key and a `run_config.json` entry are always th
 Each value is converted to its field's type by `convert`, whether it came as flag text or from a file.
 The DeepSpeed batch math lives here, in `resolve_ds_config`, and nowhere else.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -103,27 +104,38 @@ ATTENTIONS = ("auto", "sdpa", "eager", "flex_attention", "flash_attention_2")
 
 @dataclass
 class ModelConfig:
-    name: str = _f("preset:tiny-gpt-neox", "--model",
-                   "a local Hugging Face model dir, or preset:NAME (random weights; see lora_ds/model.py)")
-    tokenizer: str | None = _f(None, "--tokenizer",
-                               "tokenizer dir or tokenizer.model; default: the model dir (the demo's for presets)")
+    name: str = _f(
+        "preset:tiny-gpt-neox",
+        "--model",
+        "a local Hugging Face model dir, or preset:NAME (random weights; see lora_ds/model.py)",
+    )
+    tokenizer: str | None = _f(
+        None, "--tokenizer", "tokenizer dir or tokenizer.model; default: the model dir (the demo's for presets)"
+    )
     dtype: str = _f("bf16", "--dtype", "compute dtype: bf16 or fp32 (fp32 master weights either way)")
     grad_ckpt: bool = _f(False, "--grad_ckpt", "activation (gradient) checkpointing of the transformer blocks")
-    attn_implementation: str = _f("auto", "--attn_implementation",
-                                  "auto (FlexAttention for packed data on a GPU, else sdpa), sdpa, eager, "
-                                  "flex_attention or flash_attention_2")
-    kernels: str = _f("auto", "--kernels",
-                      "fused GPU kernels (Liger: norms, RoPE, MLP, LM-head loss): auto (when a CUDA device and "
-                      "liger-kernel are there), liger, or off (the plain PyTorch path)")
-    zero3_fetch: str = _f("layer", "--zero3_fetch",
-                          "ZeRO-3 gathering unit: layer (one hook per decoder layer gathers all its weights) or "
-                          "module (a hook per Linear/norm)")
+    attn_implementation: str = _f(
+        "auto",
+        "--attn_implementation",
+        "auto (FlexAttention for packed data on a GPU, else sdpa), sdpa, eager, flex_attention or flash_attention_2",
+    )
+    kernels: str = _f(
+        "auto",
+        "--kernels",
+        "fused GPU kernels (Liger: norms, RoPE, MLP, LM-head loss): auto (when a CUDA device and "
+        "liger-kernel are there), liger, or off (the plain PyTorch path)",
+    )
+    zero3_fetch: str = _f(
+        "layer",
+        "--zero3_fetch",
+        "ZeRO-3 gathering unit: layer (one hook per decoder layer gathers all its weights) or "
+        "module (a hook per Linear/norm)",
+    )
 
     def __post_init__(self):
         _typed(self)
         _require(self, "dtype", self.dtype in ("bf16", "fp32"), "choose bf16 or fp32 (fp16 is not supported)")
-        _require(self, "attn_implementation", self.attn_implementation in ATTENTIONS,
-                 f"choose {', '.join(ATTENTIONS)}")
+        _require(self, "attn_implementation", self.attn_implementation in ATTENTIONS, f"choose {', '.join(ATTENTIONS)}")
         _require(self, "kernels", self.kernels in ("auto", "liger", "off"), "choose auto, liger or off")
         _require(self, "zero3_fetch", self.zero3_fetch in ("layer", "module"), "choose layer or module")
 
@@ -134,9 +146,11 @@ class LoraConfig:
     alpha: float = _f(16.0, "--lora_alpha", "scale numerator: s = alpha / r")
     dropout: float = _f(0.0, "--lora_dropout", "dropout on the LoRA path's input")
     targets: list[str] | str | None = _f(
-        None, "--lora_targets",
+        None,
+        "--lora_targets",
         "module names (comma-separated, PEFT's suffix rule) or a regex (re:PATTERN, whole name); "
-        "default: the architecture's attention query and value projections")
+        "default: the architecture's attention query and value projections",
+    )
     rslora: bool = _f(False, "--rslora", "rank-stabilized scale s = alpha / sqrt(r)")
 
     def __post_init__(self):
@@ -150,21 +164,30 @@ class LoraConfig:
     def target_spec(self):
         """A list of names, or the regex string (without its `re:` prefix)."""
         if isinstance(self.targets, str):
-            return self.targets[len("re:"):]
+            return self.targets[len("re:") :]
         return self.targets
 
 
 @dataclass
 class DataConfig:
-    path: str = _f(os.path.join(DEMO_DIR, "train.jsonl"), "--data",
-                   "prepared dir (lora-ds prep) or JSONL of {prompt, completion} records")
-    eval_path: str | None = _f(os.path.join(DEMO_DIR, "eval.jsonl"), "--eval_data",
-                               "held-out split for eval loss (same formats); empty string: none")
+    path: str = _f(
+        os.path.join(DEMO_DIR, "train.jsonl"),
+        "--data",
+        "prepared dir (lora-ds prep) or JSONL of {prompt, completion} records",
+    )
+    eval_path: str | None = _f(
+        os.path.join(DEMO_DIR, "eval.jsonl"),
+        "--eval_data",
+        "held-out split for eval loss (same formats); empty string: none",
+    )
     max_len: int = _f(512, "--max_len", "tokens per example (JSONL input; prepared dirs are already cut)")
-    eval_task: str | None = _f(None, "--eval_task",
-                               "generation eval during training, TASK:FILE: wikisql, mnli or samsum and a validation "
-                               "file as `lora-ds eval --data` reads it; scored with the task's metrics when eval "
-                               "loss is (--eval_every)")
+    eval_task: str | None = _f(
+        None,
+        "--eval_task",
+        "generation eval during training, TASK:FILE: wikisql, mnli or samsum and a validation "
+        "file as `lora-ds eval --data` reads it; scored with the task's metrics when eval "
+        "loss is (--eval_every)",
+    )
     eval_task_samples: int = _f(64, "--eval_task_samples", "examples of --eval_task drawn (with --seed) for it")
 
     def __post_init__(self):
@@ -178,8 +201,12 @@ class DataConfig:
             self.eval_task = None
         if self.eval_task is not None:
             task, _, path = self.eval_task.partition(":")
-            _require(self, "eval_task", task in TASKS and bool(path),
-                     f"expected TASK:FILE with TASK one of {', '.join(TASKS)}, e.g. wikisql:data/wikisql/dev.jsonl")
+            _require(
+                self,
+                "eval_task",
+                task in TASKS and bool(path),
+                f"expected TASK:FILE with TASK one of {', '.join(TASKS)}, e.g. wikisql:data/wikisql/dev.jsonl",
+            )
         _require(self, "eval_task_samples", self.eval_task_samples >= 1, "must be at least 1")
 
 
@@ -202,15 +229,24 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "--keep_checkpoints", "newest checkpoints kept; older ones are deleted")
     resume: str = _f("auto", "--resume", "auto (latest checkpoint if any), never, or a checkpoint tag")
     halt_at_step: int = _f(0, "--halt_at_step", "save and stop after this step, as a preemption would (0: off)")
-    max_skipped_steps: int = _f(10, "--max_skipped_steps",
-                                "steps with NaN/Inf gradients skipped before the run stops at its last checkpoint")
+    max_skipped_steps: int = _f(
+        10, "--max_skipped_steps", "steps with NaN/Inf gradients skipped before the run stops at its last checkpoint"
+    )
 
     def __post_init__(self):
         _typed(self)
         for name in ("micro_batch", "grad_accum", "log_every"):
             _require(self, name, getattr(self, name) >= 1, "must be at least 1")
-        for name in ("warmup", "max_steps", "eval_every", "save_every", "halt_at_step", "max_grad_norm",
-                     "weight_decay", "max_skipped_steps"):
+        for name in (
+            "warmup",
+            "max_steps",
+            "eval_every",
+            "save_every",
+            "halt_at_step",
+            "max_grad_norm",
+            "weight_decay",
+            "max_skipped_steps",
+        ):
             _require(self, name, getattr(self, name) >= 0, "must not be negative")
         _require(self, "keep_checkpoints", self.keep_checkpoints >= 1, "keep at least 1")
         _require(self, "lr", self.lr > 0, "must be positive")
@@ -264,16 +300,22 @@ def _read_config_file(path: str) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="LoRA fine-tuning on DeepSpeed ZeRO-3")
-    parser.add_argument(*flag_spellings("--config"),
-                        help="YAML or JSON file with sections model/lora/data/train; flags override it")
+    parser.add_argument(
+        *flag_spellings("--config"), help="YAML or JSON file with sections model/lora/data/train; flags override it"
+    )
     # The deepspeed launcher appends --local_rank; the rank itself is read from the environment.
     parser.add_argument(*flag_spellings("--local_rank"), type=int, default=None, help=argparse.SUPPRESS)
     for section, f in _flag_fields():
         # A bool is a switch; any other flag is read as text, which the field converts as it does a file's value.
         is_switch = typing.get_type_hints(SECTION_TYPES[section])[f.name] is bool
         kind = {"action": argparse.BooleanOptionalAction} if is_switch else {"metavar": f.name.upper()}
-        parser.add_argument(*flag_spellings(f.metadata["flag"]), dest=f"{section}.{f.name}", default=None,
-                            help=f"{f.metadata['help']} (default: {f.default})", **kind)
+        parser.add_argument(
+            *flag_spellings(f.metadata["flag"]),
+            dest=f"{section}.{f.name}",
+            default=None,
+            help=f"{f.metadata['help']} (default: {f.default})",
+            **kind,
+        )
     return parser
 
 
@@ -317,8 +359,9 @@ def _fill(ds: dict, key: str, value, path: str, source: str) -> None:
     if current == "auto":
         ds[key] = value
     elif current != value:
-        raise UserError(f"{path}: {key} is {current!r} but {source} gives {value!r}; "
-                        f"set it to \"auto\" or make them agree")
+        raise UserError(
+            f'{path}: {key} is {current!r} but {source} gives {value!r}; set it to "auto" or make them agree'
+        )
 
 
 def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict:
@@ -332,8 +375,13 @@ def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict:
     t = cfg.train
     _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch, path, "--micro_batch")
     _fill(ds, "gradient_accumulation_steps", t.grad_accum, path, "--grad_accum")
-    _fill(ds, "train_batch_size", t.micro_batch * t.grad_accum * world_size, path,
-          f"--micro_batch × --grad_accum × world size ({t.micro_batch} × {t.grad_accum} × {world_size})")
+    _fill(
+        ds,
+        "train_batch_size",
+        t.micro_batch * t.grad_accum * world_size,
+        path,
+        f"--micro_batch × --grad_accum × world size ({t.micro_batch} × {t.grad_accum} × {world_size})",
+    )
     _fill(ds, "gradient_clipping", t.max_grad_norm, path, "--max_grad_norm")
     bf16 = ds.setdefault("bf16", {})
     _fill(bf16, "enabled", cfg.model.dtype == "bf16", path + " bf16", "--dtype")
@@ -349,8 +397,10 @@ def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict:
         zero["zero_hpz_partition_size"] = ranks_per_node()
     for key in ("optimizer", "scheduler"):
         if key in ds:
-            raise UserError(f"{path}: remove the {key!r} section; lora-ds builds AdamW and its schedule from "
-                            f"--lr, --weight_decay and --warmup")
+            raise UserError(
+                f"{path}: remove the {key!r} section; lora-ds builds AdamW and its schedule from "
+                f"--lr, --weight_decay and --warmup"
+            )
     ds.setdefault("steps_per_print", 1 << 30)
     ds.setdefault("wall_clock_breakdown", False)
     return ds

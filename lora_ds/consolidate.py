@@ -5,12 +5,20 @@ fragments and Adam moments are never read) and checked against the tag's adapter
 `lora_ds.adapter.check_lora`. `lora-ds export-adapter` writes them as a PEFT adapter; `lora-ds eval
 --checkpoint` merges them into its base.
 """
+
 from __future__ import annotations
 
 import os
 
-from lora_ds.adapter import (CONFIG_FILE, RUN_CONFIG, LoRAWeights, check_config, check_lora, read_run_config,
-                             write_adapter)
+from lora_ds.adapter import (
+    CONFIG_FILE,
+    RUN_CONFIG,
+    LoRAWeights,
+    check_config,
+    check_lora,
+    read_run_config,
+    write_adapter,
+)
 from lora_ds.checkpoint_files import LATEST, MODEL_STATES, check_complete, latest_tag, read_zero3_params, tags
 from lora_ds.errors import UserError
 from lora_ds.fsutil import read_json
@@ -27,8 +35,10 @@ def resolve_tag_dir(checkpoint: str, tag: str | None = None) -> str:
     if tag is None:
         tag = latest_tag(checkpoint, hint)
         if tag is None:
-            raise UserError(f"--checkpoint {checkpoint}: no '{LATEST}' file; pass --tag (tags here: "
-                            f"{', '.join(tags(checkpoint)) or 'none'})")
+            raise UserError(
+                f"--checkpoint {checkpoint}: no '{LATEST}' file; pass --tag (tags here: "
+                f"{', '.join(tags(checkpoint)) or 'none'})"
+            )
     else:
         check_complete(os.path.join(checkpoint, tag), f"--tag {tag}", hint)
     return os.path.join(checkpoint, tag)
@@ -38,8 +48,9 @@ def read_checkpoint_lora(checkpoint: str, tag: str | None = None) -> tuple[LoRAW
     """(the checked LoRA of a checkpoint tag, the number of ranks that wrote it)."""
     tag_dir = resolve_tag_dir(checkpoint, tag)
     config_path = os.path.join(tag_dir, CONFIG_FILE)
-    config = check_config(read_json(config_path, "the trainer writes the adapter config into every checkpoint tag"),
-                          config_path)
+    config = check_config(
+        read_json(config_path, "the trainer writes the adapter config into every checkpoint tag"), config_path
+    )
     run_config = read_run_config(tag_dir)
     tensors, world = read_zero3_params(tag_dir)
     check_lora(tensors, config, tag_dir, (run_config or {}).get("resolved", {}).get("adapted_modules"))
@@ -51,5 +62,11 @@ def export_adapter(checkpoint: str, out_dir: str, tag: str | None = None, dtype:
     lora, world = read_checkpoint_lora(checkpoint, tag)
     extra = {RUN_CONFIG: lora.run_config} if lora.run_config else None
     write_adapter(out_dir, lora.tensors, lora.config, dtype, extra_json=extra)
-    return {"checkpoint": os.path.abspath(lora.source), "world_size": world, "modules": len(lora.modules),
-            "params": sum(t.numel() for t in lora.tensors.values()), "out": os.path.abspath(out_dir), "dtype": dtype}
+    return {
+        "checkpoint": os.path.abspath(lora.source),
+        "world_size": world,
+        "modules": len(lora.modules),
+        "params": sum(t.numel() for t in lora.tensors.values()),
+        "out": os.path.abspath(out_dir),
+        "dtype": dtype,
+    }

@@ -4,6 +4,7 @@ A prepared directory (written by `lora-ds prep`, data_prep/) is a `datasets` Arr
 `save_to_disk` plus `manifest.json`. Its rows have `input_ids`, `labels` (-100 over the context) and
 `position_ids` (restarting at 0 where a packed example starts); other columns are ignored here.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,10 @@ def read_jsonl_pairs(path: str, tok, max_len: int) -> list[dict]:
     for lineno, record in read_jsonl(path):
         for key in ("prompt", "completion"):
             if not isinstance(record.get(key), str):
-                raise UserError(f"{path}:{lineno}: field {key!r} is missing or not a string; each line needs "
-                                "{\"prompt\": ..., \"completion\": ...}")
+                raise UserError(
+                    f"{path}:{lineno}: field {key!r} is missing or not a string; each line needs "
+                    '{"prompt": ..., "completion": ...}'
+                )
         row, _ = encode_pair(tok, record["prompt"], record["completion"], max_len)
         if row is None:
             raise UserError(f"{path}:{lineno}: the completion alone exceeds --max_len {max_len}; raise --max_len")
@@ -108,8 +111,10 @@ class StepSampler:
         self.per_step = micro * accum * world
         self.steps_per_epoch = num_rows // self.per_step
         if self.steps_per_epoch == 0:
-            raise UserError(f"{source}: {num_rows} rows, but one step needs {self.per_step} "
-                            f"(--micro_batch × --grad_accum × ranks); add data or lower the batch")
+            raise UserError(
+                f"{source}: {num_rows} rows, but one step needs {self.per_step} "
+                f"(--micro_batch × --grad_accum × ranks); add data or lower the batch"
+            )
         self._perm_epoch, self._perm = None, None
 
     def _permutation(self, epoch: int):
@@ -122,9 +127,11 @@ class StepSampler:
 
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:
         epoch, k = divmod(step, self.steps_per_epoch)
-        chunk = self._permutation(epoch)[k * self.per_step:(k + 1) * self.per_step]
-        return [chunk[(a * self.world + rank) * self.micro:(a * self.world + rank + 1) * self.micro].tolist()
-                for a in range(self.accum)]
+        chunk = self._permutation(epoch)[k * self.per_step : (k + 1) * self.per_step]
+        return [
+            chunk[(a * self.world + rank) * self.micro : (a * self.world + rank + 1) * self.micro].tolist()
+            for a in range(self.accum)
+        ]
 
 
 def eval_shards(num_rows: int, micro: int, world: int, rank: int) -> list[list[int]]:
@@ -132,7 +139,7 @@ def eval_shards(num_rows: int, micro: int, world: int, rank: int) -> list[list[i
     gathers weights collectively, so ranks must stay in lockstep)."""
     per_rank = -(-num_rows // world)
     mine = [i if i < num_rows else -1 for i in range(rank, per_rank * world, world)]
-    return [mine[i:i + micro] for i in range(0, len(mine), micro)]
+    return [mine[i : i + micro] for i in range(0, len(mine), micro)]
 
 
 @dataclass
@@ -154,8 +161,10 @@ class TrainBatches:
         """(batch, tokens read) of each micro-batch of `step`."""
         for indices in self.sampler.micro_batches(step, self.rank):
             rows = [self.rows[i] for i in indices]
-            yield (collate(rows, self.pad_id, self.mask_dtype, self.mask_from_positions),
-                   sum(len(r["input_ids"]) for r in rows))
+            yield (
+                collate(rows, self.pad_id, self.mask_dtype, self.mask_from_positions),
+                sum(len(r["input_ids"]) for r in rows),
+            )
 
 
 @dataclass

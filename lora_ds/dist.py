@@ -14,6 +14,7 @@ Sources, first match wins:
   5. Nothing set: a single process.
 MASTER_ADDR and MASTER_PORT, when set, win over what a source would derive.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,8 +51,9 @@ def _slurm_env(env) -> DistEnv:
     # With the default block distribution rank 0 runs on the step's first node.
     master = env.get("MASTER_ADDR") or slurm_hostnames(env.get("SLURM_STEP_NODELIST", env["SLURM_JOB_NODELIST"]))[0]
     port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000)
-    return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
-                   master, port, "slurm")
+    return DistEnv(
+        int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]), master, port, "slurm"
+    )
 
 
 def _mpi_env(env) -> DistEnv:
@@ -63,8 +65,9 @@ def _mpi_env(env) -> DistEnv:
     host = socket.gethostname()
     hosts = comm.allgather(host)
     local = hosts[:rank].count(host)
-    return DistEnv(rank, local, world, env.get("MASTER_ADDR") or hosts[0],
-                   int(env.get("MASTER_PORT") or DEFAULT_PORT), "mpi")
+    return DistEnv(
+        rank, local, world, env.get("MASTER_ADDR") or hosts[0], int(env.get("MASTER_PORT") or DEFAULT_PORT), "mpi"
+    )
 
 
 def in_slurm_step(env) -> bool:
@@ -80,8 +83,14 @@ def discover(env=None) -> DistEnv:
     """This process's place in the job, from the environment of whichever launcher started it."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
-                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", DEFAULT_PORT)), "torchrun")
+        return DistEnv(
+            int(env["RANK"]),
+            int(env.get("LOCAL_RANK", 0)),
+            int(env["WORLD_SIZE"]),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", DEFAULT_PORT)),
+            "torchrun",
+        )
     if "OMPI_COMM_WORLD_SIZE" in env:
         return _mpi_env(env)
     if in_slurm_step(env):
@@ -106,16 +115,22 @@ def init_distributed(timeout_minutes: int = 30) -> DistEnv:
 
     info = discover()
     check_build_locks()
-    os.environ.update(RANK=str(info.rank), LOCAL_RANK=str(info.local_rank), WORLD_SIZE=str(info.world_size),
-                      MASTER_ADDR=info.master_addr, MASTER_PORT=str(info.master_port))
+    os.environ.update(
+        RANK=str(info.rank),
+        LOCAL_RANK=str(info.local_rank),
+        WORLD_SIZE=str(info.world_size),
+        MASTER_ADDR=info.master_addr,
+        MASTER_PORT=str(info.master_port),
+    )
     accel = get_accelerator()
     if accel.device_name() == "cuda":
         accel.set_device(info.local_rank)
     backend = accel.communication_backend_name()
     if accel.device_name() == "cpu":
         backend = "gloo"  # the CPU accelerator names oneCCL, which plain torch builds lack
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(minutes=timeout_minutes))
+    deepspeed.init_distributed(
+        dist_backend=backend, auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_minutes)
+    )
     if accel.device_name() == "cpu":
         _unlink_shm_buffer(info)
     return info
@@ -135,9 +150,11 @@ def check_build_locks(root: str | None = None) -> None:
     stale = stale_build_locks(root)
     if stale:
         minutes = (time.time() - stale[0].stat().st_mtime) / 60
-        raise UserError(f"{stale[0]} is {minutes:.0f} min old: a build of DeepSpeed's ops was killed and every "
-                        "later run would wait on it forever; delete the file (when no other build is running) "
-                        "and relaunch")
+        raise UserError(
+            f"{stale[0]} is {minutes:.0f} min old: a build of DeepSpeed's ops was killed and every "
+            "later run would wait on it forever; delete the file (when no other build is running) "
+            "and relaunch"
+        )
 
 
 def _unlink_shm_buffer(info: DistEnv) -> None:
@@ -162,8 +179,10 @@ def ranks_per_node() -> int:
     dist.all_gather_object(hosts, socket.gethostname())
     counts = {h: hosts.count(h) for h in hosts}
     if len(set(counts.values())) != 1:
-        raise UserError(f"ranks per host differ ({counts}); zero_hpz_partition_size \"auto\" needs the same number "
-                        "of ranks on every node: set it explicitly or launch equal nodes")
+        raise UserError(
+            f'ranks per host differ ({counts}); zero_hpz_partition_size "auto" needs the same number '
+            "of ranks on every node: set it explicitly or launch equal nodes"
+        )
     return counts[socket.gethostname()]
 
 

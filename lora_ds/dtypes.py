@@ -1,4 +1,5 @@
 """The dtype names that --dtype flags and configs use, and the torch dtypes they mean."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """AdamW over the LoRA factors, its warm-up/decay schedule, and the DeepSpeed engine around them."""
+
 from __future__ import annotations
 
 import torch
@@ -36,6 +37,7 @@ def build_engine(model, lora_params: list, cfg, ds_config: dict, total_steps: in
 
     optimizer = build_optimizer(lora_params, cfg.train.lr, cfg.train.weight_decay, ds_config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupLinear(cfg.train.warmup, total_steps))
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=lora_params, optimizer=optimizer,
-                                           lr_scheduler=scheduler, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=lora_params, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
     return engine

@@ -7,6 +7,7 @@ ZeRO-3 on the gathered weights, and the wrappers are then removed: the evaluated
 with no added latency, the same weights in one process as on N ranks. A model dir that is already merged
 needs neither flag.
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,21 +47,24 @@ def merge_lora(model, lora: LoRAWeights) -> list[str]:
     from lora_ds.merge import merge_live
 
     cfg = lora.config
-    inject_lora(model, cfg["target_modules"], int(cfg["r"]), float(cfg["lora_alpha"]), 0.0,
-                bool(cfg.get("use_rslora")))
+    inject_lora(model, cfg["target_modules"], int(cfg["r"]), float(cfg["lora_alpha"]), 0.0, bool(cfg.get("use_rslora")))
     modules = lora_modules(model)
     expected = {f"{name}.lora_{part}.weight" for name, _ in modules for part in "AB"}
     if expected != set(lora.tensors):
         missing, unexpected = sorted(expected - set(lora.tensors)), sorted(set(lora.tensors) - expected)
-        raise UserError(f"{lora.source}: its LoRA tensors do not fit this model (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}); pass the --model the adapter was trained on")
+        raise UserError(
+            f"{lora.source}: its LoRA tensors do not fit this model (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); pass the --model the adapter was trained on"
+        )
     for name, module in modules:
         for part, layer in (("A", module.lora_A), ("B", module.lora_B)):
             value = lora.tensors[f"{name}.lora_{part}.weight"]
             if value.shape != layer.weight.shape:
-                raise UserError(f"{lora.source}: {name}.lora_{part}.weight has shape {tuple(value.shape)}, this "
-                                f"model needs {tuple(layer.weight.shape)}; pass the --model the adapter was "
-                                "trained on")
+                raise UserError(
+                    f"{lora.source}: {name}.lora_{part}.weight has shape {tuple(value.shape)}, this "
+                    f"model needs {tuple(layer.weight.shape)}; pass the --model the adapter was "
+                    "trained on"
+                )
             # fp32 factors, so the merge is s·B·A of the trained fp32 weights, cast once into the base dtype.
             layer.float()
             with torch.no_grad():
@@ -71,8 +75,9 @@ def merge_lora(model, lora: LoRAWeights) -> list[str]:
     return [name for name, _ in modules]
 
 
-def build_eval_model(name: str, tok, lora: LoRAWeights | None, dtype: str, ds_config: dict | None,
-                     attn_implementation: str = "sdpa"):
+def build_eval_model(
+    name: str, tok, lora: LoRAWeights | None, dtype: str, ds_config: dict | None, attn_implementation: str = "sdpa"
+):
     """(model for generation, its device, keepalive): plain in this process, or the module of a ZeRO-3
     inference engine when `ds_config` is given (collective then). `keepalive` must outlive the model."""
     from lora_ds.model import build_model

@@ -11,6 +11,7 @@ Outputs of one evaluation, in its --out dir:
                          source line
     metrics.json         task, metrics per split, settings
 """
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,7 @@ class EvalSet:
     context: object = None  # what the task's scoring needs besides the records (its eval_context)
     source_lines: int = 0  # records read from all --data files: an official predictions format has one line each
 
-    def sample(self, n: int, seed: int) -> "EvalSet":
+    def sample(self, n: int, seed: int) -> EvalSet:
         """`n` examples drawn with `seed` (kept in source order); all of them if there are no more."""
         if n >= len(self.examples):
             return self
@@ -68,8 +69,9 @@ def _read_valid(task, path: str, fmt: str) -> list:
     return records
 
 
-def load_eval_set(task_name: str, paths: list[str], splits: list[str] | None = None,
-                  limit: int | None = None) -> EvalSet:
+def load_eval_set(
+    task_name: str, paths: list[str], splits: list[str] | None = None, limit: int | None = None
+) -> EvalSet:
     """The examples of `paths` (raw task files of any format data prep reads), `limit` per file.
 
     Records the source marks unusable (MNLI's '-' label) are left out; a malformed record is an error.
@@ -97,12 +99,14 @@ def load_eval_set(task_name: str, paths: list[str], splits: list[str] | None = N
         lines += len(read)
     keys = [(e.split, e.id) for e in examples]
     if len(set(keys)) != len(keys):
-        raise UserError(f"--data {' '.join(paths)}: example ids repeat within a split; give each file its own "
-                        "--split name")
+        raise UserError(
+            f"--data {' '.join(paths)}: example ids repeat within a split; give each file its own --split name"
+        )
     return EvalSet(task_name, examples, sources, task.eval_context(formats), lines)
 
 
 # ---- scoring -------------------------------------------------------------------------------------------------
+
 
 def score(evalset: EvalSet, predictions: list, constrained: list[str] | None = None) -> tuple[list[dict], dict]:
     """(one output row per example, {split: metrics}) of predictions aligned with `evalset.examples`.
@@ -114,8 +118,14 @@ def score(evalset: EvalSet, predictions: list, constrained: list[str] | None = N
     rows, by_split = [], {}
     for k, (ex, pred) in enumerate(zip(evalset.examples, predictions)):
         choice = constrained[k] if constrained is not None else None
-        row = {"id": ex.id, "split": ex.split, "prompt": ex.prompt, "prediction": pred, "reference": ex.reference,
-               "score": task.score_example(pred, ex.record, evalset.context, choice)}
+        row = {
+            "id": ex.id,
+            "split": ex.split,
+            "prompt": ex.prompt,
+            "prediction": pred,
+            "reference": ex.reference,
+            "score": task.score_example(pred, ex.record, evalset.context, choice),
+        }
         if choice is not None:
             row["constrained"] = choice
         rows.append(row)
@@ -123,28 +133,49 @@ def score(evalset: EvalSet, predictions: list, constrained: list[str] | None = N
     return rows, {split: task.aggregate(scores, evalset.context) for split, scores in by_split.items()}
 
 
-def predict(model, tok, evalset: EvalSet, *, max_new_tokens: int, num_beams: int = 1, batch_size: int = 8,
-            max_len: int = 1024, device=None, rank: int = 0, world: int = 1,
-            progress: bool = True) -> tuple[list[str], list[str] | None]:
+def predict(
+    model,
+    tok,
+    evalset: EvalSet,
+    *,
+    max_new_tokens: int,
+    num_beams: int = 1,
+    batch_size: int = 8,
+    max_len: int = 1024,
+    device=None,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+) -> tuple[list[str], list[str] | None]:
     """(generated text per example, the likeliest of the task's CHOICES per example or None). Collective if
     world > 1."""
     from lora_ds.generate import completion_logprobs, generate
 
     prompts = [e.prompt for e in evalset.examples]
     common = dict(batch_size=batch_size, device=device, rank=rank, world=world, progress=progress)
-    generated = generate(model, tok, prompts, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                         max_prompt_len=max(1, max_len - max_new_tokens), desc=f"{evalset.task} generate", **common)
+    generated = generate(
+        model,
+        tok,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        max_prompt_len=max(1, max_len - max_new_tokens),
+        desc=f"{evalset.task} generate",
+        **common,
+    )
     generated = [text.strip() for text in generated]
     choices = get_task(evalset.task).CHOICES
     if choices is None:
         return generated, None
     labels = list(choices)
-    logprobs = completion_logprobs(model, tok, prompts, list(choices.values()), max_len=max_len,
-                                   desc=f"{evalset.task} labels", **common)
+    logprobs = completion_logprobs(
+        model, tok, prompts, list(choices.values()), max_len=max_len, desc=f"{evalset.task} labels", **common
+    )
     return generated, [labels[max(range(len(labels)), key=lambda j: lp[j])] for lp in logprobs]
 
 
 # ---- predictions files ---------------------------------------------------------------------------------------
+
 
 def read_predictions(path: str, evalset: EvalSet) -> tuple[list, list[str] | None]:
     """Predictions of a file, aligned with `evalset.examples`; (predictions, constrained or None).
@@ -164,8 +195,10 @@ def read_predictions(path: str, evalset: EvalSet) -> tuple[list, list[str] | Non
     by_key, by_id = {}, {}
     for lineno, record in records:
         if not isinstance(record.get("id"), (str, int)) or not isinstance(record.get("prediction"), str):
-            raise UserError(f"{path}:{lineno}: each line needs 'id' and 'prediction' (a string)"
-                            + (f", or {task.OFFICIAL.HINT}" if task.OFFICIAL is not None else ""))
+            raise UserError(
+                f"{path}:{lineno}: each line needs 'id' and 'prediction' (a string)"
+                + (f", or {task.OFFICIAL.HINT}" if task.OFFICIAL is not None else "")
+            )
         by_key[(record.get("split"), str(record["id"]))] = record
         by_id.setdefault(str(record["id"]), []).append(record)
     found = []
@@ -174,11 +207,15 @@ def read_predictions(path: str, evalset: EvalSet) -> tuple[list, list[str] | Non
         if record is None:
             candidates = by_id.get(ex.id, [])
             if len(candidates) > 1:
-                raise UserError(f"{path}: id {ex.id!r} appears on several lines; add a 'split' field "
-                                f"({ex.split!r} for this example)")
+                raise UserError(
+                    f"{path}: id {ex.id!r} appears on several lines; add a 'split' field "
+                    f"({ex.split!r} for this example)"
+                )
             if not candidates:
-                raise UserError(f"{path}: no prediction for id {ex.id!r} (split {ex.split}); predict every example "
-                                "of --data, or pass the same --limit as the run that wrote it")
+                raise UserError(
+                    f"{path}: no prediction for id {ex.id!r} (split {ex.split}); predict every example "
+                    "of --data, or pass the same --limit as the run that wrote it"
+                )
             record = candidates[0]
         found.append(record)
     constrained = None
@@ -189,15 +226,20 @@ def read_predictions(path: str, evalset: EvalSet) -> tuple[list, list[str] | Non
 
 # ---- outputs -------------------------------------------------------------------------------------------------
 
+
 def write_outputs(out_dir: str, evalset: EvalSet, rows: list[dict], report: dict) -> None:
     """predictions.jsonl, metrics.json (and the task's official-format predictions) in `out_dir`."""
     os.makedirs(out_dir, exist_ok=True)
-    write_text(os.path.join(out_dir, "predictions.jsonl"),
-               "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_text(
+        os.path.join(out_dir, "predictions.jsonl"), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    )
     official = get_task(evalset.task).OFFICIAL
     # The official format has one line per source line: written when every line was evaluated.
-    if official is not None and len(rows) == evalset.source_lines and \
-            all(isinstance(r["prediction"], str) for r in rows):
+    if (
+        official is not None
+        and len(rows) == evalset.source_lines
+        and all(isinstance(r["prediction"], str) for r in rows)
+    ):
         lines = [official.line(r["prediction"], ex.record) for r, ex in zip(rows, evalset.examples)]
         write_text(os.path.join(out_dir, official.FILE), "".join(json.dumps(line) + "\n" for line in lines))
     write_json(os.path.join(out_dir, "metrics.json"), report)
@@ -208,8 +250,10 @@ def format_table(task: str, by_split: dict) -> str:
     columns = get_task(task).TABLE_COLUMNS
     cells = [["split", *columns]]
     for split, values in by_split.items():
-        cells.append([split] + [f"{values[c]:.2f}" if isinstance(values.get(c), float) else str(values.get(c, "-"))
-                                for c in columns])
+        cells.append(
+            [split]
+            + [f"{values[c]:.2f}" if isinstance(values.get(c), float) else str(values.get(c, "-")) for c in columns]
+        )
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in cells]
     notes = {values["note"] for values in by_split.values() if "note" in values}
@@ -226,8 +270,20 @@ class TaskEval:
     metrics.jsonl (`eval_<task>_<metric>`) on rank 0, {} elsewhere.
     """
 
-    def __init__(self, spec: str, samples: int, seed: int, tok, *, max_len: int, batch_size: int, output_dir: str,
-                 rank: int, world: int, device):
+    def __init__(
+        self,
+        spec: str,
+        samples: int,
+        seed: int,
+        tok,
+        *,
+        max_len: int,
+        batch_size: int,
+        output_dir: str,
+        rank: int,
+        world: int,
+        device,
+    ):
         task, _, path = spec.partition(":")
         self.evalset = load_eval_set(task, [path]).sample(samples, seed)
         self.tok, self.max_len, self.batch_size = tok, max_len, batch_size
@@ -238,14 +294,32 @@ class TaskEval:
         # Enough for the longest reference of the sample plus a margin: an eval in training stays cheap.
         longest = max(len(self.tok.encode(" " + e.reference)) for e in self.evalset.examples)
         max_new_tokens = min(get_task(task).MAX_NEW_TOKENS, longest + 16, self.max_len - 1)
-        generated, constrained = predict(model, self.tok, self.evalset, max_new_tokens=max_new_tokens,
-                                         batch_size=self.batch_size, max_len=self.max_len, device=self.device,
-                                         rank=self.rank, world=self.world, progress=False)
+        generated, constrained = predict(
+            model,
+            self.tok,
+            self.evalset,
+            max_new_tokens=max_new_tokens,
+            batch_size=self.batch_size,
+            max_len=self.max_len,
+            device=self.device,
+            rank=self.rank,
+            world=self.world,
+            progress=False,
+        )
         if self.rank != 0:
             return {}
         rows, by_split = score(self.evalset, generated, constrained)
-        write_outputs(os.path.join(self.output_dir, "eval", f"step_{step:08d}"), self.evalset, rows,
-                      {"task": task, "step": step, "metrics": by_split, "data": self.evalset.sources,
-                       "decoding": {"strategy": "greedy", "max_new_tokens": max_new_tokens}})
+        write_outputs(
+            os.path.join(self.output_dir, "eval", f"step_{step:08d}"),
+            self.evalset,
+            rows,
+            {
+                "task": task,
+                "step": step,
+                "metrics": by_split,
+                "data": self.evalset.sources,
+                "decoding": {"strategy": "greedy", "max_new_tokens": max_new_tokens},
+            },
+        )
         (values,) = by_split.values()
         return {f"eval_{task}_{k}": v for k, v in values.items() if k != "note"}

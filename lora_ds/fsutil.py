@@ -1,4 +1,5 @@
 """Writes that are never seen half-done: build under a temporary name, rename when complete."""
+
 from __future__ import annotations
 
 import contextlib

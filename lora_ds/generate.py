@@ -7,6 +7,7 @@ gathers each layer's weights collectively, so all ranks must run the same number
 batches runs its first batch again as a dummy (its result dropped), and within a batch `synced_gpus` keeps
 a rank that has finished stepping until every rank has. The results of all ranks are gathered on all ranks.
 """
+
 from __future__ import annotations
 
 import torch
@@ -45,8 +46,8 @@ def _left_padded(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
     return ids, mask
 
 
@@ -57,29 +58,48 @@ def _progress(total: int, desc: str, rank: int, show: bool):
 
 
 @torch.no_grad()
-def generate(model, tok, prompts: list[str], *, max_new_tokens: int, num_beams: int = 1, batch_size: int = 8,
-             max_prompt_len: int = 1024, device=None, rank: int = 0, world: int = 1, progress: bool = True,
-             desc: str = "generate") -> list[str]:
+def generate(
+    model,
+    tok,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    num_beams: int = 1,
+    batch_size: int = 8,
+    max_prompt_len: int = 1024,
+    device=None,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[str]:
     """The completion of each prompt (text after the prompt, up to EOS), greedy or beam search.
 
     `model` is a Hugging Face causal LM (under ZeRO-3: the engine's module). Collective when world > 1.
     """
     from transformers import GenerationConfig
 
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
-                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=True)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=num_beams,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        use_cache=True,
+    )
     encoded = [prompt_ids(tok, p, max_prompt_len) for p in prompts]
     results = {}
     bar = _progress(len(prompts), desc, rank, progress)
     for batch in rank_batches(len(prompts), batch_size, rank, world):
         ids, mask = _left_padded([encoded[i] for i in (batch or [0])], tok.pad_token_id)
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                             synced_gpus=world > 1)
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config, synced_gpus=world > 1
+        )
         if batch is None:
             continue
-        for i, row in zip(batch, out[:, ids.shape[1]:].tolist()):
+        for i, row in zip(batch, out[:, ids.shape[1] :].tolist()):
             if tok.eos_token_id in row:
-                row = row[:row.index(tok.eos_token_id)]
+                row = row[: row.index(tok.eos_token_id)]
             results[i] = tok.decode(row)
         bar.update(min(len(batch) * world, bar.total - bar.n))  # rank 0 shows all ranks' progress
     bar.close()
@@ -88,9 +108,20 @@ def generate(model, tok, prompts: list[str], *, max_new_tokens: int, num_beams: 
 
 
 @torch.no_grad()
-def completion_logprobs(model, tok, prompts: list[str], completions: list[str], *, batch_size: int = 8,
-                        max_len: int = 1024, device=None, rank: int = 0, world: int = 1, progress: bool = True,
-                        desc: str = "score") -> list[list[float]]:
+def completion_logprobs(
+    model,
+    tok,
+    prompts: list[str],
+    completions: list[str],
+    *,
+    batch_size: int = 8,
+    max_len: int = 1024,
+    device=None,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+    desc: str = "score",
+) -> list[list[float]]:
     """log p(completion EOS | prompt) of every completion for every prompt (the training encoding), summed
     over the completion's tokens in fp32. Collective when world > 1."""
     results = {}
@@ -104,8 +135,15 @@ def completion_logprobs(model, tok, prompts: list[str], completions: list[str], 
                     raise UserError(f"completion {completion!r} alone is longer than --max-len {max_len}")
                 rows.append(row)
         inputs = {k: v.to(device) for k, v in collate(rows, tok.pad_token_id).items()}
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                       position_ids=inputs["position_ids"]).logits[:, :-1].float()
+        logits = (
+            model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                position_ids=inputs["position_ids"],
+            )
+            .logits[:, :-1]
+            .float()
+        )
         labels = inputs["labels"][:, 1:]
         picked = torch.gather(F.log_softmax(logits, dim=-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         sums = (picked * (labels != IGNORE_INDEX)).sum(dim=1).view(-1, len(completions)).tolist()

@@ -4,6 +4,7 @@
 checks it against the file's size and the index, so a damaged dir fails early, naming the file. Model checks
 before training, the streaming merge and the analysis of base weights all read dirs through it.
 """
+
 from __future__ import annotations
 
 import json
@@ -90,8 +91,10 @@ def _shard_names(path: str, flag: str) -> tuple[list, dict | None]:
         return sorted(set(weight_map.values())), index
     if os.path.isfile(os.path.join(path, SINGLE_FILE)):
         return [SINGLE_FILE], None
-    raise UserError(f"{flag} {path}: neither {INDEX_FILE} nor {SINGLE_FILE} is there; save the model with "
-                    "save_pretrained (safetensors)")
+    raise UserError(
+        f"{flag} {path}: neither {INDEX_FILE} nor {SINGLE_FILE} is there; save the model with "
+        "save_pretrained (safetensors)"
+    )
 
 
 def read_model_dir(path: str, flag: str) -> ModelDir:
@@ -109,6 +112,5 @@ def read_model_dir(path: str, flag: str) -> ModelDir:
     where = {key: shard for shard in shards for key in shard.tensors}
     if index is not None and set(index["weight_map"]) != set(where):
         odd = sorted(set(index["weight_map"]) ^ set(where))[:3]
-        raise UserError(f"{os.path.join(path, INDEX_FILE)}: weight_map and the shards disagree (e.g. {odd}); "
-                        f"{_AGAIN}")
+        raise UserError(f"{os.path.join(path, INDEX_FILE)}: weight_map and the shards disagree (e.g. {odd}); {_AGAIN}")
     return ModelDir(path, shards, index, where)

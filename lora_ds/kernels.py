@@ -10,6 +10,7 @@ Fused (Liger's building blocks, no code of ours): RMSNorm, RoPE and SwiGLU for e
 partial RoPE (rotary_dim < head_dim); and the LM-head loss (`linear_cross_entropy`). Each computes the plain
 path's function: bench/device_check.py compares loss and LoRA gradients at step 0 on the GPU.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -33,8 +34,10 @@ def use_liger(mode: str) -> bool:
     if mode == "off":
         return False
     if mode == "liger" and not liger_available():
-        raise UserError("--kernels liger: needs a CUDA device and liger-kernel (pip install 'lora-ds[gpu]'); "
-                        "use --kernels auto to fall back to the plain kernels")
+        raise UserError(
+            "--kernels liger: needs a CUDA device and liger-kernel (pip install 'lora-ds[gpu]'); "
+            "use --kernels auto to fall back to the plain kernels"
+        )
     return liger_available()
 
 
@@ -51,9 +54,16 @@ def fuse(model) -> list[str]:
     if apply is None:
         return []
     accepted = inspect.signature(apply).parameters
-    wanted = {"rope": True, "rms_norm": True, "swiglu": True, "geglu": True, "layer_norm": True,
-              # lm_loss computes the loss; Liger's own loss patches would replace the model's forward.
-              "cross_entropy": False, "fused_linear_cross_entropy": False}
+    wanted = {
+        "rope": True,
+        "rms_norm": True,
+        "swiglu": True,
+        "geglu": True,
+        "layer_norm": True,
+        # lm_loss computes the loss; Liger's own loss patches would replace the model's forward.
+        "cross_entropy": False,
+        "fused_linear_cross_entropy": False,
+    }
     kwargs = {k: v for k, v in wanted.items() if k in accepted}
     apply(model=model, **kwargs)
     return sorted(k for k, v in kwargs.items() if v)
@@ -80,8 +90,9 @@ def _fuse_gpt_neox(model) -> list[str]:
     return ["layer_norm", "rope"]
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         ignore_index: int) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
     """Liger's fused LM-head cross-entropy: sum over targets of CE(hidden·Wᵀ, label), no full logits."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 

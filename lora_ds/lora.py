@@ -6,6 +6,7 @@ A is kaiming-uniform (as PEFT), B is zero, so a fresh adapter reproduces the bas
 wraps the base layer (`base_layer`, frozen) and names its factors `lora_A` / `lora_B` as PEFT does.
 Merging is explicit (`merge()` / `unmerge()`), computed in fp32 and cast once.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,8 +40,14 @@ def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, fan_i
     return delta.T if fan_in_fan_out else delta
 
 
-def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float,
-                  fan_in_fan_out: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+def merged_weight(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    fan_in_fan_out: bool,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """W0 + s·B·A in fp32, cast once to `dtype` (default: W0's dtype), checked finite after the cast (so that
     an fp16 overflow is caught too).
 
@@ -92,8 +99,9 @@ class LoRALinear(nn.Module):
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
         if _is_conv1d(base_layer):
-            in_features, out_features = base_layer.weight.ds_shape if hasattr(base_layer.weight, "ds_shape") \
-                else base_layer.weight.shape
+            in_features, out_features = (
+                base_layer.weight.ds_shape if hasattr(base_layer.weight, "ds_shape") else base_layer.weight.shape
+            )
             self.fan_in_fan_out = True
         else:
             in_features, out_features = base_layer.in_features, base_layer.out_features
@@ -124,8 +132,9 @@ class LoRALinear(nn.Module):
         if self.lora_dropout is not None:
             x = self.lora_dropout(x)
         weight_A, weight_B = self.lora_A.weight, self.lora_B.weight
-        return _LoRAAdd.apply(result, x.to(result.dtype), weight_A.to(result.dtype), weight_B.to(result.dtype),
-                              self.scaling)
+        return _LoRAAdd.apply(
+            result, x.to(result.dtype), weight_A.to(result.dtype), weight_B.to(result.dtype), self.scaling
+        )
 
     def delta_weight(self) -> torch.Tensor:
         return delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out)
@@ -147,8 +156,9 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def _add_delta(self, sign: int) -> None:
         weight = self.base_layer.weight
-        weight.copy_(merged_weight(weight, self.lora_A.weight, self.lora_B.weight, sign * self.scaling,
-                                   self.fan_in_fan_out))
+        weight.copy_(
+            merged_weight(weight, self.lora_A.weight, self.lora_B.weight, sign * self.scaling, self.fan_in_fan_out)
+        )
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, fan_in_fan_out={self.fan_in_fan_out}"
@@ -178,12 +188,16 @@ def is_target(name: str, targets) -> bool:
 
 def match_targets(model: nn.Module, targets) -> list[str]:
     """Names of Linear/Conv1D modules selected by `targets` (`is_target`)."""
-    return [name for name, module in model.named_modules()
-            if (isinstance(module, nn.Linear) or _is_conv1d(module)) and is_target(name, targets)]
+    return [
+        name
+        for name, module in model.named_modules()
+        if (isinstance(module, nn.Linear) or _is_conv1d(module)) and is_target(name, targets)
+    ]
 
 
-def inject_lora(model: nn.Module, targets, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
-                seed: int | None = None) -> list[str]:
+def inject_lora(
+    model: nn.Module, targets, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False, seed: int | None = None
+) -> list[str]:
     """Freeze `model` and wrap each target module in a LoRALinear. Returns the adapted module names.
 
     With `seed`, the factors are drawn from a generator seeded with it, so every rank (and a
@@ -194,10 +208,13 @@ def inject_lora(model: nn.Module, targets, r: int, alpha: float, dropout: float 
     LoraConfig(r=r, alpha=alpha, dropout=dropout)
     names = match_targets(model, targets)
     if not names:
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                         if isinstance(m, nn.Linear) or _is_conv1d(m)})
-        raise UserError(f"--lora_targets {targets!r} matches no Linear/Conv1D module of this model; "
-                        f"its linear module names are: {', '.join(linear)}")
+        linear = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)}
+        )
+        raise UserError(
+            f"--lora_targets {targets!r} matches no Linear/Conv1D module of this model; "
+            f"its linear module names are: {', '.join(linear)}"
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     fork = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
@@ -210,4 +227,3 @@ def inject_lora(model: nn.Module, targets, r: int, alpha: float, dropout: float 
             base = getattr(parent, child)
             setattr(parent, child, LoRALinear(base, r, alpha, dropout, rslora))
     return names
-

@@ -8,6 +8,7 @@ their log-softmax and their gradients for the whole batch. Being a module call t
 ZeRO-3 gathers the weight for it. With fused kernels (lora_ds.kernels) Liger's fused linear cross-entropy does
 the same in Triton, a few hundred rows at a time; this one is its CPU path and its reference.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,7 +30,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.size(0), chunk):
-            h, y = hidden[start:start + chunk], labels[start:start + chunk]
+            h, y = hidden[start : start + chunk], labels[start : start + chunk]
             logits = (h @ weight.t()).float()
             valid = y != IGNORE_INDEX
             safe_y = torch.where(valid, y, 0)
@@ -37,7 +38,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad = torch.softmax(logits, dim=-1)
             grad[torch.arange(grad.size(0), device=grad.device), safe_y] -= 1.0
             grad *= valid.unsqueeze(1)
-            grad_hidden[start:start + chunk] = grad.to(weight.dtype) @ weight
+            grad_hidden[start : start + chunk] = grad.to(weight.dtype) @ weight
         ctx.save_for_backward(grad_hidden)
         return total
 
@@ -96,8 +97,9 @@ def lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
     Both stay on the device: reading them back would stall the step.
     """
-    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                  position_ids=batch["position_ids"])
+    inputs = dict(
+        input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), position_ids=batch["position_ids"]
+    )
     labels = batch["labels"][:, 1:]
     n_targets = (labels != IGNORE_INDEX).sum()
     head = _find_deferred(model)

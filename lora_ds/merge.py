@@ -11,6 +11,7 @@ therefore the adapter plus a few blocks, whatever the size of the model or of it
 checked before the first byte is written, and built in a temporary dir that replaces `out` only when
 complete.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,10 +47,11 @@ VERIFY_TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-4, torch.float16: 1e-
 
 # ---------------------------------------------------------------- shard bytes
 
+
 def _write_all(fd: int, data) -> None:
     view = memoryview(data).cast("B")
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def _copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
@@ -80,12 +82,13 @@ def _tensor_bytes(t: torch.Tensor):
 
 # ---------------------------------------------------------------- planning (all checks, nothing written)
 
+
 @dataclass
 class Plan:
     """What a merge will do: the base's shards, which base keys change and how, and the output dtype."""
 
     base: ModelDir
-    targets: dict          # base key -> adapter module name
+    targets: dict  # base key -> adapter module name
     config: dict
     tensors: dict
     dtype: torch.dtype | None
@@ -103,13 +106,20 @@ def _check_base_weight(base: ModelDir, key: str, module: str, A, B, fan_in_fan_o
     linear = [B.shape[0], A.shape[1]]
     expected = linear[::-1] if fan_in_fan_out else linear
     if info["shape"] != expected:
-        hint = (f" (it is laid out for fan_in_fan_out={not fan_in_fan_out}; the adapter config says "
-                f"{fan_in_fan_out})") if info["shape"] == expected[::-1] else ""
-        raise UserError(f"--adapter {adapter_dir}: {module} expects a base weight of shape {expected}, but "
-                        f"{key} in --base is {info['shape']}{hint}; the adapter was trained on another base")
+        hint = (
+            (f" (it is laid out for fan_in_fan_out={not fan_in_fan_out}; the adapter config says {fan_in_fan_out})")
+            if info["shape"] == expected[::-1]
+            else ""
+        )
+        raise UserError(
+            f"--adapter {adapter_dir}: {module} expects a base weight of shape {expected}, but "
+            f"{key} in --base is {info['shape']}{hint}; the adapter was trained on another base"
+        )
     if info["dtype"] not in FLOATS:
-        raise UserError(f"--base {base.path}: {key} is {info['dtype']}, not a floating-point weight; "
-                        "quantized bases cannot be merged into")
+        raise UserError(
+            f"--base {base.path}: {key} is {info['dtype']}, not a floating-point weight; "
+            "quantized bases cannot be merged into"
+        )
 
 
 def plan_merge(base_dir: str, adapter_dir: str, dtype: str | None = None) -> Plan:
@@ -121,8 +131,10 @@ def plan_merge(base_dir: str, adapter_dir: str, dtype: str | None = None) -> Pla
     keys = {m: base.weight_key(m) for m in modules}
     missing = [m for m in modules if keys[m] is None]
     if missing:
-        raise UserError(f"--adapter {adapter_dir}: {len(missing)} of its {len(modules)} modules have no weight in "
-                        f"--base {base_dir} (e.g. {missing[0]}.weight); the adapter was trained on another base")
+        raise UserError(
+            f"--adapter {adapter_dir}: {len(missing)} of its {len(modules)} modules have no weight in "
+            f"--base {base_dir} (e.g. {missing[0]}.weight); the adapter was trained on another base"
+        )
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     for module in modules:
         _check_base_weight(base, keys[module], module, *factors(tensors, module), fan_in_fan_out, adapter_dir)
@@ -130,6 +142,7 @@ def plan_merge(base_dir: str, adapter_dir: str, dtype: str | None = None) -> Pla
 
 
 # ---------------------------------------------------------------- writing
+
 
 def _write_shard(plan: Plan, shard: Shard, dst: str) -> int:
     """Write the merged counterpart of `shard` to `dst`, one tensor at a time. Returns its data bytes."""
@@ -164,8 +177,9 @@ def _write_shard(plan: Plan, shard: Shard, dst: str) -> int:
                 if module is None:
                     block = block.to(FLOATS[out_dtype])
                 else:
-                    block = _merged_rows(block, rows, plan, module, scale, fan_in_fan_out, FLOATS[out_dtype],
-                                         f"{shard.path}: {key}")
+                    block = _merged_rows(
+                        block, rows, plan, module, scale, fan_in_fan_out, FLOATS[out_dtype], f"{shard.path}: {key}"
+                    )
                 _write_all(dst_fd, _tensor_bytes(block))
     finally:
         os.close(src_fd)
@@ -193,8 +207,9 @@ def _row_blocks(fd: int, offset: int, info: dict):
         yield slice(r0, r1), block.view(dtype).view(r1 - r0, *shape[1:])
 
 
-def _merged_rows(block, rows: slice, plan: Plan, module: str, scale: float, fan_in_fan_out: bool,
-                 dtype: torch.dtype, where: str) -> torch.Tensor:
+def _merged_rows(
+    block, rows: slice, plan: Plan, module: str, scale: float, fan_in_fan_out: bool, dtype: torch.dtype, where: str
+) -> torch.Tensor:
     """Rows `rows` of the merged weight: the rows of s·B·A come from rows of B (or, with fan_in_fan_out,
     the weight is (in, out) and they come from columns of A)."""
     A, B = factors(plan.tensors, module)
@@ -202,8 +217,10 @@ def _merged_rows(block, rows: slice, plan: Plan, module: str, scale: float, fan_
     try:
         return merged_weight(block, A, B, scale, fan_in_fan_out, dtype)
     except FloatingPointError as e:
-        raise UserError(f"{where} + the adapter's {module} is not finite in {dtype} ({e}); check the base "
-                        "weights or choose another --dtype; nothing was written") from e
+        raise UserError(
+            f"{where} + the adapter's {module} is not finite in {dtype} ({e}); check the base "
+            "weights or choose another --dtype; nothing was written"
+        ) from e
 
 
 @contextlib.contextmanager
@@ -237,8 +254,14 @@ def _copy_side_files(base_dir: str, out_dir: str, dtype: torch.dtype | None) -> 
     return copied
 
 
-def merge_model_dir(base_dir: str, adapter_dir: str, out_dir: str, dtype: str | None = None, verify: bool = False,
-                    tolerance: float | None = None) -> dict:
+def merge_model_dir(
+    base_dir: str,
+    adapter_dir: str,
+    out_dir: str,
+    dtype: str | None = None,
+    verify: bool = False,
+    tolerance: float | None = None,
+) -> dict:
     """Write base + adapter, merged, to `out_dir` as an HF model dir with no LoRA modules. Returns a report.
 
     `dtype` casts every floating tensor ("bf16", "fp16", "fp32"); by default each keeps its dtype.
@@ -249,9 +272,16 @@ def merge_model_dir(base_dir: str, adapter_dir: str, out_dir: str, dtype: str | 
         if out_dir == path or path.startswith(out_dir + os.sep):
             raise UserError(f"--out {out_dir}: would replace {flag} {path}; choose another output dir")
     plan = plan_merge(base_dir, adapter_dir, dtype)
-    report = {"base": base_dir, "adapter": adapter_dir, "out": out_dir, "dtype": dtype or "as base",
-              "shards": len(plan.base.shards), "tensors": sum(len(s.tensors) for s in plan.base.shards),
-              "merged_modules": len(plan.targets), "scaling": scaling(plan.config)}
+    report = {
+        "base": base_dir,
+        "adapter": adapter_dir,
+        "out": out_dir,
+        "dtype": dtype or "as base",
+        "shards": len(plan.base.shards),
+        "tensors": sum(len(s.tensors) for s in plan.base.shards),
+        "merged_modules": len(plan.targets),
+        "scaling": scaling(plan.config),
+    }
     with atomic_dir(out_dir) as tmp:
         total = 0
         with _one_thread():
@@ -262,9 +292,17 @@ def merge_model_dir(base_dir: str, adapter_dir: str, out_dir: str, dtype: str | 
             write_json(os.path.join(tmp, INDEX_FILE), index)
         report["bytes_written"] = total
         report["copied"] = _copy_side_files(base_dir, tmp, plan.dtype)
-        write_json(os.path.join(tmp, RECORD_FILE), {
-            "adapter_config": plan.config, "adapter": adapter_dir, "base": base_dir, "dtype": report["dtype"],
-            "scaling": report["scaling"], "merged": {k: m for k, m in sorted(plan.targets.items())}})
+        write_json(
+            os.path.join(tmp, RECORD_FILE),
+            {
+                "adapter_config": plan.config,
+                "adapter": adapter_dir,
+                "base": base_dir,
+                "dtype": report["dtype"],
+                "scaling": report["scaling"],
+                "merged": {k: m for k, m in sorted(plan.targets.items())},
+            },
+        )
         if verify:
             report["verify"] = verify_merge(plan, tmp, tolerance)
     return report
@@ -317,8 +355,10 @@ def verify_merge(plan: Plan, merged_dir: str, tolerance: float | None = None) ->
         for name, value in plan.tensors.items():
             found = [p for n, p in params.items() if n == name or n.endswith("." + name)]
             if len(found) != 1:
-                raise UserError(f"--verify: adapter tensor {name} matches {len(found)} LoRA parameters of the "
-                                "base model; cannot build base+adapter")
+                raise UserError(
+                    f"--verify: adapter tensor {name} matches {len(found)} LoRA parameters of the "
+                    "base model; cannot build base+adapter"
+                )
             found[0].copy_(value)
     ref_logits = _logits(model.eval(), prompts)
     del model
@@ -332,22 +372,34 @@ def verify_merge(plan: Plan, merged_dir: str, tolerance: float | None = None) ->
     effect = max((a - b).abs().max().item() for a, b in zip(ref_logits, base_logits))
     scale = max(1.0, max(a.abs().max().item() for a in ref_logits))
     rel = tolerance if tolerance is not None else VERIFY_TOLERANCE[_stored_dtype(plan)]
-    result = {"prompts": len(prompts), "max_abs_diff": diff, "max_abs_logit": scale, "tolerance": rel * scale,
-              "adapter_effect": effect}
+    result = {
+        "prompts": len(prompts),
+        "max_abs_diff": diff,
+        "max_abs_logit": scale,
+        "tolerance": rel * scale,
+        "adapter_effect": effect,
+    }
     if not diff <= rel * scale:
-        raise UserError(f"--verify: merged logits differ from base+adapter by {diff:.3g} (> tolerance "
-                        f"{rel:g} x {scale:.3g}; the adapter itself moves them by {effect:.3g}); nothing was written")
+        raise UserError(
+            f"--verify: merged logits differ from base+adapter by {diff:.3g} (> tolerance "
+            f"{rel:g} x {scale:.3g}; the adapter itself moves them by {effect:.3g}); nothing was written"
+        )
     return result
 
 
 def _stored_dtype(plan: Plan) -> torch.dtype:
     """The coarsest dtype of any tensor the merge changes (merged or cast): what sets the logit error."""
-    changed = {plan.out_dtype(info) for shard in plan.base.shards for key, info in shard.tensors.items()
-               if key in plan.targets or plan.out_dtype(info) != info["dtype"]}
+    changed = {
+        plan.out_dtype(info)
+        for shard in plan.base.shards
+        for key, info in shard.tensors.items()
+        if key in plan.targets or plan.out_dtype(info) != info["dtype"]
+    }
     return max((FLOATS[name] for name in changed), key=VERIFY_TOLERANCE.get)
 
 
 # ---------------------------------------------------------------- a live model
+
 
 def _restore(weight: torch.Tensor, copy: torch.Tensor) -> None:
     from lora_ds.zero import is_partitioned

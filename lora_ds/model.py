@@ -4,6 +4,7 @@ Under ZeRO-3 the base is built or loaded inside `deepspeed.zero.Init` (through t
 `HfDeepSpeedConfig`), so no rank ever holds the whole base: a model dir is read shard by shard
 straight into the partitions.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,27 +17,93 @@ from lora_ds.hf_dir import read_model_dir
 
 # (model_type, config kwargs). Big shapes follow the published configs.
 PRESETS = {
-    "tiny-gpt-neox": ("gpt_neox", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                       intermediate_size=256, max_position_embeddings=1024, vocab_size=512,
-                                       rotary_pct=0.25)),
-    "tiny-llama": ("llama", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                 intermediate_size=176, max_position_embeddings=1024, vocab_size=512)),
+    "tiny-gpt-neox": (
+        "gpt_neox",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=256,
+            max_position_embeddings=1024,
+            vocab_size=512,
+            rotary_pct=0.25,
+        ),
+    ),
+    "tiny-llama": (
+        "llama",
+        dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=176,
+            max_position_embeddings=1024,
+            vocab_size=512,
+        ),
+    ),
     "tiny-gpt2": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=1024, vocab_size=512)),
-    "pythia-1.4b": ("gpt_neox", dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16,
-                                     intermediate_size=8192, max_position_embeddings=2048, vocab_size=50304,
-                                     rotary_pct=0.25)),
-    "pythia-6.9b": ("gpt_neox", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                                     intermediate_size=16384, max_position_embeddings=2048, vocab_size=50432,
-                                     rotary_pct=0.25)),
-    "gpt-neox-20b": ("gpt_neox", dict(hidden_size=6144, num_hidden_layers=44, num_attention_heads=64,
-                                      intermediate_size=24576, max_position_embeddings=2048, vocab_size=50432,
-                                      rotary_pct=0.25)),
-    "llama-7b": ("llama", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                               intermediate_size=11008, max_position_embeddings=2048, vocab_size=32000,
-                               rms_norm_eps=1e-6)),
-    "llama-3-8b": ("llama", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                                 num_key_value_heads=8, intermediate_size=14336, max_position_embeddings=8192,
-                                 vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5)),
+    "pythia-1.4b": (
+        "gpt_neox",
+        dict(
+            hidden_size=2048,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=8192,
+            max_position_embeddings=2048,
+            vocab_size=50304,
+            rotary_pct=0.25,
+        ),
+    ),
+    "pythia-6.9b": (
+        "gpt_neox",
+        dict(
+            hidden_size=4096,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            intermediate_size=16384,
+            max_position_embeddings=2048,
+            vocab_size=50432,
+            rotary_pct=0.25,
+        ),
+    ),
+    "gpt-neox-20b": (
+        "gpt_neox",
+        dict(
+            hidden_size=6144,
+            num_hidden_layers=44,
+            num_attention_heads=64,
+            intermediate_size=24576,
+            max_position_embeddings=2048,
+            vocab_size=50432,
+            rotary_pct=0.25,
+        ),
+    ),
+    "llama-7b": (
+        "llama",
+        dict(
+            hidden_size=4096,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            intermediate_size=11008,
+            max_position_embeddings=2048,
+            vocab_size=32000,
+            rms_norm_eps=1e-6,
+        ),
+    ),
+    "llama-3-8b": (
+        "llama",
+        dict(
+            hidden_size=4096,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            intermediate_size=14336,
+            max_position_embeddings=8192,
+            vocab_size=128256,
+            rope_theta=500000.0,
+            rms_norm_eps=1e-5,
+        ),
+    ),
 }
 
 
@@ -71,8 +138,9 @@ def attention_implementation(requested: str, packed: bool = False) -> str:
     return "flex_attention" if packed and torch.cuda.is_available() else "sdpa"
 
 
-def build_model(name: str, dtype: str, ds_config: dict | None, attn_implementation: str = "sdpa",
-                vocab_size: int | None = None):
+def build_model(
+    name: str, dtype: str, ds_config: dict | None, attn_implementation: str = "sdpa", vocab_size: int | None = None
+):
     """(model, keepalive): the base model, partitioned under ZeRO-3 when `ds_config` says stage 3.
 
     `keepalive` is transformers' HfDeepSpeedConfig, which must outlive engine creation so that
@@ -86,7 +154,7 @@ def build_model(name: str, dtype: str, ds_config: dict | None, attn_implementati
     keepalive = HfDeepSpeedConfig(ds_config) if ds_config and zero3_enabled(ds_config) else None
     kwargs = dict(dtype=DTYPES[dtype], attn_implementation=attention_implementation(attn_implementation))
     if name.startswith("preset:"):
-        model = AutoModelForCausalLM.from_config(preset_config(name[len("preset:"):], vocab_size), **kwargs)
+        model = AutoModelForCausalLM.from_config(preset_config(name[len("preset:") :], vocab_size), **kwargs)
     else:
         check_model_dir(name)
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)

@@ -6,6 +6,7 @@ mask that is causal and never crosses an example boundary, and the same position
 example the rotary/learned positions it would have alone. So every example's loss in a packed row
 equals its loss run alone.
 """
+
 from __future__ import annotations
 
 _CONCATENATED = ("input_ids", "labels", "position_ids")
@@ -52,8 +53,9 @@ def pack_rows(rows: list[dict], pack_len: int) -> list[dict]:
     lengths = [len(r["input_ids"]) for r in rows]
     too_long = [i for i, n in enumerate(lengths) if n > pack_len]
     if too_long:
-        raise ValueError(f"example {rows[too_long[0]]['id']} has {lengths[too_long[0]]} tokens, "
-                         f"more than the pack length {pack_len}")
+        raise ValueError(
+            f"example {rows[too_long[0]]['id']} has {lengths[too_long[0]]} tokens, more than the pack length {pack_len}"
+        )
     packed = []
     for members in _first_fit(lengths, pack_len):
         row = {key: [t for i in members for t in rows[i][key]] for key in _CONCATENATED}

@@ -1,9 +1,10 @@
 """PNG figures (matplotlib's Agg canvas, no display, no pyplot global state).
 
-    analysis_figures(analysis, out_dir)   spectra, effective rank, φ heatmaps, amplification (lora-ds analyze)
-    read_metrics(path)                    a run's metrics.jsonl, one record per step
-    metrics_figures(records, out_dir)     loss, lr, tokens/s and peak memory against step (lora-ds plot)
+analysis_figures(analysis, out_dir)   spectra, effective rank, φ heatmaps, amplification (lora-ds analyze)
+read_metrics(path)                    a run's metrics.jsonl, one record per step
+metrics_figures(records, out_dir)     loss, lr, tokens/s and peak memory against step (lora-ds plot)
 """
+
 from __future__ import annotations
 
 import math
@@ -34,6 +35,7 @@ def _grid(n: int) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------- lora-ds analyze
+
 
 def analysis_figures(analysis: dict, out_dir: str) -> list[str]:
     """Write the figures of an analysis (analyze.analyze's dict) to `out_dir`; returns their file names."""
@@ -82,28 +84,43 @@ def _subspace(pair: dict, adapters: list, side: str, out_dir: str, written: list
     fig, axes = _figure(rows, cols, size=(3.2, 3.0))
     for ax, module in zip(axes, names):
         phi = pair["modules"][module][side]
-        image = ax.imshow(phi, vmin=0, vmax=1, cmap="viridis", origin="upper", aspect="auto",
-                          extent=(0.5, len(phi[0]) + 0.5, len(phi) + 0.5, 0.5))
+        image = ax.imshow(
+            phi,
+            vmin=0,
+            vmax=1,
+            cmap="viridis",
+            origin="upper",
+            aspect="auto",
+            extent=(0.5, len(phi[0]) + 0.5, len(phi) + 0.5, 0.5),
+        )
         ax.set_title(module, fontsize=7)
         ax.set_xlabel(f"j (r={r_b})", fontsize=7)
         ax.set_ylabel(f"i (r={r_a})", fontsize=7)
-    for ax in axes[len(names):]:
+    for ax in axes[len(names) :]:
         ax.set_axis_off()
-    fig.colorbar(image, ax=axes[:len(names)], shrink=0.8, label="φ(i, j)")
+    fig.colorbar(image, ax=axes[: len(names)], shrink=0.8, label="φ(i, j)")
     fig.suptitle(f"subspace similarity of ΔW's {side} singular vectors")
     _save(fig, out_dir, f"subspace_{side}.png", written)
 
 
 def _amplification(adapters: list, out_dir: str, written: list) -> None:
     fig, axes = _figure(1, len(adapters), size=(6.0, 3.5))
-    keys = (("proj_delta_w", "‖UᵀWV‖, U,V of ΔW"), ("proj_w", "‖UᵀWV‖, U,V of W"),
-            ("proj_random", "‖UᵀWV‖, random U,V"), ("delta_w_fro", "‖ΔW‖"))
+    keys = (
+        ("proj_delta_w", "‖UᵀWV‖, U,V of ΔW"),
+        ("proj_w", "‖UᵀWV‖, U,V of W"),
+        ("proj_random", "‖UᵀWV‖, random U,V"),
+        ("delta_w_fro", "‖ΔW‖"),
+    )
     for ax, adapter in zip(axes, adapters):
         names = list(adapter["modules"])
         w = 0.8 / len(keys)
         for k, (key, label) in enumerate(keys):
-            ax.bar([i + k * w for i in range(len(names))],
-                   [adapter["modules"][m]["amplification"][key] for m in names], w, label=label)
+            ax.bar(
+                [i + k * w for i in range(len(names))],
+                [adapter["modules"][m]["amplification"][key] for m in names],
+                w,
+                label=label,
+            )
         ax.set_yscale("log")
         ax.set_xticks([i + 0.4 - w / 2 for i in range(len(names))], names, rotation=90, fontsize=6)
         ax.set_title(f"amplification (Table 7), r={adapter['r']}")
@@ -112,6 +129,7 @@ def _amplification(adapters: list, out_dir: str, written: list) -> None:
 
 
 # ---------------------------------------------------------------- lora-ds plot
+
 
 def read_metrics(path: str) -> list[dict]:
     """The records of a metrics.jsonl by step. The trainer drops the records past the checkpoint it resumes
@@ -128,17 +146,19 @@ def read_metrics(path: str) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-METRIC_FIGURES = (("loss.png", ("loss", "eval_loss"), "loss"), ("lr.png", ("lr",), "learning rate"),
-                  ("tokens_per_s.png", ("tokens_per_s",), "tokens / s"),
-                  ("peak_mem.png", ("peak_mem_gib",), "peak memory (GiB)"))
+METRIC_FIGURES = (
+    ("loss.png", ("loss", "eval_loss"), "loss"),
+    ("lr.png", ("lr",), "learning rate"),
+    ("tokens_per_s.png", ("tokens_per_s",), "tokens / s"),
+    ("peak_mem.png", ("peak_mem_gib",), "peak memory (GiB)"),
+)
 
 
 def metrics_figures(records: list[dict], out_dir: str) -> list[str]:
     """One PNG per curve of `records` (read_metrics); a curve no record holds is left out."""
     written = []
     for name, keys, label in METRIC_FIGURES:
-        series = [(key, [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))])
-                  for key in keys]
+        series = [(key, [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]) for key in keys]
         series = [(key, points) for key, points in series if points]
         if not series:
             continue

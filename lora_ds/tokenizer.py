@@ -4,6 +4,7 @@ Everything downstream uses the small `Tokenizer` interface below. A directory th
 SentencePiece model (as many Llama repos ship) is read with sentencepiece itself: transformers 5's
 conversion of such a directory without a tokenizer config does not reproduce SentencePiece's ids.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,7 +40,7 @@ class Tokenizer:
         merge verification) begins. Cut to `max_len` by dropping ids from the left; the BOS stays."""
         bos = [self.bos_token_id] if self.add_bos else []
         if max_len is not None and len(ids) > max_len - len(bos):
-            ids = ids[len(ids) - (max_len - len(bos)):]
+            ids = ids[len(ids) - (max_len - len(bos)) :]
         return bos + ids
 
     def decode(self, ids) -> str:
@@ -115,5 +116,11 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 def tokenizer_record(tok: Tokenizer) -> dict:
     """What identifies a tokenizer in manifests and run configs."""
-    return {"source": tok.source, "identity": tok.identity, "vocab_size": tok.vocab_size,
-            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "add_bos": tok.add_bos}
+    return {
+        "source": tok.source,
+        "identity": tok.identity,
+        "vocab_size": tok.vocab_size,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "add_bos": tok.add_bos,
+    }

@@ -4,6 +4,7 @@ The loop asks each component whether it is due (torchtitan's checkpointer owns i
 nothing itself. No step waits for the device: losses and stop votes are reduced asynchronously and read one
 step later, by which time DeepSpeed's own check of the gradient norm in the optimizer step has synchronised.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -146,8 +147,9 @@ class MetricsLog:
         if self.rank == 0:
             drop_metrics_after(self.path, start_step)
             self._file = open(self.path, "a")
-        self._bar = tqdm(total=total_steps, initial=start_step, desc="train", disable=self.rank != 0,
-                         dynamic_ncols=True)
+        self._bar = tqdm(
+            total=total_steps, initial=start_step, desc="train", disable=self.rank != 0, dynamic_ncols=True
+        )
 
     def add(self, loss_sum: torch.Tensor, micro_batches: int, tokens: int) -> None:
         self._loss = loss_sum.double() if self._loss is None else self._loss + loss_sum.double()
@@ -162,10 +164,20 @@ class MetricsLog:
         """Reduce this window's values (asynchronously) and write the previous record."""
         self.flush()
         device = self._loss.device
-        window = torch.stack([self._loss, torch.full((), float(self._micro), dtype=torch.float64, device=device),
-                              torch.full((), float(self._tokens), dtype=torch.float64, device=device)])
-        record = {"step": step, "lr": self.engine.get_lr()[0], "peak_mem_gib": peak_memory_gib(),
-                  "skipped_steps": self.engine.skipped_steps, **extra}
+        window = torch.stack(
+            [
+                self._loss,
+                torch.full((), float(self._micro), dtype=torch.float64, device=device),
+                torch.full((), float(self._tokens), dtype=torch.float64, device=device),
+            ]
+        )
+        record = {
+            "step": step,
+            "lr": self.engine.get_lr()[0],
+            "peak_mem_gib": peak_memory_gib(),
+            "skipped_steps": self.engine.skipped_steps,
+            **extra,
+        }
         self._pending = (record, Later(window), time.perf_counter() - self._start - self._excluded)
         self._loss, self._micro, self._tokens = None, 0, 0
         self._start, self._excluded = time.perf_counter(), 0.0
@@ -177,8 +189,13 @@ class MetricsLog:
         record, window, elapsed = self._pending
         self._pending = None
         loss, micro, tokens = window.value().tolist()
-        record = {"step": record["step"], "loss": loss / micro, **record, "tokens": int(tokens),
-                  "tokens_per_s": tokens / elapsed}
+        record = {
+            "step": record["step"],
+            "loss": loss / micro,
+            **record,
+            "tokens": int(tokens),
+            "tokens_per_s": tokens / elapsed,
+        }
         if self._file:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()

@@ -2,6 +2,7 @@
 
 Without DeepSpeed (or under ZeRO-2) these helpers are no-ops over ordinary tensors.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,11 @@ def gathered(params, modifier_rank: int | None = None):
     """
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    todo = [p for p in params if is_partitioned(p)
-            and (modifier_rank is not None or p.ds_status == ZeroParamStatus.NOT_AVAILABLE)]
+    todo = [
+        p
+        for p in params
+        if is_partitioned(p) and (modifier_rank is not None or p.ds_status == ZeroParamStatus.NOT_AVAILABLE)
+    ]
     if not todo:
         yield
         return
@@ -60,4 +64,3 @@ def fetch_by_layer(model) -> int:
         # An embedding output that asks for one costs the first layer's input-gradient GEMMs, nothing else.
         model.enable_input_require_grads()
     return len(layers)
-

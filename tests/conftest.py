@@ -1,13 +1,14 @@
 """pytest's side of the harness: session hygiene, the marks the launchers check, and the shared fixtures
 (tiny model dirs and the WikiSQL eval file). What they are built from lives in helpers.py and fixtures.py."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 import helpers
+import pytest
 from fixtures import demo_texts, save_tiny, train_sentencepiece_model, write_wikisql
+
 from lora_ds.dist import stale_build_locks
 
 

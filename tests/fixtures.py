@@ -14,6 +14,7 @@ MNLI "-" gold labels, dialogues with commas, quotes and line breaks. Both tokeni
 same texts and keep text verbatim (newlines, `\\r`, quotes, emoji): the BPE works on bytes, the SentencePiece
 model falls back to bytes and does not normalize.
 """
+
 from __future__ import annotations
 
 import csv
@@ -23,8 +24,8 @@ import random
 import shutil
 from pathlib import Path
 
-
 # ---- tiny models -------------------------------------------------------------------------------------------
+
 
 def tiny_model(model_type: str, attn_implementation: str = "sdpa", **overrides):
     """A random-weight model of the shape of lora_ds's tiny preset of `model_type` (seed 0, fp32), `overrides`
@@ -36,8 +37,9 @@ def tiny_model(model_type: str, attn_implementation: str = "sdpa", **overrides):
 
     torch.manual_seed(0)
     kwargs = dict(PRESETS[f"tiny-{model_type.replace('_', '-')}"][1], **overrides)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kwargs), dtype=torch.float32,
-                                            attn_implementation=attn_implementation)
+    return AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(model_type, **kwargs), dtype=torch.float32, attn_implementation=attn_implementation
+    )
 
 
 def save_model_dir(model, out: Path, tokenizer: Path | None = None) -> Path:
@@ -79,8 +81,12 @@ def train_bpe_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 300) 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD)
     fast.save_pretrained(str(out_dir))
@@ -98,10 +104,23 @@ def train_sentencepiece_model(texts: list[str], out_file: Path, vocab_size: int 
     lines = [line for text in texts for line in text.splitlines() if line.strip()]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, character_coverage=1.0,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
-        hard_vocab_limit=False, num_threads=1, minloglevel=2)
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
+    )
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_bytes(model.getvalue())
@@ -110,12 +129,24 @@ def train_sentencepiece_model(texts: list[str], out_file: Path, vocab_size: int 
 
 # ---- task files in the real download layouts (data prep, task readers) -------------------------------------
 
-WORDS = ("river city mayor team player club season goal coach match score county station election party "
-         "village bridge harbour festival school winner runner title album song year round venue").split()
+WORDS = (
+    "river city mayor team player club season goal coach match score county station election party "
+    "village bridge harbour festival school winner runner title album song year round venue"
+).split()
 NAMES = ["Amanda", "Jerry", "Olivia", "Sam", "Kwame", "Zoë", "Łukasz", "O'Neil", "Mary-Jane", "Chen"]
-COLUMNS = [("Player", "text"), ("No.", "real"), ("Height (ft)", "real"), ('Team "Club"', "text"),
-           ("Coach's name", "text"), ("Score", "real"), ("Points AND Goals", "real"), ("Year", "real"),
-           ("Result, notes", "text"), ("Venue", "text"), ("", "text")]
+COLUMNS = [
+    ("Player", "text"),
+    ("No.", "real"),
+    ("Height (ft)", "real"),
+    ('Team "Club"', "text"),
+    ("Coach's name", "text"),
+    ("Score", "real"),
+    ("Points AND Goals", "real"),
+    ("Year", "real"),
+    ("Result, notes", "text"),
+    ("Venue", "text"),
+    ("", "text"),
+]
 STRING_VALUES = ["Ayr United", "O'Brien", 'The "Rovers"', "St. Mary's, Leeds", "1–0", "Zoë", "AND", "= x"]
 NUMBER_VALUES = [3, 3.0, 1997, 2.5, -4, 0, 0.75, 100000.0, 12]
 LABELS = ("entailment", "neutral", "contradiction")
@@ -128,6 +159,7 @@ def _sentence(rng: random.Random, n: int = 8) -> str:
 
 # WikiSQL
 
+
 def wikisql_data(n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(tables, questions) in the original release's layout: conds values are strings, ints or floats."""
     rng = random.Random(seed)
@@ -136,12 +168,19 @@ def wikisql_data(n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
         cols = rng.sample(COLUMNS, rng.randint(2, 6))
         if t % 3 == 0:
             cols.append(cols[0])  # a repeated column name, as some WikiSQL tables have
-        table = {"id": f"1-{1000 + t}-1", "header": [c for c, _ in cols], "types": [k for _, k in cols],
-                 "rows": [[rng.choice(STRING_VALUES) if k == "text" else rng.choice(NUMBER_VALUES) for _, k in cols]
-                          for _ in range(2)]}
+        table = {
+            "id": f"1-{1000 + t}-1",
+            "header": [c for c, _ in cols],
+            "types": [k for _, k in cols],
+            "rows": [
+                [rng.choice(STRING_VALUES) if k == "text" else rng.choice(NUMBER_VALUES) for _, k in cols]
+                for _ in range(2)
+            ],
+        }
         if t % 2 == 0:  # optional fields, present on some tables only
-            table.update(page_title=_sentence(rng, 4), section_title="Results", caption=_sentence(rng, 5),
-                         name=f"table_{t}")
+            table.update(
+                page_title=_sentence(rng, 4), section_title="Results", caption=_sentence(rng, 5), name=f"table_{t}"
+            )
         tables.append(table)
     questions = []
     for i in range(n):
@@ -151,8 +190,14 @@ def wikisql_data(n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
         for _ in range(rng.choice([0, 1, 1, 2, 3])):
             value = rng.choice(NUMBER_VALUES) if rng.random() < 0.4 else rng.choice(STRING_VALUES)
             conds.append([rng.randrange(width), rng.randrange(3 if rng.random() < 0.95 else 4), value])
-        questions.append({"phase": 1, "table_id": table["id"], "question": f"What is the {_sentence(rng)[:-1]}?",
-                          "sql": {"sel": rng.randrange(width), "agg": rng.randrange(6), "conds": conds}})
+        questions.append(
+            {
+                "phase": 1,
+                "table_id": table["id"],
+                "question": f"What is the {_sentence(rng)[:-1]}?",
+                "sql": {"sel": rng.randrange(width), "agg": rng.randrange(6), "conds": conds},
+            }
+        )
     return tables, questions
 
 
@@ -173,12 +218,27 @@ def wikisql_hf_rows(n: int) -> list[dict]:
     for q in questions:
         t = by_id[q["table_id"]]
         conds = q["sql"]["conds"]
-        table = {"header": t["header"], "page_title": t.get("page_title", ""), "page_id": "", "types": t["types"],
-                 "id": t["id"], "section_title": t.get("section_title", ""), "caption": t.get("caption", ""),
-                 "rows": [[str(v) for v in row] for row in t["rows"]], "name": t.get("name", "")}
-        sql = {"human_readable": render_sql(q["sql"], t["header"]), "sel": q["sql"]["sel"], "agg": q["sql"]["agg"],
-               "conds": {"column_index": [c[0] for c in conds], "operator_index": [c[1] for c in conds],
-                         "condition": [str(c[2]) for c in conds]}}  # the export stores every value as a string
+        table = {
+            "header": t["header"],
+            "page_title": t.get("page_title", ""),
+            "page_id": "",
+            "types": t["types"],
+            "id": t["id"],
+            "section_title": t.get("section_title", ""),
+            "caption": t.get("caption", ""),
+            "rows": [[str(v) for v in row] for row in t["rows"]],
+            "name": t.get("name", ""),
+        }
+        sql = {
+            "human_readable": render_sql(q["sql"], t["header"]),
+            "sel": q["sql"]["sel"],
+            "agg": q["sql"]["agg"],
+            "conds": {
+                "column_index": [c[0] for c in conds],
+                "operator_index": [c[1] for c in conds],
+                "condition": [str(c[2]) for c in conds],
+            },
+        }  # the export stores every value as a string
         rows.append({"phase": q["phase"], "question": q["question"], "table": table, "sql": sql})
     return rows
 
@@ -187,16 +247,28 @@ def _wikisql_hf_schema():
     import pyarrow as pa
 
     strings = pa.list_(pa.string())
-    table = pa.struct([("header", strings), ("page_title", pa.string()), ("page_id", pa.string()),
-                       ("types", strings), ("id", pa.string()), ("section_title", pa.string()),
-                       ("caption", pa.string()), ("rows", pa.list_(strings)), ("name", pa.string())])
-    conds = pa.struct([("column_index", pa.list_(pa.int32())), ("operator_index", pa.list_(pa.int32())),
-                       ("condition", strings)])
+    table = pa.struct(
+        [
+            ("header", strings),
+            ("page_title", pa.string()),
+            ("page_id", pa.string()),
+            ("types", strings),
+            ("id", pa.string()),
+            ("section_title", pa.string()),
+            ("caption", pa.string()),
+            ("rows", pa.list_(strings)),
+            ("name", pa.string()),
+        ]
+    )
+    conds = pa.struct(
+        [("column_index", pa.list_(pa.int32())), ("operator_index", pa.list_(pa.int32())), ("condition", strings)]
+    )
     sql = pa.struct([("human_readable", pa.string()), ("sel", pa.int32()), ("agg", pa.int32()), ("conds", conds)])
     return pa.schema([("phase", pa.int32()), ("question", pa.string()), ("table", table), ("sql", sql)])
 
 
 # MNLI
+
 
 def mnli_data(n: int, seed: int = 1) -> list[dict]:
     """Records with the MultiNLI fields; about one in ten has no majority label ("-")."""
@@ -207,46 +279,83 @@ def mnli_data(n: int, seed: int = 1) -> list[dict]:
         premise = f"{_sentence(rng, 12)} {rng.choice(quirks)}" if i % 4 == 0 else _sentence(rng, 14)
         votes = [rng.choice(LABELS) for _ in range(5)]
         gold = "-" if i % 10 == 7 else rng.choice(LABELS)
-        out.append({"annotator_labels": votes, "genre": rng.choice(["fiction", "government", "travel"]),
-                    "gold_label": gold, "pairID": f"{1000 + i}{'enc'[i % 3]}", "promptID": str(1000 + i),
-                    "sentence1": premise, "sentence2": _sentence(rng, 9),
-                    "sentence1_binary_parse": "( x )", "sentence2_binary_parse": "( y )",
-                    "sentence1_parse": "(ROOT (S x))", "sentence2_parse": "(ROOT (S y))"})
+        out.append(
+            {
+                "annotator_labels": votes,
+                "genre": rng.choice(["fiction", "government", "travel"]),
+                "gold_label": gold,
+                "pairID": f"{1000 + i}{'enc'[i % 3]}",
+                "promptID": str(1000 + i),
+                "sentence1": premise,
+                "sentence2": _sentence(rng, 9),
+                "sentence1_binary_parse": "( x )",
+                "sentence2_binary_parse": "( y )",
+                "sentence1_parse": "(ROOT (S x))",
+                "sentence2_parse": "(ROOT (S y))",
+            }
+        )
     return out
 
 
 def _write_glue_tsv(path: Path, records: list[dict], labels: int) -> Path:
     """GLUE's layout: train has label1 + gold_label, dev label1..label5 + gold_label, test none."""
     label_cols = [f"label{k}" for k in range(1, labels + 1)] + (["gold_label"] if labels else [])
-    header = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
-              "sentence1_parse", "sentence2_parse", "sentence1", "sentence2"] + label_cols
+    header = [
+        "index",
+        "promptID",
+        "pairID",
+        "genre",
+        "sentence1_binary_parse",
+        "sentence2_binary_parse",
+        "sentence1_parse",
+        "sentence2_parse",
+        "sentence1",
+        "sentence2",
+    ] + label_cols
     with open(path, "w", encoding="utf-8", newline="") as f:
         f.write("\t".join(header) + "\n")
         for i, r in enumerate(r for r in records if r["gold_label"] != "-"):  # GLUE dropped them
-            fields = [str(i), r["promptID"], r["pairID"], r["genre"], r["sentence1_binary_parse"],
-                      r["sentence2_binary_parse"], r["sentence1_parse"], r["sentence2_parse"], r["sentence1"],
-                      r["sentence2"]] + r["annotator_labels"][:labels] + ([r["gold_label"]] if labels else [])
+            fields = (
+                [
+                    str(i),
+                    r["promptID"],
+                    r["pairID"],
+                    r["genre"],
+                    r["sentence1_binary_parse"],
+                    r["sentence2_binary_parse"],
+                    r["sentence1_parse"],
+                    r["sentence2_parse"],
+                    r["sentence1"],
+                    r["sentence2"],
+                ]
+                + r["annotator_labels"][:labels]
+                + ([r["gold_label"]] if labels else [])
+            )
             f.write("\t".join(fields) + ("\r\n" if i % 3 == 0 else "\n"))
     return path
 
 
 def mnli_hf_rows(n: int) -> list[dict]:
-    return [{"premise": r["sentence1"], "hypothesis": r["sentence2"], "label": LABELS.index(r["gold_label"]),
-             "idx": i} for i, r in enumerate(r for r in mnli_data(n) if r["gold_label"] != "-")]
+    return [
+        {"premise": r["sentence1"], "hypothesis": r["sentence2"], "label": LABELS.index(r["gold_label"]), "idx": i}
+        for i, r in enumerate(r for r in mnli_data(n) if r["gold_label"] != "-")
+    ]
 
 
 # SAMSum
 
+
 def samsum_data(n: int, seed: int = 2) -> list[dict]:
     """{id, dialogue, summary}: utterances joined by \\r\\n or \\n (mixed within a dialogue)."""
     rng = random.Random(seed)
-    extras = ["ok, see you at 5?", 'she said "maybe"', "I'll bring it :-)", "lol 😂", "fine,fine,fine",
-              "<file_photo>"]
+    extras = ["ok, see you at 5?", 'she said "maybe"', "I'll bring it :-)", "lol 😂", "fine,fine,fine", "<file_photo>"]
     out = []
     for i in range(n):
         speakers = rng.sample(NAMES, 2)
-        lines = [f"{speakers[k % 2]}: {_sentence(rng, 10) if k % 3 else rng.choice(extras)}"
-                 for k in range(rng.randint(2, 7))]
+        lines = [
+            f"{speakers[k % 2]}: {_sentence(rng, 10) if k % 3 else rng.choice(extras)}"
+            for k in range(rng.randint(2, 7))
+        ]
         dialogue = ""
         for k, line in enumerate(lines):
             dialogue += line + ("" if k == len(lines) - 1 else rng.choice(["\r\n", "\n"]))
@@ -256,6 +365,7 @@ def samsum_data(n: int, seed: int = 2) -> list[dict]:
 
 
 # Writing the sets
+
 
 def _write_parquet(path: Path, rows: list[dict], schema=None) -> Path:
     import pyarrow as pa
@@ -306,10 +416,18 @@ def write_fixture(name: str, directory: Path, n: int = 40) -> list[Path]:
 
 
 FIXTURES = {  # fixture set -> task
-    "wikisql-original": "wikisql", "wikisql-hf-parquet": "wikisql", "wikisql-hf-jsonl": "wikisql",
-    "mnli-glue": "mnli", "mnli-glue-dev": "mnli", "mnli-original": "mnli", "mnli-hf-parquet": "mnli",
+    "wikisql-original": "wikisql",
+    "wikisql-hf-parquet": "wikisql",
+    "wikisql-hf-jsonl": "wikisql",
+    "mnli-glue": "mnli",
+    "mnli-glue-dev": "mnli",
+    "mnli-original": "mnli",
+    "mnli-hf-parquet": "mnli",
     "mnli-hf-jsonl": "mnli",
-    "samsum-corpus": "samsum", "samsum-csv": "samsum", "samsum-hf-parquet": "samsum", "samsum-hf-jsonl": "samsum",
+    "samsum-corpus": "samsum",
+    "samsum-csv": "samsum",
+    "samsum-hf-parquet": "samsum",
+    "samsum-hf-jsonl": "samsum",
 }
 
 
@@ -319,9 +437,11 @@ TABLE = {
     "id": "1-1000-1",
     "header": ["Player", "No.", "Position", "Years", "Goals"],
     "types": ["text", "real", "text", "text", "real"],
-    "rows": [["Alan Smith", 3, "Forward", "1990-1995", 12],
-             ["Bob Jones", 7, "Defender", "1993", 4],
-             ["Carl Brown", 10, "Forward", "1996-2000", 10]],
+    "rows": [
+        ["Alan Smith", 3, "Forward", "1990-1995", 12],
+        ["Bob Jones", 7, "Defender", "1993", 4],
+        ["Carl Brown", 10, "Forward", "1996-2000", 10],
+    ],
 }
 # (question, sql) with sql as the original release writes it: a condition value may be a JSON number.
 WIKISQL = [
@@ -346,10 +466,16 @@ MNLI_MISMATCHED = [
 ]
 
 SAMSUM = [
-    {"id": "s1", "dialogue": "Anna: Are you coming?\r\nTom: Yes, in 10 minutes.", "summary":
-        "Tom is coming in 10 minutes."},
-    {"id": "s2", "dialogue": "John: I bought apples.\nMary: I ate them!", "summary":
-        "John bought apples. Mary ate them."},
+    {
+        "id": "s1",
+        "dialogue": "Anna: Are you coming?\r\nTom: Yes, in 10 minutes.",
+        "summary": "Tom is coming in 10 minutes.",
+    },
+    {
+        "id": "s2",
+        "dialogue": "John: I bought apples.\nMary: I ate them!",
+        "summary": "John bought apples. Mary ate them.",
+    },
     {"id": "s3", "dialogue": "Anna: Call Tom.\nBen: He is late.", "summary": "Anna calls Tom. Tom is late."},
 ]
 
@@ -357,8 +483,11 @@ SAMSUM = [
 def write_wikisql(root: Path, name: str = "dev") -> Path:
     root.mkdir(parents=True, exist_ok=True)
     questions = root / f"{name}.jsonl"
-    questions.write_text("".join(json.dumps({"phase": 1, "table_id": TABLE["id"], "question": q, "sql": sql}) + "\n"
-                                 for q, sql in WIKISQL))
+    questions.write_text(
+        "".join(
+            json.dumps({"phase": 1, "table_id": TABLE["id"], "question": q, "sql": sql}) + "\n" for q, sql in WIKISQL
+        )
+    )
     (root / f"{name}.tables.jsonl").write_text(json.dumps(TABLE) + "\n")
     return questions
 
@@ -386,6 +515,7 @@ def write_samsum(root: Path) -> Path:
 
 # ---- a poisoned checkpoint ---------------------------------------------------------------------------------
 
+
 class Payload:
     """Unpickling this runs a shell command: what a poisoned checkpoint would carry."""
 
@@ -400,6 +530,7 @@ class Payload:
 
 # ---- by hand -----------------------------------------------------------------------------------------------
 
+
 def tokenizer_texts(n: int = 40) -> list[str]:
     """Text of every task's fixtures, rendered with the task templates, to train the test tokenizers on."""
     from lora_ds.tasks import mnli, samsum, wikisql
@@ -407,8 +538,11 @@ def tokenizer_texts(n: int = 40) -> list[str]:
     tables, questions = wikisql_data(n)
     by_id = {t["id"]: t for t in tables}
     texts = ["".join(wikisql.render({**q, **by_id[q["table_id"]]})) for q in questions]
-    texts += ["".join(mnli.render({"premise": r["sentence1"], "hypothesis": r["sentence2"], "label": label}))
-              for r in mnli_data(n) for label in LABELS[:1]]
+    texts += [
+        "".join(mnli.render({"premise": r["sentence1"], "hypothesis": r["sentence2"], "label": label}))
+        for r in mnli_data(n)
+        for label in LABELS[:1]
+    ]
     texts += ["".join(samsum.render(r)) for r in samsum_data(n)]
     return texts
 

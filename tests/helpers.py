@@ -12,6 +12,7 @@ of the process that runs pytest. A test that starts DeepSpeed ranks is marked `d
 Slurm or Open MPI `cluster`: `make test-fast` leaves both out, and the launchers here refuse to run in a test
 without its mark, so the fast set never starts a rank.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -74,6 +75,7 @@ def free_shm_buffers(port: int) -> list[str]:
 
 # ---- tiny-run arguments ------------------------------------------------------------------------------------
 
+
 def flags(**values) -> list[str]:
     """`--name value` for each value (`--name` alone for True; None leaves the flag out)."""
     argv = []
@@ -88,8 +90,9 @@ def flags(**values) -> list[str]:
 def train_args(model, output_dir, **values) -> list[str]:
     """launcher/train.py's flags for a tiny CPU run of `model` into `output_dir`: the demo's training data, no eval
     data and fp32 unless `values` say otherwise (each value as in `flags`)."""
-    return flags(**{"model": model, "output_dir": output_dir, "data": TRAIN_DATA, "eval_data": "", "dtype": "fp32",
-                    **values})
+    return flags(
+        **{"model": model, "output_dir": output_dir, "data": TRAIN_DATA, "eval_data": "", "dtype": "fp32", **values}
+    )
 
 
 def ds_config_file(path: Path, **overrides) -> str:
@@ -106,12 +109,14 @@ RUNNING_MARKS: set[str] | None = None  # marks of the test being set up or run (
 def require_mark(mark: str) -> None:
     """Refuse to start ranks in a test that is not marked `mark`: `make test-fast` selects by these marks."""
     if RUNNING_MARKS is not None and mark not in RUNNING_MARKS:
-        raise AssertionError(f"this test starts ranks: mark it @pytest.mark.{mark} so that `make test-fast` "
-                             "leaves it out")
+        raise AssertionError(
+            f"this test starts ranks: mark it @pytest.mark.{mark} so that `make test-fast` leaves it out"
+        )
 
 
-def deepspeed_command(args: list[str], nproc: int | None, port: int, program: Path | str = TRAINER,
-                      launcher_args: tuple = ()) -> list[str]:
+def deepspeed_command(
+    args: list[str], nproc: int | None, port: int, program: Path | str = TRAINER, launcher_args: tuple = ()
+) -> list[str]:
     """The `deepspeed` launcher line that runs `program` (a script, or a module name: `--module`) on `nproc`
     local CPU ranks (None: `launcher_args` say where the ranks are)."""
     ranks = ["--num_gpus", str(nproc)] if nproc else []
@@ -119,8 +124,16 @@ def deepspeed_command(args: list[str], nproc: int | None, port: int, program: Pa
     return [str(DEEPSPEED), *ranks, *map(str, launcher_args), "--master_port", str(port), *target, *map(str, args)]
 
 
-def start(args: list[str], nproc: int | None = 2, *, program: Path | str = TRAINER, env: dict | None = None,
-          port: int | None = None, launcher_args: tuple = (), log: Path | None = None) -> subprocess.Popen:
+def start(
+    args: list[str],
+    nproc: int | None = 2,
+    *,
+    program: Path | str = TRAINER,
+    env: dict | None = None,
+    port: int | None = None,
+    launcher_args: tuple = (),
+    log: Path | None = None,
+) -> subprocess.Popen:
     """Start `program` (launcher/train.py unless given) with the real `deepspeed` launcher on `nproc` CPU ranks
     (gloo), in its own process group, so that `stop_group` ends the launcher and every rank at once. Output goes
     to `log` (stdout and stderr together) when given, else to pipes that `finish` reads."""
@@ -131,8 +144,9 @@ def start(args: list[str], nproc: int | None = 2, *, program: Path | str = TRAIN
         out, err = subprocess.PIPE, subprocess.PIPE
     else:
         out, err = open(log, "w"), subprocess.STDOUT
-    proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(**(env or {})), text=True, start_new_session=True,
-                            stdout=out, stderr=err)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=cpu_env(**(env or {})), text=True, start_new_session=True, stdout=out, stderr=err
+    )
     if log is not None:
         out.close()
     proc.master_port = port
@@ -151,7 +165,7 @@ def stop_group(proc: subprocess.Popen) -> None:
 def finish(proc: subprocess.Popen, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
     """Wait for a launch to end; its output, and `.shm_leftovers` (the buffers `free_shm_buffers` had to remove).
     A launch past `timeout`, or (with `check`) one that failed, fails the test with its output's tail."""
-    command = " ".join(proc.args[proc.args.index("--master_port") + 2:])
+    command = " ".join(proc.args[proc.args.index("--master_port") + 2 :])
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -170,8 +184,9 @@ def tail(text: str | None, chars: int = 6000) -> str:
     return (text or "")[-chars:]
 
 
-def launch(args: list[str], nproc: int = 2, *, check: bool = True, timeout: float = 900,
-           **start_kw) -> subprocess.CompletedProcess:
+def launch(
+    args: list[str], nproc: int = 2, *, check: bool = True, timeout: float = 900, **start_kw
+) -> subprocess.CompletedProcess:
     """`start` then `finish`: a run to its end."""
     return finish(start(args, nproc, **start_kw), timeout, check)
 
@@ -209,8 +224,14 @@ def mpirun(args: list[str], np: int = 2, timeout: float = 120) -> subprocess.Com
 
 def run_cli(*args, module: str = "lora_ds", timeout: float = 120) -> subprocess.CompletedProcess:
     """`python -m MODULE ARGS` (the `lora-ds` command unless given) in a fresh process, from the repository."""
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=cpu_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=REPO,
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def fork_trainer(argv: list[str], log: Path, timeout: float = 600) -> tuple[int, str]:
@@ -248,6 +269,7 @@ def fork_trainer(argv: list[str], log: Path, timeout: float = 600) -> tuple[int,
 
 # ---- reading what runs wrote -------------------------------------------------------------------------------
 
+
 def read_metrics(run: Path, running: bool = False) -> list[dict]:
     """The records of RUN/metrics.jsonl. `running`: the run may still write it (none yet, or a last line cut
     short, reads as the records before it)."""
@@ -268,8 +290,9 @@ def adapter_tensors(adapter_dir: Path) -> dict:
     """{module param name: tensor} of an adapter dir's weights, read by safetensors alone (no lora_ds reader)."""
     from safetensors.torch import load_file
 
-    return {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(Path(adapter_dir) / "adapter_model.safetensors")
-            .items()}
+    return {
+        k.removeprefix(PEFT_PREFIX): v for k, v in load_file(Path(adapter_dir) / "adapter_model.safetensors").items()
+    }
 
 
 def read_reports(directory: Path, stem: str, world: int) -> list[dict]:
@@ -296,9 +319,25 @@ def assert_close_tensors(ours: dict, expected: dict, rtol: float, atol: float) -
 
 # ---- the plain-PyTorch reference of the trainer ------------------------------------------------------------
 
-def reference_lora(model, tok, targets, *, steps: range, world: int, micro: int, accum: int, seed: int,
-                   lr: float = 1e-2, warmup: int = 0, r: int = 4, alpha: float = 8, data: Path = TRAIN_DATA,
-                   max_len: int = 128, tag_dir: Path | None = None) -> dict:
+
+def reference_lora(
+    model,
+    tok,
+    targets,
+    *,
+    steps: range,
+    world: int,
+    micro: int,
+    accum: int,
+    seed: int,
+    lr: float = 1e-2,
+    warmup: int = 0,
+    r: int = 4,
+    alpha: float = 8,
+    data: Path = TRAIN_DATA,
+    max_len: int = 128,
+    tag_dir: Path | None = None,
+) -> dict:
     """The LoRA of `model` after the trainer's steps `steps` on `world` ranks, in one process with plain PyTorch
     (no DeepSpeed): the same rows per step and rank (StepSampler), loss scaling, clipping at 1.0, AdamW (weight
     decay 0.1) and warm-up/decay schedule over `steps.stop` steps. It starts from `tag_dir`'s consolidated state
@@ -322,8 +361,11 @@ def reference_lora(model, tok, targets, *, steps: range, world: int, micro: int,
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(saved[name]["fp32"])
-                opt.state[p] = {"step": adam_step.clone(), "exp_avg": saved[name]["exp_avg"].clone(),
-                                "exp_avg_sq": saved[name]["exp_avg_sq"].clone()}
+                opt.state[p] = {
+                    "step": adam_step.clone(),
+                    "exp_avg": saved[name]["exp_avg"].clone(),
+                    "exp_avg_sq": saved[name]["exp_avg_sq"].clone(),
+                }
         sched.load_state_dict(read_model_states(str(tag_dir))["lr_scheduler"])
         opt.param_groups[0]["lr"] = sched.get_last_lr()[0]
     sampler = StepSampler(len(rows), micro, accum, world, seed)

@@ -7,6 +7,7 @@ daemons; `stop()` cancels any job left, stops the daemons by PID and puts /etc/h
 Clients find the cluster through SLURM_CONF (`env()`, which is also the CPU-rank environment of helpers.cpu_env:
 jobs inherit it); nothing is written under /etc/slurm.
 """
+
 from __future__ import annotations
 
 import re

@@ -1,5 +1,6 @@
 """lora-ds analyze and plot: synthetic factors with known spectra, overlaps and base weights give the known
 numbers; the figures are written and non-empty."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,19 @@ def _write(path, A, B, r, alpha, fan_in_fan_out=False, modules=("model.layers.0.
     tensors = {}
     for m in modules:
         tensors[f"{m}.lora_A.weight"], tensors[f"{m}.lora_B.weight"] = A.clone(), B.clone()
-    write_adapter(str(path), tensors, peft_config(r=r, alpha=alpha, dropout=0.0, target_modules=["q"],
-                                                  use_rslora=False, fan_in_fan_out=fan_in_fan_out, base_model="t"))
+    write_adapter(
+        str(path),
+        tensors,
+        peft_config(
+            r=r,
+            alpha=alpha,
+            dropout=0.0,
+            target_modules=["q"],
+            use_rslora=False,
+            fan_in_fan_out=fan_in_fan_out,
+            base_model="t",
+        ),
+    )
     return str(path)
 
 
@@ -53,8 +65,9 @@ def test_spectrum_from_factors_has_the_known_singular_values_and_vectors():
 def test_spectrum_of_a_rank_deficient_update_has_zero_tail():
     u, v = _orthonormal(16, 2, 3), _orthonormal(12, 2, 4)
     A = torch.cat([v.T, torch.zeros(2, 12, dtype=torch.float64)]).float()  # r = 4, rank 2
-    B = torch.cat([u * torch.tensor([3.0, 1.0], dtype=torch.float64), torch.zeros(16, 2, dtype=torch.float64)],
-                  1).float()
+    B = torch.cat(
+        [u * torch.tensor([3.0, 1.0], dtype=torch.float64), torch.zeros(16, 2, dtype=torch.float64)], 1
+    ).float()
     assert spectrum(A, B, 1.0).S.tolist() == pytest.approx([3.0, 1.0, 0.0, 0.0], abs=1e-6)
 
 
@@ -77,10 +90,10 @@ def test_subspace_similarity_of_known_overlaps():
     phi = subspace_similarity(u1, u2)
     assert phi.shape == (4, 4)
     assert phi[0, 0].item() == pytest.approx(math.cos(theta) ** 2)
-    assert phi[1, 1].item() == pytest.approx(math.cos(theta) ** 2 / 2)           # {e1, e2} vs {~e1, e3}
-    assert phi[3, 1].item() == pytest.approx((math.cos(theta) ** 2 + 1) / 2)     # {e1..e4} vs {~e1, e3}
-    assert phi[3, 3].item() == pytest.approx((math.cos(theta) ** 2 + 2) / 4)     # e5 is outside e1..e4
-    assert phi[1, 3].item() == pytest.approx((math.cos(theta) ** 2 + 1) / 2)     # e2 is u2's fourth vector
+    assert phi[1, 1].item() == pytest.approx(math.cos(theta) ** 2 / 2)  # {e1, e2} vs {~e1, e3}
+    assert phi[3, 1].item() == pytest.approx((math.cos(theta) ** 2 + 1) / 2)  # {e1..e4} vs {~e1, e3}
+    assert phi[3, 3].item() == pytest.approx((math.cos(theta) ** 2 + 2) / 4)  # e5 is outside e1..e4
+    assert phi[1, 3].item() == pytest.approx((math.cos(theta) ** 2 + 1) / 2)  # e2 is u2's fourth vector
     assert torch.allclose(subspace_similarity(u1, u1), torch.ones(4, 4, dtype=torch.float64))
 
 
@@ -114,15 +127,25 @@ def two_adapters(tmp_path):
     base = tmp_path / "base"
     base.mkdir()
     (base / "config.json").write_text("{}")
-    save_file({"model.layers.0.q.weight": w.clone(), "model.embed.weight": torch.ones(3, 3)},
-              str(base / "model-00001-of-00002.safetensors"))
+    save_file(
+        {"model.layers.0.q.weight": w.clone(), "model.embed.weight": torch.ones(3, 3)},
+        str(base / "model-00001-of-00002.safetensors"),
+    )
     save_file({"model.layers.1.q.weight": w.clone()}, str(base / "model-00002-of-00002.safetensors"))
-    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
-        "model.layers.0.q.weight": "model-00001-of-00002.safetensors",
-        "model.embed.weight": "model-00001-of-00002.safetensors",
-        "model.layers.1.q.weight": "model-00002-of-00002.safetensors"}}))
-    a = _write(tmp_path / "r2", A1, B1, r=2, alpha=2)   # s = 1
-    b = _write(tmp_path / "r4", A2, B2, r=4, alpha=8)   # s = 2
+    (base / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "metadata": {},
+                "weight_map": {
+                    "model.layers.0.q.weight": "model-00001-of-00002.safetensors",
+                    "model.embed.weight": "model-00001-of-00002.safetensors",
+                    "model.layers.1.q.weight": "model-00002-of-00002.safetensors",
+                },
+            }
+        )
+    )
+    a = _write(tmp_path / "r2", A1, B1, r=2, alpha=2)  # s = 1
+    b = _write(tmp_path / "r4", A2, B2, r=4, alpha=8)  # s = 2
     return a, b, str(base), w
 
 
@@ -144,7 +167,8 @@ def test_analyze_two_adapters_with_base_writes_known_numbers_and_figures(two_ada
     assert amp["w_fro"] == pytest.approx(math.sqrt(sum(k * k for k in range(1, 11))), rel=1e-5)
     # r=4 directions e0, e5, e6, e7 meet W's 10, 5, 4, 3.
     assert r4["modules"]["model.layers.0.q"]["amplification"]["proj_delta_w"] == pytest.approx(
-        math.sqrt(100 + 25 + 16 + 9), rel=1e-5)
+        math.sqrt(100 + 25 + 16 + 9), rel=1e-5
+    )
     # Shared top direction: φ(1, 1) = 1 on both sides; the second r=2 direction (e1) is in no r=4 direction.
     for side in ("input", "output"):
         phi = on_disk["subspace_similarity"]["modules"]["model.layers.0.q"][side]
@@ -153,8 +177,13 @@ def test_analyze_two_adapters_with_base_writes_known_numbers_and_figures(two_ada
         assert phi[1][1] == pytest.approx(0.5, abs=1e-6)
         assert phi[1][3] == pytest.approx(0.5, abs=1e-6)
     assert on_disk["subspace_similarity"]["summary"]["input"]["random_phi_diag"] == pytest.approx([0.1, 0.2])
-    assert set(result["figures"]) == {"spectra.png", "effective_rank.png", "subspace_input.png",
-                                      "subspace_output.png", "amplification.png"}
+    assert set(result["figures"]) == {
+        "spectra.png",
+        "effective_rank.png",
+        "subspace_input.png",
+        "subspace_output.png",
+        "amplification.png",
+    }
     for name in result["figures"]:
         data = (tmp_path / "out" / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 5000
@@ -167,13 +196,21 @@ def test_fan_in_fan_out_adapter_on_a_transposed_base_gives_the_linear_numbers(tw
     from lora_ds.adapter import read_adapter
 
     _, tensors = read_adapter(a)
-    conv = _write(tmp_path / "conv", tensors["model.layers.0.q.lora_A.weight"],
-                  tensors["model.layers.0.q.lora_B.weight"], r=2, alpha=2, fan_in_fan_out=True)
+    conv = _write(
+        tmp_path / "conv",
+        tensors["model.layers.0.q.lora_A.weight"],
+        tensors["model.layers.0.q.lora_B.weight"],
+        r=2,
+        alpha=2,
+        fan_in_fan_out=True,
+    )
     base = tmp_path / "conv_base"
     base.mkdir()
     (base / "config.json").write_text("{}")
-    save_file({"model.layers.0.q.weight": w.T.contiguous(), "model.layers.1.q.weight": w.T.contiguous()},
-              str(base / "model.safetensors"))
+    save_file(
+        {"model.layers.0.q.weight": w.T.contiguous(), "model.layers.1.q.weight": w.T.contiguous()},
+        str(base / "model.safetensors"),
+    )
     linear = analyze([a], str(tmp_path / "lin"), base_dir=str(tmp_path / "base"), progress=False)
     conv_result = analyze([conv], str(tmp_path / "cv"), base_dir=str(base), progress=False)
     got = conv_result["adapters"][0]["modules"]["model.layers.0.q"]
@@ -188,7 +225,8 @@ def test_analyze_cli_one_adapter_and_refusals(two_adapters, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["figures"] == ["spectra.png", "effective_rank.png"]
     assert printed["adapters"][0]["mean_effective_rank"] == pytest.approx(
-        math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))), rel=1e-5)
+        math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))), rel=1e-5
+    )
     assert main(["analyze", "--adapter", a, "--adapter", b, "--adapter", a, "--out", str(tmp_path / "x")]) == 2
     assert "give one adapter, or two" in capsys.readouterr().err
     assert main(["analyze", "--adapter", str(tmp_path), "--out", str(tmp_path / "y")]) == 2
@@ -198,8 +236,18 @@ def test_analyze_cli_one_adapter_and_refusals(two_adapters, tmp_path, capsys):
 
 
 def test_plot_reads_resumed_metrics_and_writes_the_four_curves(tmp_path, capsys):
-    rows = [{"step": s, "loss": 5.0 - 0.1 * s, "lr": 1e-3, "tokens": 100, "tokens_per_s": 50.0 + s,
-             "peak_mem_gib": 0.5, "skipped_steps": 0} for s in (1, 2, 3, 2, 3, 4)]
+    rows = [
+        {
+            "step": s,
+            "loss": 5.0 - 0.1 * s,
+            "lr": 1e-3,
+            "tokens": 100,
+            "tokens_per_s": 50.0 + s,
+            "peak_mem_gib": 0.5,
+            "skipped_steps": 0,
+        }
+        for s in (1, 2, 3, 2, 3, 4)
+    ]
     rows[4]["eval_loss"] = 4.9
     rows[3]["loss"] = 1.25  # the resumed run's step 2 replaces the first one's
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

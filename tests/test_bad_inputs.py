@@ -1,12 +1,12 @@
 """Bad input to the trainer: each case exits non-zero with one message naming the file, field or flag, and
 leaves nothing half-written in the output directory."""
+
 from __future__ import annotations
 
 import json
 import shutil
 
 import pytest
-
 from helpers import ds_config_file, fork_trainer, launch, train_args
 
 
@@ -51,50 +51,98 @@ CASES = [
     ("micro batch 0", lambda t, m: ["--micro_batch", "0"], "--micro_batch 0"),
     ("negative warmup", lambda t, m: ["--warmup", "-1"], "--warmup -1"),
     ("unknown preset", lambda t, m: ["--model", "preset:gpt-5"], "preset:gpt-5: unknown preset"),
-    ("config unknown key", lambda t, m: ["--config", write(t / "c.yaml", "lora:\n  rank: 8\n")],
-     "unknown key lora.rank"),
-    ("config unknown section", lambda t, m: ["--config", write(t / "c.yaml", "trainer:\n  lr: 1\n")],
-     "unknown section 'trainer'"),
+    (
+        "config unknown key",
+        lambda t, m: ["--config", write(t / "c.yaml", "lora:\n  rank: 8\n")],
+        "unknown key lora.rank",
+    ),
+    (
+        "config unknown section",
+        lambda t, m: ["--config", write(t / "c.yaml", "trainer:\n  lr: 1\n")],
+        "unknown section 'trainer'",
+    ),
     ("config not yaml", lambda t, m: ["--config", write(t / "c.yaml", "lora: [\n")], "c.yaml: cannot parse"),
     ("config missing", lambda t, m: ["--config", str(t / "none.yaml")], "--config"),
-    ("config seed not a number", lambda t, m: ["--config", write(t / "c.yaml", "train:\n  seed: seven\n")],
-     "--seed seven (train.seed in "),
-    ("config float for an int", lambda t, m: ["--config", write(t / "c.yaml", "data:\n  max_len: 2.5\n")],
-     "--max_len 2.5 (data.max_len in "),
+    (
+        "config seed not a number",
+        lambda t, m: ["--config", write(t / "c.yaml", "train:\n  seed: seven\n")],
+        "--seed seven (train.seed in ",
+    ),
+    (
+        "config float for an int",
+        lambda t, m: ["--config", write(t / "c.yaml", "data:\n  max_len: 2.5\n")],
+        "--max_len 2.5 (data.max_len in ",
+    ),
     ("seed flag not a number", lambda t, m: ["--seed", "seven"], "--seed seven: expected an integer"),
     ("ds config missing", lambda t, m: ["--ds_config", str(t / "none.json")], "no such file"),
     ("ds config not json", lambda t, m: ["--ds_config", write(t / "ds.json", "{")], "ds.json: not valid JSON"),
-    ("global batch contradicts", lambda t, m: ["--ds_config", ds_file(t, train_batch_size=7)],
-     "train_batch_size is 7 but --micro_batch × --grad_accum × world size"),
+    (
+        "global batch contradicts",
+        lambda t, m: ["--ds_config", ds_file(t, train_batch_size=7)],
+        "train_batch_size is 7 but --micro_batch × --grad_accum × world size",
+    ),
     ("ds fp16", lambda t, m: ["--ds_config", ds_file(t, fp16={"enabled": True})], "fp16 is not supported"),
-    ("ds optimizer section", lambda t, m: ["--ds_config", ds_file(t, optimizer={"type": "Adam"})],
-     "remove the 'optimizer' section"),
-    ("ds zero stage 1", lambda t, m: ["--ds_config", ds_file(t, zero_optimization={"stage": 1})],
-     "stage must be 2 or 3"),
+    (
+        "ds optimizer section",
+        lambda t, m: ["--ds_config", ds_file(t, optimizer={"type": "Adam"})],
+        "remove the 'optimizer' section",
+    ),
+    (
+        "ds zero stage 1",
+        lambda t, m: ["--ds_config", ds_file(t, zero_optimization={"stage": 1})],
+        "stage must be 2 or 3",
+    ),
     ("data missing", lambda t, m: ["--data", str(t / "none.jsonl")], "none.jsonl: no such file"),
     ("data empty", lambda t, m: ["--data", write(t / "d.jsonl", "")], "d.jsonl: no records"),
-    ("data bad json line", lambda t, m: ["--data", write(t / "d.jsonl", '{"prompt": "a", "completion": "b"}\n{x\n')],
-     "d.jsonl:2: not valid JSON"),
-    ("data missing field", lambda t, m: ["--data", write(t / "d.jsonl", '{"prompt": "a"}\n')],
-     "d.jsonl:1: field 'completion'"),
+    (
+        "data bad json line",
+        lambda t, m: ["--data", write(t / "d.jsonl", '{"prompt": "a", "completion": "b"}\n{x\n')],
+        "d.jsonl:2: not valid JSON",
+    ),
+    (
+        "data missing field",
+        lambda t, m: ["--data", write(t / "d.jsonl", '{"prompt": "a"}\n')],
+        "d.jsonl:1: field 'completion'",
+    ),
     ("data dir without manifest", lambda t, m: ["--data", str(t)], "no manifest.json"),
-    ("data smaller than a step", lambda t, m: ["--data", write(t / "d.jsonl", '{"prompt": "a", "completion": "b"}\n'),
-                                               "--eval_data", ""], "1 rows, but one step needs 4"),
+    (
+        "data smaller than a step",
+        lambda t, m: ["--data", write(t / "d.jsonl", '{"prompt": "a", "completion": "b"}\n'), "--eval_data", ""],
+        "1 rows, but one step needs 4",
+    ),
     ("model dir missing", lambda t, m: ["--model", str(t / "nomodel")], "nomodel"),
-    ("model without config.json", lambda t, m: ["--model", model_copy(m, t, drop=["config.json"])],
-     "config.json is missing"),
-    ("model without weights", lambda t, m: ["--model", model_copy(m, t, drop=["*.safetensors"])],
-     "no *.safetensors weights"),
+    (
+        "model without config.json",
+        lambda t, m: ["--model", model_copy(m, t, drop=["config.json"])],
+        "config.json is missing",
+    ),
+    (
+        "model without weights",
+        lambda t, m: ["--model", model_copy(m, t, drop=["*.safetensors"])],
+        "no *.safetensors weights",
+    ),
     ("model truncated shard", lambda t, m: ["--model", model_copy(m, t, truncate=2000)], "truncated"),
     ("tokenizer missing", lambda t, m: ["--model", model_copy(m, t, drop=["tokenizer*"])], "no tokenizer found"),
-    ("latest names a missing tag", lambda t, m: checkpoint_dir(t, "step_00000009"),
-     "names 'step_00000009', which is missing or incomplete"),
-    ("latest names a partial tag", lambda t, m: checkpoint_dir(t, "step_00000002"),
-     "names 'step_00000002', which is missing or incomplete"),
-    ("checkpoints without latest", lambda t, m: checkpoint_dir(t, None, complete=True),
-     "no 'latest' file; pass --resume step_00000002 to continue"),
-    ("resume tag incomplete", lambda t, m: checkpoint_dir(t, "step_00000002") + ["--resume", "step_00000002"],
-     "--resume step_00000002"),
+    (
+        "latest names a missing tag",
+        lambda t, m: checkpoint_dir(t, "step_00000009"),
+        "names 'step_00000009', which is missing or incomplete",
+    ),
+    (
+        "latest names a partial tag",
+        lambda t, m: checkpoint_dir(t, "step_00000002"),
+        "names 'step_00000002', which is missing or incomplete",
+    ),
+    (
+        "checkpoints without latest",
+        lambda t, m: checkpoint_dir(t, None, complete=True),
+        "no 'latest' file; pass --resume step_00000002 to continue",
+    ),
+    (
+        "resume tag incomplete",
+        lambda t, m: checkpoint_dir(t, "step_00000002") + ["--resume", "step_00000002"],
+        "--resume step_00000002",
+    ),
 ]
 
 

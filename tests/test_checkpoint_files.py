@@ -1,9 +1,10 @@
 """Which checkpoint a run resumes from: `latest`, complete tags, and the errors around them."""
+
 from __future__ import annotations
 
 import pytest
-
 from fixtures import Payload
+
 from lora_ds.checkpoint import resolve_tag
 from lora_ds.checkpoint_files import STATE_FILE
 from lora_ds.errors import UserError
@@ -61,8 +62,11 @@ def test_tags_newer_than_latest_are_ignored_with_a_warning(tmp_path):
     make_tag(tmp_path, "step_00000004", complete=False)
     make_tag(tmp_path, "step_00000006")  # sealed, but the rank died before renaming `latest`
     (tmp_path / "latest").write_text("step_00000002\n")
-    with pytest.warns(UserWarning, match=r"ignoring step_00000004, step_00000006, newer than 'latest' "
-                                         r"\(step_00000002\)"):
+    with pytest.warns(
+        UserWarning,
+        match=r"ignoring step_00000004, step_00000006, newer than 'latest' "
+        r"\(step_00000002\)",
+    ):
         assert resolve_tag(str(tmp_path), "auto") == "step_00000002"
 
 
@@ -109,8 +113,9 @@ def test_deepspeed_files_load_with_the_allowlist(tmp_path):
     from lora_ds.checkpoint_files import load_pt
 
     good = tmp_path / "optim.pt"
-    torch.save({"zero_stage": ZeroStageEnum.weights, "loss_scaler": LossScaler(1.0),
-                "fp32_flat_groups": [torch.ones(3)]}, good)
+    torch.save(
+        {"zero_stage": ZeroStageEnum.weights, "loss_scaler": LossScaler(1.0), "fp32_flat_groups": [torch.ones(3)]}, good
+    )
     loaded = load_pt(str(good), mmap=True)
     assert loaded["zero_stage"] == ZeroStageEnum.weights and loaded["fp32_flat_groups"][0].sum() == 3
 
@@ -123,8 +128,13 @@ def lora_tag(root, run_config: str) -> str:
 
     make_tag(root, "step_00000002")
     (root / "latest").write_text("step_00000002\n")
-    (root / "step_00000002" / "adapter_config.json").write_text(json.dumps(peft_config(
-        r=4, alpha=8, dropout=0.0, target_modules=["q"], use_rslora=False, fan_in_fan_out=False, base_model="t")))
+    (root / "step_00000002" / "adapter_config.json").write_text(
+        json.dumps(
+            peft_config(
+                r=4, alpha=8, dropout=0.0, target_modules=["q"], use_rslora=False, fan_in_fan_out=False, base_model="t"
+            )
+        )
+    )
     (root / "step_00000002" / "run_config.json").write_text(run_config)
     return str(root / "step_00000002" / "run_config.json")
 
@@ -135,17 +145,21 @@ def test_latest_naming_an_incomplete_tag_is_one_error_for_resume_export_and_eval
 
     make_tag(tmp_path, "step_00000002", complete=False)
     (tmp_path / "latest").write_text("step_00000002\n")
-    message = (r"latest names 'step_00000002', which is missing or incomplete: .*step_00000002 is an incomplete "
-               r"checkpoint \(no trainer_state.json; a rank died while saving\)")
-    for read in (lambda: resolve_tag(str(tmp_path), "auto"), lambda: read_lora(None, str(tmp_path)),
-                 lambda: export_adapter(str(tmp_path), str(tmp_path / "adapter"))):
+    message = (
+        r"latest names 'step_00000002', which is missing or incomplete: .*step_00000002 is an incomplete "
+        r"checkpoint \(no trainer_state.json; a rank died while saving\)"
+    )
+    for read in (
+        lambda: resolve_tag(str(tmp_path), "auto"),
+        lambda: read_lora(None, str(tmp_path)),
+        lambda: export_adapter(str(tmp_path), str(tmp_path / "adapter")),
+    ):
         with pytest.raises(UserError, match=message):
             read()
     assert not (tmp_path / "adapter").exists()
 
 
-def test_a_malformed_run_config_in_a_checkpoint_is_a_clean_error_for_export_and_eval(tmp_path, wikisql_file,
-                                                                                      capsys):
+def test_a_malformed_run_config_in_a_checkpoint_is_a_clean_error_for_export_and_eval(tmp_path, wikisql_file, capsys):
     from lora_ds.cli import main
     from lora_ds.consolidate import export_adapter
     from lora_ds.eval_model import read_lora
@@ -156,8 +170,24 @@ def test_a_malformed_run_config_in_a_checkpoint_is_a_clean_error_for_export_and_
         with pytest.raises(UserError, match=f"{path}: not valid JSON"):
             read()
     assert main(["export-adapter", "--checkpoint", str(ckpt), "--out", str(tmp_path / "adapter")]) == 2
-    assert main(["eval", "--model", "preset:tiny-gpt-neox", "--task", "wikisql", "--data", str(wikisql_file),
-                 "--checkpoint", str(ckpt), "--out", str(tmp_path / "eval")]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "preset:tiny-gpt-neox",
+                "--task",
+                "wikisql",
+                "--data",
+                str(wikisql_file),
+                "--checkpoint",
+                str(ckpt),
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"lora-ds export-adapter: error: {path}: not valid JSON" in err
     assert f"lora-ds eval: error: {path}: not valid JSON" in err and "Traceback" not in err

@@ -1,4 +1,5 @@
 """The config tree: precedence, unknown keys, validation, and the one batch rule."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -6,8 +7,8 @@ import json
 import typing
 
 import pytest
-
 from helpers import REPO, ds_config_file
+
 from lora_ds.config import SECTION_TYPES, build_parser, parse_config, resolve_ds_config
 from lora_ds.errors import UserError
 
@@ -28,13 +29,16 @@ def test_json_config_and_deepspeed_launcher_local_rank(tmp_path):
     assert cfg.lora.target_spec() == ["q_proj", "v_proj"] and cfg.train.max_steps == 5
 
 
-@pytest.mark.parametrize("text,message", [
-    ("lora:\n  rank: 4\n", "unknown key lora.rank"),
-    ("optimizer:\n  lr: 1\n", "unknown section 'optimizer'"),
-    ("lora: 3\n", "section 'lora' must be a mapping"),
-    ("lora:\n  r: 0\n", "--lora_r 0"),
-    ("lora: [\n", "cannot parse"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("lora:\n  rank: 4\n", "unknown key lora.rank"),
+        ("optimizer:\n  lr: 1\n", "unknown section 'optimizer'"),
+        ("lora: 3\n", "section 'lora' must be a mapping"),
+        ("lora:\n  r: 0\n", "--lora_r 0"),
+        ("lora: [\n", "cannot parse"),
+    ],
+)
 def test_bad_config_files_name_the_problem(tmp_path, text, message):
     cfg_file = tmp_path / "bad.yaml"
     cfg_file.write_text(text)
@@ -42,11 +46,17 @@ def test_bad_config_files_name_the_problem(tmp_path, text, message):
         parse_config(["--config", str(cfg_file)])
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--lora_r", "0"], "--lora_r 0"), (["--lora_alpha", "-2"], "--lora_alpha -2"),
-    (["--dtype", "fp16"], "fp16 is not supported"), (["--micro_batch", "0"], "--micro_batch 0"),
-    (["--lr", "0"], "--lr 0"), (["--config", "/nonexistent.yaml"], "no such file"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--lora_r", "0"], "--lora_r 0"),
+        (["--lora_alpha", "-2"], "--lora_alpha -2"),
+        (["--dtype", "fp16"], "fp16 is not supported"),
+        (["--micro_batch", "0"], "--micro_batch 0"),
+        (["--lr", "0"], "--lr 0"),
+        (["--config", "/nonexistent.yaml"], "no such file"),
+    ],
+)
 def test_bad_flags_name_the_flag(flags, message):
     with pytest.raises(UserError, match=message):
         parse_config(flags)
@@ -68,14 +78,17 @@ def test_every_shipped_ds_config_resolves(name):
     assert "auto" not in json.dumps(ds)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (dict(train_batch_size=10), "train_batch_size is 10 but --micro_batch × --grad_accum × world size"),
-    (dict(train_micro_batch_size_per_gpu=8), "train_micro_batch_size_per_gpu is 8 but --micro_batch"),
-    (dict(gradient_clipping=0.5), "gradient_clipping is 0.5 but --max_grad_norm"),
-    (dict(fp16={"enabled": True}), "fp16 is not supported"),
-    (dict(optimizer={"type": "Adam"}), "remove the 'optimizer' section"),
-    (dict(zero_optimization={"stage": 1}), "stage must be 2 or 3"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(train_batch_size=10), "train_batch_size is 10 but --micro_batch × --grad_accum × world size"),
+        (dict(train_micro_batch_size_per_gpu=8), "train_micro_batch_size_per_gpu is 8 but --micro_batch"),
+        (dict(gradient_clipping=0.5), "gradient_clipping is 0.5 but --max_grad_norm"),
+        (dict(fp16={"enabled": True}), "fp16 is not supported"),
+        (dict(optimizer={"type": "Adam"}), "remove the 'optimizer' section"),
+        (dict(zero_optimization={"stage": 1}), "stage must be 2 or 3"),
+    ],
+)
 def test_ds_config_contradicting_flags_is_an_error(tmp_path, overrides, message):
     cfg = parse_config(["--ds_config", ds_config_file(tmp_path / "ds.json", **overrides), "--micro_batch", "4"])
     with pytest.raises(UserError, match=message):
@@ -83,8 +96,16 @@ def test_ds_config_contradicting_flags_is_an_error(tmp_path, overrides, message)
 
 
 def test_explicit_ds_values_that_agree_are_accepted(tmp_path):
-    cfg = parse_config(["--ds_config", ds_config_file(tmp_path / "ds.json", train_batch_size=16), "--micro_batch",
-                        "4", "--grad_accum", "2"])
+    cfg = parse_config(
+        [
+            "--ds_config",
+            ds_config_file(tmp_path / "ds.json", train_batch_size=16),
+            "--micro_batch",
+            "4",
+            "--grad_accum",
+            "2",
+        ]
+    )
     assert resolve_ds_config(cfg, world_size=2)["train_batch_size"] == 16
 
 
@@ -104,25 +125,32 @@ def test_file_values_are_converted_as_their_flags_are(tmp_path):
     assert json_cfg.model.tokenizer is None and json_cfg.model.grad_ckpt is True
 
 
-@pytest.mark.parametrize("text,message", [
-    ("train:\n  seed: seven\n", r"--seed seven \(train.seed in .*run.yaml\): expected an integer"),
-    ("train:\n  seed: 2.5\n", r"--seed 2.5 \(train.seed in .*\): expected an integer"),
-    ("train:\n  seed: true\n", r"--seed True \(train.seed in .*\): expected an integer"),
-    ("train:\n  lr: fast\n", r"--lr fast \(train.lr in .*\): expected a number"),
-    ("model:\n  grad_ckpt: 'yes'\n", r"--grad_ckpt yes \(model.grad_ckpt in .*\): expected true or false"),
-    ("model:\n  dtype: 16\n", r"--dtype 16 \(model.dtype in .*\): expected a string"),
-    ("lora:\n  targets: [q_proj, 3]\n", r"--lora_targets \['q_proj', 3\] \(lora.targets in .*\): expected a list"),
-    ("train:\n  micro-batch: 2\n", "unknown key train.micro-batch"),  # aliases are flags' only; keys are the fields
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("train:\n  seed: seven\n", r"--seed seven \(train.seed in .*run.yaml\): expected an integer"),
+        ("train:\n  seed: 2.5\n", r"--seed 2.5 \(train.seed in .*\): expected an integer"),
+        ("train:\n  seed: true\n", r"--seed True \(train.seed in .*\): expected an integer"),
+        ("train:\n  lr: fast\n", r"--lr fast \(train.lr in .*\): expected a number"),
+        ("model:\n  grad_ckpt: 'yes'\n", r"--grad_ckpt yes \(model.grad_ckpt in .*\): expected true or false"),
+        ("model:\n  dtype: 16\n", r"--dtype 16 \(model.dtype in .*\): expected a string"),
+        ("lora:\n  targets: [q_proj, 3]\n", r"--lora_targets \['q_proj', 3\] \(lora.targets in .*\): expected a list"),
+        ("train:\n  micro-batch: 2\n", "unknown key train.micro-batch"),  # aliases are flags' only; keys are the fields
+    ],
+)
 def test_file_values_of_the_wrong_type_name_key_file_and_flag(tmp_path, text, message):
     with pytest.raises(UserError, match=message):
         parse_config(config_file(tmp_path, text))
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--seed", "seven"], "--seed seven: expected an integer"), (["--max_len", "2.5"], "--max_len 2.5: expected"),
-    (["--lora_alpha", "x"], "--lora_alpha x: expected a number"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--seed", "seven"], "--seed seven: expected an integer"),
+        (["--max_len", "2.5"], "--max_len 2.5: expected"),
+        (["--lora_alpha", "x"], "--lora_alpha x: expected a number"),
+    ],
+)
 def test_flag_text_of_the_wrong_type_names_the_flag(flags, message):
     with pytest.raises(UserError, match=message):
         parse_config(flags)
@@ -143,8 +171,12 @@ def test_library_use_names_the_field():
         TrainConfig(micro_batch=2.5)
 
 
-TRAIN_FLAGS = [(f.metadata["flag"], typing.get_type_hints(cls)[f.name] is bool)
-               for cls in SECTION_TYPES.values() for f in dataclasses.fields(cls) if "_" in f.metadata["flag"]]
+TRAIN_FLAGS = [
+    (f.metadata["flag"], typing.get_type_hints(cls)[f.name] is bool)
+    for cls in SECTION_TYPES.values()
+    for f in dataclasses.fields(cls)
+    if "_" in f.metadata["flag"]
+]
 
 
 @pytest.mark.parametrize("flag,switch", TRAIN_FLAGS, ids=[f for f, _ in TRAIN_FLAGS])
@@ -153,26 +185,33 @@ def test_every_train_flag_also_takes_its_hyphenated_spelling(flag, switch):
     spellings = [(flag, alias), ("--no-" + flag[2:], "--no-" + alias[2:])] if switch else [(flag, alias)]
     argv = (lambda spelling: [spelling]) if switch else (lambda spelling: [spelling, "7"])
     for canonical, other in spellings:
-        assert vars(parser.parse_args(argv(other))) == vars(parser.parse_args(argv(canonical))) \
+        assert (
+            vars(parser.parse_args(argv(other)))
+            == vars(parser.parse_args(argv(canonical)))
             != vars(parser.parse_args([]))
+        )
 
 
 def test_hyphenated_train_flags_resolve_to_the_same_config():
-    assert parse_config(["--max-len", "64", "--micro-batch", "2", "--lora-r", "4", "--grad-ckpt", "--eval-data", ""]) \
-        == parse_config(["--max_len", "64", "--micro_batch", "2", "--lora_r", "4", "--grad_ckpt", "--eval_data", ""])
+    assert parse_config(
+        ["--max-len", "64", "--micro-batch", "2", "--lora-r", "4", "--grad-ckpt", "--eval-data", ""]
+    ) == parse_config(["--max_len", "64", "--micro_batch", "2", "--lora_r", "4", "--grad_ckpt", "--eval_data", ""])
 
 
 EVAL_ARGS = ["eval", "--model", "m", "--task", "wikisql", "--data", "d", "--out", "o"]
 
 
-@pytest.mark.parametrize("spellings,value,dest", [
-    (["--max_len", "--max-len"], "64", "max_len"),
-    (["--micro_batch", "--micro-batch", "--batch-size"], "3", "batch_size"),
-    (["--max_new_tokens", "--max-new-tokens"], "5", "max_new_tokens"),
-    (["--num_beams", "--num-beams"], "2", "num_beams"),
-    (["--ds_config", "--ds-config"], "ds.json", "ds_config"),
-    (["--no_progress", "--no-progress"], None, "no_progress"),
-])
+@pytest.mark.parametrize(
+    "spellings,value,dest",
+    [
+        (["--max_len", "--max-len"], "64", "max_len"),
+        (["--micro_batch", "--micro-batch", "--batch-size"], "3", "batch_size"),
+        (["--max_new_tokens", "--max-new-tokens"], "5", "max_new_tokens"),
+        (["--num_beams", "--num-beams"], "2", "num_beams"),
+        (["--ds_config", "--ds-config"], "ds.json", "ds_config"),
+        (["--no_progress", "--no-progress"], None, "no_progress"),
+    ],
+)
 def test_eval_flags_are_spelled_as_train_spells_them_and_old_spellings_still_work(spellings, value, dest):
     from lora_ds.cli import build_parser as cli_parser
 

@@ -1,12 +1,13 @@
 """Example encoding, the step sampler, eval sharding, batching, and the tokenizer loaders."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-
 from helpers import DEMO_TOKENIZER
+
 from lora_ds.data import IGNORE_INDEX, StepSampler, collate, encode_pair, eval_shards, load_rows
 from lora_ds.errors import UserError
 from lora_ds.tokenizer import load_tokenizer
@@ -32,8 +33,10 @@ def test_overlong_examples_lose_context_from_the_left_never_target(hf_tok):
     row, truncated = encode_pair(hf_tok, prompt, " SELECT mayor", max_len=len(full["input_ids"]) - 5)
     assert truncated and row["input_ids"] == full["input_ids"][5:] and row["labels"] == full["labels"][5:]
     assert encode_pair(hf_tok, prompt, " SELECT mayor", max_len=3) == (None, False)
-    assert encode_pair(hf_tok, prompt, " SELECT mayor", max_len=len(full["input_ids"]) - 1, truncate=False) \
-        == (None, False)
+    assert encode_pair(hf_tok, prompt, " SELECT mayor", max_len=len(full["input_ids"]) - 1, truncate=False) == (
+        None,
+        False,
+    )
 
 
 def test_sentencepiece_dir_gives_sentencepiece_ids_with_bos(llama_dir):

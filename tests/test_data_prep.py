@@ -1,5 +1,6 @@
 """Data prep end to end: every task and download format, both tokenizer kinds, determinism, packing,
 length limits, bad input (through the real CLI) and reading the result back for training."""
+
 from __future__ import annotations
 
 import hashlib
@@ -8,11 +9,18 @@ import os
 from pathlib import Path
 
 import pytest
+from fixtures import (
+    FIXTURES,
+    mnli_data,
+    samsum_data,
+    tokenizer_texts,
+    train_bpe_tokenizer,
+    train_sentencepiece_model,
+    write_fixture,
+)
+from helpers import run_cli
 
 from data_prep import common
-from fixtures import (FIXTURES, mnli_data, samsum_data, tokenizer_texts, train_bpe_tokenizer,
-                      train_sentencepiece_model, write_fixture)
-from helpers import run_cli
 from lora_ds.data import IGNORE_INDEX, encode_pair
 from lora_ds.errors import UserError
 from lora_ds.tasks import get_task, samsum
@@ -24,8 +32,10 @@ def tokenizers(tmp_path_factory) -> dict[str, str]:
     """Both kinds the tests train: a HF byte-level BPE dir and a bare SentencePiece tokenizer.model."""
     root = tmp_path_factory.mktemp("tokenizers")
     texts = tokenizer_texts()
-    return {"bpe": str(train_bpe_tokenizer(texts, root / "bpe")),
-            "sp": str(train_sentencepiece_model(texts, root / "sp" / "tokenizer.model"))}
+    return {
+        "bpe": str(train_bpe_tokenizer(texts, root / "bpe")),
+        "sp": str(train_sentencepiece_model(texts, root / "sp" / "tokenizer.model")),
+    }
 
 
 @pytest.fixture(scope="session")
@@ -105,9 +115,14 @@ def test_csv_dialogues_come_through_verbatim(sources, tokenizers, tmp_path):
         assert tok.decode(row["input_ids"][n_context:]) == summary
 
 
-@pytest.mark.parametrize("names", [["wikisql-hf-parquet", "wikisql-hf-jsonl"],
-                                   ["mnli-glue", "mnli-glue-dev", "mnli-original", "mnli-hf-parquet", "mnli-hf-jsonl"],
-                                   ["samsum-corpus", "samsum-csv", "samsum-hf-parquet", "samsum-hf-jsonl"]])
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["wikisql-hf-parquet", "wikisql-hf-jsonl"],
+        ["mnli-glue", "mnli-glue-dev", "mnli-original", "mnli-hf-parquet", "mnli-hf-jsonl"],
+        ["samsum-corpus", "samsum-csv", "samsum-hf-parquet", "samsum-hf-jsonl"],
+    ],
+)
 def test_formats_of_one_task_give_the_same_examples(names, sources, tokenizers, tmp_path):
     columns = []
     for name in names:
@@ -122,8 +137,12 @@ def test_output_is_byte_identical_across_runs_and_process_counts(sources, tokeni
     prep("wikisql", src, tokenizers["sp"], tmp_path / "b", pack=300)
     prep("wikisql", src, tokenizers["sp"], tmp_path / "c", pack=300, num_proc=2)
     assert dir_digest(tmp_path / "a") == dir_digest(tmp_path / "b") == dir_digest(tmp_path / "c")
-    assert sorted(dir_digest(tmp_path / "a")) == ["data-00000-of-00001.arrow", "dataset_info.json", "manifest.json",
-                                                 "state.json"]
+    assert sorted(dir_digest(tmp_path / "a")) == [
+        "data-00000-of-00001.arrow",
+        "dataset_info.json",
+        "manifest.json",
+        "state.json",
+    ]
 
 
 def test_num_proc_gives_the_same_rows_with_a_hf_tokenizer(sources, tokenizers, tmp_path):
@@ -197,21 +216,32 @@ def write_lines(path: Path, lines: list[str]) -> str:
 
 def test_skip_bad_skips_and_counts(tokenizers, tmp_path):
     good = [json.dumps({"premise": f"P {i}.", "hypothesis": "H.", "label": i % 3, "idx": i}) for i in range(6)]
-    bad = ["{broken", json.dumps({"premise": "P.", "label": 1}), json.dumps({"premise": "P.", "hypothesis": "H.",
-                                                                            "label": 7})]
+    bad = [
+        "{broken",
+        json.dumps({"premise": "P.", "label": 1}),
+        json.dumps({"premise": "P.", "hypothesis": "H.", "label": 7}),
+    ]
     src = write_lines(tmp_path / "mnli.jsonl", good[:3] + bad + good[3:])
     with pytest.raises(UserError, match=r"mnli.jsonl:4: not valid JSON"):
         prep("mnli", [src], tokenizers["bpe"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
     manifest = prep("mnli", [src], tokenizers["bpe"], tmp_path / "out", skip_bad=True)
-    assert manifest["counts"] == {"read": 9, "filtered": 0, "skipped": 3, "dropped": 0, "truncated": 0, "kept": 6,
-                                  "rows": 6}
+    assert manifest["counts"] == {
+        "read": 9,
+        "filtered": 0,
+        "skipped": 3,
+        "dropped": 0,
+        "truncated": 0,
+        "kept": 6,
+        "rows": 6,
+    }
     assert [m.split(": ")[0] for m in manifest["skipped_records"]] == [f"{src}:{n}" for n in (4, 5, 6)]
     assert "field 'hypothesis' is missing" in manifest["skipped_records"][1]
     assert load(tmp_path / "out")["id"] == [str(i) for i in range(6)]
 
 
 # ---- bad input through the real CLI ---------------------------------------------------------------------------
+
 
 def wikisql_files(tmp_path: Path, questions: list, tables: list | None = None) -> str:
     table = {"id": "t1", "header": ["Player", "Goals"], "types": ["text", "real"], "rows": [["A", 1]]}
@@ -226,7 +256,9 @@ def bad_wikisql(tmp_path, case):
     if case == "malformed line":
         return "wikisql", wikisql_files(tmp_path, [GOOD_Q, '{"phase": 1, "table_id": '])
     if case == "missing field":
-        return "wikisql", wikisql_files(tmp_path, [GOOD_Q, GOOD_Q, {k: v for k, v in GOOD_Q.items() if k != "question"}])
+        return "wikisql", wikisql_files(
+            tmp_path, [GOOD_Q, GOOD_Q, {k: v for k, v in GOOD_Q.items() if k != "question"}]
+        )
     if case == "missing table":
         return "wikisql", wikisql_files(tmp_path, [dict(GOOD_Q, table_id="t9")])
     if case == "column out of range":
@@ -241,21 +273,25 @@ def bad_wikisql(tmp_path, case):
         hf = {"premise": "P.", "hypothesis": "H.", "label": 0, "idx": 1}
         return "mnli", write_lines(tmp_path / "multinli.jsonl", [json.dumps(mnli_data(1)[0]), json.dumps(hf)])
     if case == "csv fields":
-        return "samsum", write_lines(tmp_path / "samsum.csv", ["id,dialogue,summary", '1,"A: hi\r\nB: yo",Greet',
-                                                               '2,"A: hi"'])
+        return "samsum", write_lines(
+            tmp_path / "samsum.csv", ["id,dialogue,summary", '1,"A: hi\r\nB: yo",Greet', '2,"A: hi"']
+        )
     raise ValueError(case)
 
 
-@pytest.mark.parametrize("case, message", [
-    ("malformed line", r"dev.jsonl:2: not valid JSON"),
-    ("missing field", r"dev.jsonl:3: field 'question' is missing"),
-    ("missing table", r"dev.jsonl:1: field 'table_id': no table 't9'"),
-    ("column out of range", r"dev.jsonl:1: field 'sql.conds\[0\]\[0\]' is 5, but the header has 2 entries"),
-    ("bad table", r"dev.tables.jsonl:1: field 'types' has 2 entries, 'header' 1"),
-    ("unknown label", r"multinli_1.0_dev_matched.jsonl:5: field 'gold_label' is 'maybe'"),
-    ("mixed layouts", r"multinli.jsonl:2: this record has the Hugging Face export's layout"),
-    ("csv fields", r"samsum.csv:4: 2 fields where the header has 3"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("malformed line", r"dev.jsonl:2: not valid JSON"),
+        ("missing field", r"dev.jsonl:3: field 'question' is missing"),
+        ("missing table", r"dev.jsonl:1: field 'table_id': no table 't9'"),
+        ("column out of range", r"dev.jsonl:1: field 'sql.conds\[0\]\[0\]' is 5, but the header has 2 entries"),
+        ("bad table", r"dev.tables.jsonl:1: field 'types' has 2 entries, 'header' 1"),
+        ("unknown label", r"multinli_1.0_dev_matched.jsonl:5: field 'gold_label' is 'maybe'"),
+        ("mixed layouts", r"multinli.jsonl:2: this record has the Hugging Face export's layout"),
+        ("csv fields", r"samsum.csv:4: 2 fields where the header has 3"),
+    ],
+)
 def test_bad_input_fails_with_file_line_and_field_and_leaves_nothing(case, message, tokenizers, tmp_path):
     import re
 
@@ -271,8 +307,11 @@ def test_wrong_or_mixed_input_is_refused(sources, tokenizers, tmp_path):
     tok = tokenizers["bpe"]
     cases = [
         ("wikisql", sources["mnli-glue"], r"not a WikiSQL file"),
-        ("wikisql", [sources["wikisql-original"][0].replace("train.jsonl", "train.tables.jsonl")],
-         r"this is a tables file; pass the questions file train.jsonl"),
+        (
+            "wikisql",
+            [sources["wikisql-original"][0].replace("train.jsonl", "train.tables.jsonl")],
+            r"this is a tables file; pass the questions file train.jsonl",
+        ),
         ("mnli", sources["samsum-hf-jsonl"], r"train.jsonl:1: a record with fields dialogue, id, summary"),
         ("samsum", sources["samsum-corpus"] + sources["samsum-csv"], r"--src mixes formats .*is corpus.*is csv"),
         ("mnli", sources["mnli-glue"] + sources["mnli-original"], r"--src mixes formats"),
@@ -297,8 +336,11 @@ def test_wrong_or_mixed_input_is_refused(sources, tokenizers, tmp_path):
 
 def test_flags_are_checked_before_any_work(sources, tokenizers, tmp_path):
     src, tok = sources["samsum-corpus"], tokenizers["bpe"]
-    for kw, message in [({"max_len": 600, "pack": 512}, "--max-len 600 is longer than --pack 512"),
-                        ({"num_proc": 0}, "--num-proc 0"), ({"split": "dev matched"}, "--split 'dev matched'")]:
+    for kw, message in [
+        ({"max_len": 600, "pack": 512}, "--max-len 600 is longer than --pack 512"),
+        ({"num_proc": 0}, "--num-proc 0"),
+        ({"split": "dev matched"}, "--split 'dev matched'"),
+    ]:
         with pytest.raises(UserError, match=message):
             prep("samsum", src, tok, tmp_path / "out", **kw)
     with pytest.raises(UserError, match="--tokenizer .*/nope: no such file"):
@@ -313,12 +355,35 @@ def test_flags_are_checked_before_any_work(sources, tokenizers, tmp_path):
 
 def test_cli_prepares_and_the_module_entry_point_matches(sources, tokenizers, tmp_path):
     src = sources["mnli-glue-dev"]
-    proc = run_cli("prep", "mnli", "--src", *src, "--tokenizer", tokenizers["sp"], "--out", tmp_path / "cli",
-                   "--split", "dev_matched", "--pack", "256")
+    proc = run_cli(
+        "prep",
+        "mnli",
+        "--src",
+        *src,
+        "--tokenizer",
+        tokenizers["sp"],
+        "--out",
+        tmp_path / "cli",
+        "--split",
+        "dev_matched",
+        "--pack",
+        "256",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "mnli dev_matched: read 36, kept 36" in proc.stdout and "examples/s" in proc.stdout
-    module = run_cli("--src", *src, "--tokenizer", tokenizers["sp"], "--out", tmp_path / "module", "--split",
-                     "dev_matched", "--pack", "256", module="data_prep.mnli")
+    module = run_cli(
+        "--src",
+        *src,
+        "--tokenizer",
+        tokenizers["sp"],
+        "--out",
+        tmp_path / "module",
+        "--split",
+        "dev_matched",
+        "--pack",
+        "256",
+        module="data_prep.mnli",
+    )
     assert module.returncode == 0, module.stderr
     assert dir_digest(tmp_path / "cli") == dir_digest(tmp_path / "module")
     assert load(tmp_path / "cli").split == "dev_matched"

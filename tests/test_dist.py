@@ -1,13 +1,14 @@
 """Rank discovery from launcher variables (lora_ds/dist.py), and a two-node `deepspeed --hostfile` launch
 without ssh. Slurm's and MPI's own launchers are in test_slurm.py and test_mpi.py."""
+
 from __future__ import annotations
 
 import json
 import os
 
 import pytest
-
 from helpers import finish, free_port, metric_steps, start, train_args
+
 from lora_ds.dist import STALE_BUILD_LOCK_S, DistEnv, check_build_locks, discover, in_slurm_step
 from lora_ds.errors import UserError
 
@@ -18,14 +19,26 @@ def test_torchrun_and_deepspeed_launcher_variables_give_the_ranks():
 
 
 def test_torchrun_started_by_srun_wins_over_the_slurm_step():
-    env = {"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "8", "SLURM_PROCID": "0", "SLURM_NTASKS": "1",
-           "SLURM_STEP_ID": "0"}
+    env = {
+        "RANK": "3",
+        "LOCAL_RANK": "3",
+        "WORLD_SIZE": "8",
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "1",
+        "SLURM_STEP_ID": "0",
+    }
     assert discover(env) == DistEnv(3, 3, 8, "127.0.0.1", 29500, "torchrun")
 
 
 def test_slurm_step_gives_the_ranks_and_the_port_follows_the_job_id():
-    env = {"SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_NTASKS": "16", "SLURM_STEP_ID": "0",
-           "SLURM_JOB_ID": "123456", "MASTER_ADDR": "gpu07"}
+    env = {
+        "SLURM_PROCID": "9",
+        "SLURM_LOCALID": "1",
+        "SLURM_NTASKS": "16",
+        "SLURM_STEP_ID": "0",
+        "SLURM_JOB_ID": "123456",
+        "MASTER_ADDR": "gpu07",
+    }
     assert discover(env) == DistEnv(9, 1, 16, "gpu07", 23456, "slurm")
     assert discover({**env, "MASTER_PORT": "31000"}).master_port == 31000
 
@@ -59,9 +72,16 @@ def test_deepspeed_hostfile_launch_of_two_nodes_without_ssh(neox_dir, tmp_path):
     hosts.write_text("node-a slots=1\nnode-b slots=1\n")
     out, port = tmp_path / "run", free_port()
     args = train_args(neox_dir, out, max_steps=4, micro_batch=4, lora_r=4, seed=7)
-    nodes = [start(args, None, port=port, log=tmp_path / f"node{k}.log",
-                   launcher_args=("--hostfile", hosts, "--no_ssh", "--node_rank", k, "--master_addr", "127.0.0.1"))
-             for k in (0, 1)]
+    nodes = [
+        start(
+            args,
+            None,
+            port=port,
+            log=tmp_path / f"node{k}.log",
+            launcher_args=("--hostfile", hosts, "--no_ssh", "--node_rank", k, "--master_addr", "127.0.0.1"),
+        )
+        for k in (0, 1)
+    ]
     codes = [finish(node, timeout=600, check=False).returncode for node in nodes]
     logs = [(tmp_path / f"node{k}.log").read_text() for k in (0, 1)]
     assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
@@ -80,6 +100,9 @@ def test_a_build_lock_left_by_a_killed_build_is_an_error_not_a_hang(tmp_path):
     check_build_locks(str(tmp_path))  # a build running now: wait on it, as torch does
     old = lock.stat().st_mtime - STALE_BUILD_LOCK_S - 60
     os.utime(lock, (old, old))
-    with pytest.raises(UserError, match=r"deepspeed_shm_comm/lock is 11 min old: a build of DeepSpeed's ops was "
-                                        r"killed .* delete the file"):
+    with pytest.raises(
+        UserError,
+        match=r"deepspeed_shm_comm/lock is 11 min old: a build of DeepSpeed's ops was "
+        r"killed .* delete the file",
+    ):
         check_build_locks(str(tmp_path))

@@ -1,11 +1,11 @@
 """Elastic resume: a checkpoint written by 2 ranks resumes on 1 and on 3 ranks with the same optimizer state."""
+
 from __future__ import annotations
 
 import shutil
 
 import pytest
 import torch
-
 from helpers import adapter_tensors, assert_close_tensors, launch, metric_steps, reference_lora, train_args
 
 pytestmark = pytest.mark.distributed
@@ -22,8 +22,17 @@ def reference_step(model_dir, tag_dir, world: int, step: int = 2) -> dict:
     from lora_ds.tokenizer import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return reference_lora(model, load_tokenizer(str(model_dir)), ["query_key_value"], steps=range(step, step + 1),
-                          world=world, micro=2, accum=ACCUM[world], seed=3, tag_dir=tag_dir)
+    return reference_lora(
+        model,
+        load_tokenizer(str(model_dir)),
+        ["query_key_value"],
+        steps=range(step, step + 1),
+        world=world,
+        micro=2,
+        accum=ACCUM[world],
+        seed=3,
+        tag_dir=tag_dir,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """lora-ds eval on 2 ranks under ZeRO-3 against one process on the merged model, lora-ds score on what eval
 wrote, and the generation eval during training (real `deepspeed` launches on CPU, gloo)."""
+
 from __future__ import annotations
 
 import json
@@ -7,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fixtures import save_model_dir, write_mnli
 from helpers import launch, read_metrics, train_args
+
 from lora_ds.cli import main as cli
 
 EOS_LIKE = 102  # a token the tiny random model often generates
@@ -50,8 +51,19 @@ def random_adapter(base_dir, tmp_path_factory) -> Path:
     gen = torch.Generator().manual_seed(1)
     tensors = {k: 0.5 * torch.randn(v.shape, generator=gen) for k, v in lora_parameters(model).items()}
     out = tmp_path_factory.mktemp("adapter") / "adapter"
-    write_adapter(str(out), tensors, peft_config(r=4, alpha=8, dropout=0.0, target_modules=["query_key_value"],
-                                                 use_rslora=False, fan_in_fan_out=False, base_model=str(base_dir)))
+    write_adapter(
+        str(out),
+        tensors,
+        peft_config(
+            r=4,
+            alpha=8,
+            dropout=0.0,
+            target_modules=["query_key_value"],
+            use_rslora=False,
+            fan_in_fan_out=False,
+            base_model=str(base_dir),
+        ),
+    )
     return out
 
 
@@ -73,10 +85,23 @@ MAX_NEW = 28
 def wikisql_runs(base_dir, random_adapter, merged_dir, wikisql_file, tmp_path_factory):
     """(2-rank ZeRO-3 eval of base + adapter into zero3/, merged/ for the 1-process eval, their flags)."""
     root = tmp_path_factory.mktemp("wikisql_runs")
-    common = ["--task", "wikisql", "--data", str(wikisql_file), "--dtype", "fp32", "--batch-size", "2",
-              "--max-new-tokens", str(MAX_NEW)]
-    launch(["eval", "--model", base_dir, "--adapter", random_adapter, "--out", root / "zero3", "--no-progress",
-            *common], program="lora_ds", timeout=600)
+    common = [
+        "--task",
+        "wikisql",
+        "--data",
+        str(wikisql_file),
+        "--dtype",
+        "fp32",
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        str(MAX_NEW),
+    ]
+    launch(
+        ["eval", "--model", base_dir, "--adapter", random_adapter, "--out", root / "zero3", "--no-progress", *common],
+        program="lora_ds",
+        timeout=600,
+    )
     return root / "zero3", root / "merged", common
 
 
@@ -93,15 +118,21 @@ def generated_lengths(model_dir: Path, wikisql_file: Path) -> list[int]:
     lengths = []
     for example in load_eval_set("wikisql", [str(wikisql_file)]).examples:
         ids = torch.tensor([prompt_ids(tok, example.prompt, 1024)])
-        out = model.generate(input_ids=ids, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id)
+        out = model.generate(
+            input_ids=ids,
+            max_new_tokens=MAX_NEW,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
         lengths.append(out.shape[1] - ids.shape[1])
     return lengths
 
 
 @pytest.mark.distributed
-def test_greedy_under_two_rank_zero3_equals_one_process_on_the_merged_model(wikisql_runs, merged_dir,
-                                                                             wikisql_file, capsys):
+def test_greedy_under_two_rank_zero3_equals_one_process_on_the_merged_model(
+    wikisql_runs, merged_dir, wikisql_file, capsys
+):
     # Batches of 2 on 2 ranks: rank 0 runs examples [1, 2] and [5], rank 1 [3, 4] and a dummy; some
     # generations end at EOS while the others run to the limit, so ranks finish at different steps.
     lengths = generated_lengths(merged_dir, wikisql_file)
@@ -118,7 +149,7 @@ def test_greedy_under_two_rank_zero3_equals_one_process_on_the_merged_model(wiki
     assert (ma["world_size"], ma["zero3"], mb["world_size"], mb["zero3"]) == (2, True, 1, False)
     assert ma["decoding"] == {"strategy": "greedy", "num_beams": 1, "max_new_tokens": MAX_NEW, "max_len": 1024}
     assert set(a[0]) == {"id", "split", "prompt", "prediction", "reference", "score"}
-    assert a[0]["reference"] == "SELECT \"Position\" FROM table WHERE \"Player\" = 'Alan Smith'"
+    assert a[0]["reference"] == 'SELECT "Position" FROM table WHERE "Player" = \'Alan Smith\''
     assert len((zero3 / "predictions.official.jsonl").read_text().splitlines()) == 5
     assert "split  n  lf_accuracy  ex_accuracy  unparsed  gold_exec_errors" in out
     assert "wikisql generate" in err  # the progress bar
@@ -127,11 +158,39 @@ def test_greedy_under_two_rank_zero3_equals_one_process_on_the_merged_model(wiki
 @pytest.mark.distributed
 def test_score_of_eval_predictions_reproduces_eval_metrics(wikisql_runs, wikisql_file, tmp_path, capsys):
     zero3, _, _ = wikisql_runs
-    assert cli(["score", "--task", "wikisql", "--data", str(wikisql_file), "--predictions",
-                str(zero3 / "predictions.jsonl"), "--out", str(tmp_path / "by_id")]) == 0
+    assert (
+        cli(
+            [
+                "score",
+                "--task",
+                "wikisql",
+                "--data",
+                str(wikisql_file),
+                "--predictions",
+                str(zero3 / "predictions.jsonl"),
+                "--out",
+                str(tmp_path / "by_id"),
+            ]
+        )
+        == 0
+    )
     assert eval_metrics(tmp_path / "by_id")["metrics"] == eval_metrics(zero3)["metrics"]
-    assert cli(["score", "--task", "wikisql", "--data", str(wikisql_file), "--predictions",
-                str(zero3 / "predictions.official.jsonl"), "--out", str(tmp_path / "official")]) == 0
+    assert (
+        cli(
+            [
+                "score",
+                "--task",
+                "wikisql",
+                "--data",
+                str(wikisql_file),
+                "--predictions",
+                str(zero3 / "predictions.official.jsonl"),
+                "--out",
+                str(tmp_path / "official"),
+            ]
+        )
+        == 0
+    )
     assert eval_metrics(tmp_path / "official")["metrics"] == eval_metrics(zero3)["metrics"]
     assert "lf_accuracy" in capsys.readouterr().out
 
@@ -144,8 +203,19 @@ def run_dir(base_dir, wikisql_file, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("train")
     prepare(Settings(task="wikisql", src=[str(wikisql_file)], tokenizer=str(base_dir), out=str(root / "prepared")))
-    launch(train_args(base_dir, root / "run", data=root / "prepared", eval_task=f"wikisql:{wikisql_file}",
-                      eval_task_samples=3, eval_every=1, max_steps=2, micro_batch=1, lr=1e-2))
+    launch(
+        train_args(
+            base_dir,
+            root / "run",
+            data=root / "prepared",
+            eval_task=f"wikisql:{wikisql_file}",
+            eval_task_samples=3,
+            eval_every=1,
+            max_steps=2,
+            micro_batch=1,
+            lr=1e-2,
+        )
+    )
     return root / "run"
 
 
@@ -162,20 +232,43 @@ def test_generation_eval_during_training_is_logged_at_eval_steps(run_dir):
 
 
 @pytest.mark.distributed
-def test_beam_search_and_label_choice_from_a_checkpoint_match_its_adapter_in_one_process(base_dir, run_dir,
-                                                                                         tmp_path):
+def test_beam_search_and_label_choice_from_a_checkpoint_match_its_adapter_in_one_process(base_dir, run_dir, tmp_path):
     """MNLI, 7 examples in batches of 3 on 2 ranks (rank 1 runs a dummy batch to keep step), LoRA read from
     the training checkpoint by DeepSpeed; against the run's adapter merged in one process."""
     data = [str(p) for p in write_mnli(tmp_path / "mnli")]
-    common = ["--model", str(base_dir), "--task", "mnli", "--data", *data, "--dtype", "fp32", "--batch-size", "3",
-              "--num-beams", "2", "--max-new-tokens", "6", "--no-progress"]
-    launch(["eval", *common, "--checkpoint", run_dir / "checkpoints", "--out", tmp_path / "zero3"], program="lora_ds",
-           timeout=600)
+    common = [
+        "--model",
+        str(base_dir),
+        "--task",
+        "mnli",
+        "--data",
+        *data,
+        "--dtype",
+        "fp32",
+        "--batch-size",
+        "3",
+        "--num-beams",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--no-progress",
+    ]
+    launch(
+        ["eval", *common, "--checkpoint", run_dir / "checkpoints", "--out", tmp_path / "zero3"],
+        program="lora_ds",
+        timeout=600,
+    )
     assert cli(["eval", *common, "--adapter", str(run_dir / "adapter"), "--out", str(tmp_path / "one")]) == 0
     a, b = read_rows(tmp_path / "zero3"), read_rows(tmp_path / "one")
-    assert [(r["split"], r["id"]) for r in a] == [("matched", "m1"), ("matched", "m2"), ("matched", "m3"),
-                                                  ("matched", "m4"), ("mismatched", "x1"), ("mismatched", "x2"),
-                                                  ("mismatched", "x3")]
+    assert [(r["split"], r["id"]) for r in a] == [
+        ("matched", "m1"),
+        ("matched", "m2"),
+        ("matched", "m3"),
+        ("matched", "m4"),
+        ("mismatched", "x1"),
+        ("mismatched", "x2"),
+        ("mismatched", "x3"),
+    ]
     assert [(r["prediction"], r["constrained"]) for r in a] == [(r["prediction"], r["constrained"]) for r in b]
     assert all(r["constrained"] in ("entailment", "neutral", "contradiction") for r in a)
     metrics = eval_metrics(tmp_path / "zero3")

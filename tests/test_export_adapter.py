@@ -5,6 +5,7 @@ through a real engine, then the run's final adapter). Oracles: DeepSpeed's own z
 (restricted to LoRA keys), the live gathered params and fp32 masters of the engine that wrote the checkpoint, the
 trainer's own final adapter, and PEFT loading the exported adapter.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fixtures import save_tiny
-from helpers import (DEMO_TOKENIZER, PROGRAMS, ZERO3, assert_equal_tensors, ds_config_file, launch_together,
-                     read_reports, train_args)
+from helpers import (
+    DEMO_TOKENIZER,
+    PROGRAMS,
+    ZERO3,
+    assert_equal_tensors,
+    ds_config_file,
+    launch_together,
+    read_reports,
+    train_args,
+)
+
 from lora_ds.adapter import read_adapter
 from lora_ds.cli import main
 from lora_ds.consolidate import export_adapter
@@ -37,7 +46,7 @@ VOCAB = 512
 RUNS = {
     1: ("gpt_neox", "query_key_value", "fp32", 0, []),
     2: ("gpt_neox", "query_key_value", "fp32", 0, ["--with_frozen", "--live_merge"]),
-    3: ("gpt2", "c_attn", "bf16", 10 ** 9, ["--live_merge"]),
+    3: ("gpt2", "c_attn", "bf16", 10**9, ["--live_merge"]),
 }
 
 
@@ -62,13 +71,26 @@ def runs(tmp_path_factory) -> dict[int, Run]:
     root = tmp_path_factory.mktemp("export")
     runs, launches = {}, []
     for world, (model_type, targets, dtype, persistence, extra) in RUNS.items():
-        run = runs[world] = Run(save_tiny(model_type, VOCAB, root / f"base_w{world}", tokenizer=DEMO_TOKENIZER),
-                                root / f"w{world}")
+        run = runs[world] = Run(
+            save_tiny(model_type, VOCAB, root / f"base_w{world}", tokenizer=DEMO_TOKENIZER), root / f"w{world}"
+        )
         zero = {**ZERO3["zero_optimization"], "stage3_param_persistence_threshold": persistence}
-        args = train_args(run.base, run.out, lora_targets=targets, dtype=dtype, lora_r=R, lora_alpha=ALPHA,
-                          seed=SEED, lr=1e-2, micro_batch=2, max_len=64, max_steps=2, save_every=2,
-                          ds_config=ds_config_file(root / f"ds_w{world}.json", zero_optimization=zero),
-                          oracles=run.oracles)
+        args = train_args(
+            run.base,
+            run.out,
+            lora_targets=targets,
+            dtype=dtype,
+            lora_r=R,
+            lora_alpha=ALPHA,
+            seed=SEED,
+            lr=1e-2,
+            micro_batch=2,
+            max_len=64,
+            max_steps=2,
+            save_every=2,
+            ds_config=ds_config_file(root / f"ds_w{world}.json", zero_optimization=zero),
+            oracles=run.oracles,
+        )
         launches.append(dict(args=[*args, *extra], nproc=world, program=PROGRAMS / "train_oracles.py"))
     launch_together(*launches)
     return runs
@@ -117,8 +139,9 @@ def test_exported_adapter_loads_in_peft_and_gives_our_logits(runs, world, tmp_pa
     assert json.loads((tmp_path / "adapter" / "run_config.json").read_text())["resolved"]["world_size"] == world
 
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                                           tmp_path / "adapter").eval()
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), tmp_path / "adapter"
+    ).eval()
     ours = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     inject_lora(ours, [targets], R, ALPHA)
     params = lora_parameters(ours)
@@ -184,6 +207,7 @@ def _edit_json(name, **changes):
             else:
                 data[key] = value
         path.write_text(json.dumps(data))
+
     return edit
 
 
@@ -192,24 +216,41 @@ def _add_rank_of_another_run(tag_dir, runs):
 
 
 BROKEN = {
-    "missing_rank": (_drop("zero_pp_rank_1_mp_rank_00_optim_states.pt"),
-                     r"written by 2 ranks .* holds optimizer files of ranks \[0\] \(missing: rank 1\)"),
-    "rank_of_another_run": (_add_rank_of_another_run,
-                            r"written by 2 ranks .* holds optimizer files of ranks \[0, 1, 2\]"),
-    "no_latest": (lambda tag_dir, runs: (tag_dir.parent / "latest").unlink(),
-                  r"no 'latest' file; pass --tag \(tags here: step_00000002\)"),
+    "missing_rank": (
+        _drop("zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+        r"written by 2 ranks .* holds optimizer files of ranks \[0\] \(missing: rank 1\)",
+    ),
+    "rank_of_another_run": (
+        _add_rank_of_another_run,
+        r"written by 2 ranks .* holds optimizer files of ranks \[0, 1, 2\]",
+    ),
+    "no_latest": (
+        lambda tag_dir, runs: (tag_dir.parent / "latest").unlink(),
+        r"no 'latest' file; pass --tag \(tags here: step_00000002\)",
+    ),
     "incomplete": (_drop("trainer_state.json"), r"incomplete checkpoint \(no trainer_state.json"),
     "no_adapter_config": (_drop("adapter_config.json"), r"adapter_config.json: missing; the trainer writes"),
-    "run_config_not_json": (lambda tag_dir, runs: (tag_dir / "run_config.json").write_text('{"resolved": '),
-                            r"run_config.json: not valid JSON"),
+    "run_config_not_json": (
+        lambda tag_dir, runs: (tag_dir / "run_config.json").write_text('{"resolved": '),
+        r"run_config.json: not valid JSON",
+    ),
     "wrong_r": (_edit_json("adapter_config.json", r=8), r"lora_A \[4, 64\] .* says r = 8"),
-    "wrong_targets": (_edit_json("adapter_config.json", target_modules=["dense"]),
-                      r"not selected by target_modules \['dense'\]"),
-    "module_lost": (_edit_json("run_config.json", adapted_modules=["gpt_neox.layers.0.attention.query_key_value",
-                                                                   "gpt_neox.layers.1.attention.query_key_value",
-                                                                   "gpt_neox.layers.2.attention.query_key_value"]),
-                    r"lists 3 adapted modules but the checkpoint holds LoRA for 2 \(not found: "
-                    r"gpt_neox.layers.2.attention.query_key_value\)"),
+    "wrong_targets": (
+        _edit_json("adapter_config.json", target_modules=["dense"]),
+        r"not selected by target_modules \['dense'\]",
+    ),
+    "module_lost": (
+        _edit_json(
+            "run_config.json",
+            adapted_modules=[
+                "gpt_neox.layers.0.attention.query_key_value",
+                "gpt_neox.layers.1.attention.query_key_value",
+                "gpt_neox.layers.2.attention.query_key_value",
+            ],
+        ),
+        r"lists 3 adapted modules but the checkpoint holds LoRA for 2 \(not found: "
+        r"gpt_neox.layers.2.attention.query_key_value\)",
+    ),
 }
 
 
@@ -237,6 +278,19 @@ def test_export_is_the_trainers_own_final_adapter_and_merges_into_its_base(runs,
     trainer_config, trained = read_adapter(str(run.out / "adapter"))
     assert config == trainer_config and len(trained) == 4
     assert_equal_tensors(tensors, trained)
-    assert main(["merge", "--base", str(run.base), "--adapter", str(exported), "--out", str(tmp_path / "merged"),
-                 "--verify"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                str(run.base),
+                "--adapter",
+                str(exported),
+                "--out",
+                str(tmp_path / "merged"),
+                "--verify",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "merged" / "tokenizer.json").is_file()

@@ -1,4 +1,5 @@
 """Faults a long run meets: a rank killed at any step or in the middle of a save, non-finite gradients."""
+
 from __future__ import annotations
 
 import os
@@ -6,11 +7,21 @@ import random
 import time
 
 import pytest
+from fixtures import Payload, save_tiny
+from helpers import (
+    DEMO_TOKENIZER,
+    adapter_tensors,
+    assert_equal_tensors,
+    fault_env,
+    launch,
+    rank_pid,
+    read_metrics,
+    start,
+    stop_group,
+    train_args,
+)
 from safetensors.torch import load_file, save_file
 
-from fixtures import Payload, save_tiny
-from helpers import (DEMO_TOKENIZER, adapter_tensors, assert_equal_tensors, fault_env, launch, rank_pid,
-                     read_metrics, start, stop_group, train_args)
 from lora_ds.consolidate import export_adapter
 
 pytestmark = pytest.mark.distributed
@@ -19,8 +30,17 @@ STEPS = 24
 
 
 def run_args(model_dir, out) -> list[str]:
-    return train_args(model_dir, out, max_steps=STEPS, save_every=2, log_every=1, lora_dropout=0.1, micro_batch=2,
-                      seed=3, keep_checkpoints=100)
+    return train_args(
+        model_dir,
+        out,
+        max_steps=STEPS,
+        save_every=2,
+        log_every=1,
+        lora_dropout=0.1,
+        micro_batch=2,
+        seed=3,
+        keep_checkpoints=100,
+    )
 
 
 def losses(run) -> list[tuple[int, float]]:
@@ -62,8 +82,9 @@ def test_kill_9_of_one_rank_at_a_random_step_loses_nothing(neox_dir, uninterrupt
     try:
         deadline = time.monotonic() + 600
         while last_logged_step(run) < kill_at:
-            assert proc.poll() is None and time.monotonic() < deadline, \
+            assert proc.poll() is None and time.monotonic() < deadline, (
                 f"{why}: the run ended first\n{log.read_text()[-3000:]}"
+            )
             time.sleep(0.005)
         victim = rank_pid(proc, victim_rank)
         assert victim is not None, why
@@ -78,15 +99,17 @@ def test_kill_9_of_one_rank_at_a_random_step_loses_nothing(neox_dir, uninterrupt
 
     # The newest complete checkpoint is intact: it exports to the uninterrupted run's adapter at that step.
     tag = (run / "checkpoints" / "latest").read_text().strip()
-    step = int(tag[len("step_"):])
+    step = int(tag[len("step_") :])
     assert 2 <= step <= killed_after, why
     export_adapter(str(run / "checkpoints"), str(tmp_path / "at_kill"))
     export_adapter(str(uninterrupted / "checkpoints"), str(tmp_path / "reference"), tag=tag)
     assert_equal_tensors(adapter_tensors(tmp_path / "at_kill"), adapter_tensors(tmp_path / "reference"))
 
     assert_resumes_to_the_uninterrupted_adapter(neox_dir, run, uninterrupted, step)
-    print(f"{why}: killed after step {killed_after} was logged; launcher exit {proc.returncode}; "
-          f"resumed from {tag}; final adapter == uninterrupted")
+    print(
+        f"{why}: killed after step {killed_after} was logged; launcher exit {proc.returncode}; "
+        f"resumed from {tag}; final adapter == uninterrupted"
+    )
 
 
 KILL_POINTS = {
@@ -130,8 +153,9 @@ def poisoned_dir(tmp_path_factory):
 
 
 def test_nonfinite_steps_are_skipped_then_the_run_stops_at_its_last_checkpoint(poisoned_dir, tmp_path):
-    proc = launch(train_args(poisoned_dir, tmp_path, max_steps=8, save_every=2, max_skipped_steps=3, micro_batch=2),
-                  check=False)
+    proc = launch(
+        train_args(poisoned_dir, tmp_path, max_steps=8, save_every=2, max_skipped_steps=3, micro_batch=2), check=False
+    )
     assert proc.returncode == 3
     assert "more than 3 steps had NaN/Inf gradients (--max_skipped_steps)" in proc.stderr
     assert "last good checkpoint is" in proc.stderr and "step_00000002" in proc.stderr

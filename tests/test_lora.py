@@ -1,13 +1,14 @@
 """The LoRA layer and injection: invariants on tiny modules, and PEFT as the oracle for GPT-2's Conv1D."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from fixtures import tiny_model as tiny
 from torch import nn
 
-from fixtures import tiny_model as tiny
 from lora_ds.adapter import peft_config, read_adapter, write_adapter
 from lora_ds.errors import UserError
 from lora_ds.lora import LoRALinear, inject_lora, lora_modules, lora_parameters
@@ -89,14 +90,20 @@ def test_merge_refuses_non_finite_adapters():
 
 
 def test_rslora_scale_is_alpha_over_sqrt_r():
-    assert trained_layer("linear", rslora=True).scaling == pytest.approx(6 / 3 ** 0.5)
+    assert trained_layer("linear", rslora=True).scaling == pytest.approx(6 / 3**0.5)
     assert trained_layer("linear").scaling == 2.0
 
 
-@pytest.mark.parametrize("model_type,targets,count", [
-    ("gpt_neox", ["query_key_value"], 2), ("llama", ["q_proj", "v_proj"], 4), ("gpt2", ["c_attn"], 2),
-    ("llama", "re:.*layers\\.1\\..*(q|k|v|o)_proj", 4), ("llama", ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                  "gate_proj", "up_proj", "down_proj"], 14)])
+@pytest.mark.parametrize(
+    "model_type,targets,count",
+    [
+        ("gpt_neox", ["query_key_value"], 2),
+        ("llama", ["q_proj", "v_proj"], 4),
+        ("gpt2", ["c_attn"], 2),
+        ("llama", "re:.*layers\\.1\\..*(q|k|v|o)_proj", 4),
+        ("llama", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 14),
+    ],
+)
 def test_injection_freezes_base_and_wraps_targets(model_type, targets, count):
     from lora_ds.config import LoraConfig
 
@@ -118,11 +125,16 @@ def test_same_seed_gives_same_adapter_whatever_rng_was_consumed():
         assert torch.equal(pa, pb), name
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(targets=["nonexistent"]), "matches no Linear/Conv1D module"),
-    (dict(r=0), "lora.r 0: the rank"), (dict(alpha=-1.0), "lora.alpha -1.0"), (dict(dropout=1.5), "lora.dropout"),
-    (dict(r=2.5), "lora.r 2.5: expected an integer"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(targets=["nonexistent"]), "matches no Linear/Conv1D module"),
+        (dict(r=0), "lora.r 0: the rank"),
+        (dict(alpha=-1.0), "lora.alpha -1.0"),
+        (dict(dropout=1.5), "lora.dropout"),
+        (dict(r=2.5), "lora.r 2.5: expected an integer"),
+    ],
+)
 def test_bad_lora_settings_fail_before_training(kwargs, message):
     args = dict(targets=["query_key_value"], r=4, alpha=8.0, dropout=0.0) | kwargs
     with pytest.raises(UserError, match=message):
@@ -140,8 +152,15 @@ def test_gpt2_conv1d_adapter_round_trips_through_peft(tmp_path):
         for name, p in params.items():
             if name.endswith("lora_B.weight"):
                 p.normal_(std=0.1)
-    config = peft_config(r=4, alpha=8, dropout=0.0, target_modules=["c_attn"], use_rslora=False,
-                         fan_in_fan_out=True, base_model=str(tmp_path / "base"))
+    config = peft_config(
+        r=4,
+        alpha=8,
+        dropout=0.0,
+        target_modules=["c_attn"],
+        use_rslora=False,
+        fan_in_fan_out=True,
+        base_model=str(tmp_path / "base"),
+    )
     write_adapter(str(tmp_path / "adapter"), {k: v for k, v in params.items()}, config)
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     loaded_config, loaded = read_adapter(str(tmp_path / "adapter"))
@@ -150,20 +169,25 @@ def test_gpt2_conv1d_adapter_round_trips_through_peft(tmp_path):
     from transformers import AutoModelForCausalLM
 
     ids = torch.randint(0, 512, (2, 10))
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
-                                           tmp_path / "adapter").eval()
-    torch.testing.assert_close(model.eval()(input_ids=ids).logits, peft_model(input_ids=ids).logits,
-                               rtol=0, atol=1e-5)
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter"
+    ).eval()
+    torch.testing.assert_close(model.eval()(input_ids=ids).logits, peft_model(input_ids=ids).logits, rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------- the one definition of a valid adapter
 
+
 def small_adapter(path, **config_overrides):
     """A valid two-module adapter dir (targets ["q"], r = 2), its config changed by `config_overrides`."""
-    tensors = {f"model.layers.{i}.q.lora_{p}.weight": torch.full(shape, 0.1) for i in (0, 1)
-               for p, shape in (("A", (2, 6)), ("B", (5, 2)))}
-    config = peft_config(r=2, alpha=4, dropout=0.0, target_modules=["q"], use_rslora=False, fan_in_fan_out=False,
-                         base_model="t")
+    tensors = {
+        f"model.layers.{i}.q.lora_{p}.weight": torch.full(shape, 0.1)
+        for i in (0, 1)
+        for p, shape in (("A", (2, 6)), ("B", (5, 2)))
+    }
+    config = peft_config(
+        r=2, alpha=4, dropout=0.0, target_modules=["q"], use_rslora=False, fan_in_fan_out=False, base_model="t"
+    )
     write_adapter(str(path), tensors, config)
     if config_overrides:
         (path / "adapter_config.json").write_text(json.dumps({**config, **config_overrides}))
@@ -177,6 +201,7 @@ def _edit_weights(change):
         state = load_file(path / "adapter_model.safetensors")
         change(state)
         save_file(state, path / "adapter_model.safetensors")
+
     return edit
 
 
@@ -187,19 +212,31 @@ def _nan(state):
 # case -> (edit of a valid adapter dir, message)
 BAD_ADAPTERS = {
     "config not json": (lambda p: (p / "adapter_config.json").write_text("{"), r"adapter_config.json: not valid JSON"),
-    "config not an object": (lambda p: (p / "adapter_config.json").write_text("[]"),
-                             r"adapter_config.json: expected a JSON object"),
+    "config not an object": (
+        lambda p: (p / "adapter_config.json").write_text("[]"),
+        r"adapter_config.json: expected a JSON object",
+    ),
     "not lora": (lambda p: small_adapter(p, peft_type="IA3"), r"adapter_config.json: peft_type is 'IA3'"),
     "r = 0": (lambda p: small_adapter(p, r=0), r"adapter_config.json: field 'r' must be a positive number, got 0"),
     "no targets": (lambda p: small_adapter(p, target_modules=None), r"adapter_config.json: field 'target_modules'"),
-    "other r": (lambda p: small_adapter(p, r=4), r"q has lora_A \[2, 6\] and lora_B \[5, 2\], but adapter_config.json "
-                                                 r"says r = 4"),
-    "other targets": (lambda p: small_adapter(p, target_modules=["k"]), r"module model.layers.0.q is not selected by "
-                                                                        r"target_modules \['k'\]"),
-    "half a pair": (_edit_weights(lambda s: s.pop("base_model.model.model.layers.1.q.lora_A.weight")),
-                    r"model.layers.1.q has only one of lora_A / lora_B"),
-    "non-lora tensor": (_edit_weights(lambda s: s.update({"base_model.model.lm_head.weight": torch.ones(2)})),
-                        r"holds non-LoRA tensors \(e.g. lm_head.weight\)"),
+    "other r": (
+        lambda p: small_adapter(p, r=4),
+        r"q has lora_A \[2, 6\] and lora_B \[5, 2\], but adapter_config.json "
+        r"says r = 4",
+    ),
+    "other targets": (
+        lambda p: small_adapter(p, target_modules=["k"]),
+        r"module model.layers.0.q is not selected by "
+        r"target_modules \['k'\]",
+    ),
+    "half a pair": (
+        _edit_weights(lambda s: s.pop("base_model.model.model.layers.1.q.lora_A.weight")),
+        r"model.layers.1.q has only one of lora_A / lora_B",
+    ),
+    "non-lora tensor": (
+        _edit_weights(lambda s: s.update({"base_model.model.lm_head.weight": torch.ones(2)})),
+        r"holds non-LoRA tensors \(e.g. lm_head.weight\)",
+    ),
     "nan": (_edit_weights(_nan), r"model.layers.0.q holds NaN/Inf"),
 }
 
@@ -216,13 +253,32 @@ def test_every_reader_refuses_a_bad_adapter_with_the_same_message(tmp_path, case
     adapter = tmp_path / "adapter"
     small_adapter(adapter)
     edit(adapter)
-    for read in (lambda: read_adapter(str(adapter)), lambda: read_lora(str(adapter), None),
-                 lambda: merge_model_dir(str(tmp_path), str(adapter), str(tmp_path / "merged")),
-                 lambda: analyze([str(adapter)], str(tmp_path / "analysis"), progress=False)):
+    for read in (
+        lambda: read_adapter(str(adapter)),
+        lambda: read_lora(str(adapter), None),
+        lambda: merge_model_dir(str(tmp_path), str(adapter), str(tmp_path / "merged")),
+        lambda: analyze([str(adapter)], str(tmp_path / "analysis"), progress=False),
+    ):
         with pytest.raises(UserError, match=message):
             read()
-    assert main(["eval", "--model", "preset:tiny-gpt-neox", "--task", "wikisql", "--data", str(wikisql_file),
-                 "--adapter", str(adapter), "--out", str(tmp_path / "eval")]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "preset:tiny-gpt-neox",
+                "--task",
+                "wikisql",
+                "--data",
+                str(wikisql_file),
+                "--adapter",
+                str(adapter),
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 2
+    )
     assert "lora-ds eval: error:" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in ("merged", "analysis", "eval"))
 
@@ -242,8 +298,24 @@ def test_eval_with_a_malformed_run_config_beside_the_adapter_is_a_clean_error(tm
     adapter = tmp_path / "adapter"
     small_adapter(adapter)
     (adapter / "run_config.json").write_text('{"train": {"seed": 3},')
-    assert main(["eval", "--model", "preset:tiny-gpt-neox", "--task", "wikisql", "--data", str(wikisql_file),
-                 "--adapter", str(adapter), "--out", str(tmp_path / "eval")]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "preset:tiny-gpt-neox",
+                "--task",
+                "wikisql",
+                "--data",
+                str(wikisql_file),
+                "--adapter",
+                str(adapter),
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert f"lora-ds eval: error: {adapter / 'run_config.json'}: not valid JSON" in err and "Traceback" not in err
 

@@ -1,10 +1,11 @@
 """The chunked LM-head loss equals the plain full-logits loss, values and gradients."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from fixtures import tiny_model as tiny
+
 from lora_ds import loss as loss_mod
 from lora_ds.data import IGNORE_INDEX
 from lora_ds.lora import inject_lora, lora_parameters
@@ -18,8 +19,12 @@ def test_deferred_chunked_loss_matches_full_logits(model_type, targets, monkeypa
     ids = torch.randint(0, 512, (3, 12))
     labels = ids.clone()
     labels[:, :5] = IGNORE_INDEX
-    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids),
-             "position_ids": torch.arange(12).expand(3, 12)}
+    batch = {
+        "input_ids": ids,
+        "labels": labels,
+        "attention_mask": torch.ones_like(ids),
+        "position_ids": torch.arange(12).expand(3, 12),
+    }
     results = []
     for defer in (False, True):
         model = tiny(model_type)

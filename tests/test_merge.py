@@ -1,5 +1,6 @@
 """`lora-ds merge`: PEFT's merge_and_unload as the oracle on tiny GPT-NeoX (fused QKV), Llama and GPT-2 (Conv1D)
 models saved in several shards; layout, dtype, refusals, --verify, and the live in-place merge."""
+
 from __future__ import annotations
 
 import json
@@ -9,16 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import save_tiny
+from helpers import DEMO_TOKENIZER
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fixtures import save_tiny
-from helpers import DEMO_TOKENIZER
 from lora_ds.adapter import peft_config, write_adapter
 from lora_ds.cli import main
 from lora_ds.errors import UserError
-from lora_ds.lora import delta_weight, inject_lora, lora_parameters
-from lora_ds.lora import merged_weight
+from lora_ds.lora import delta_weight, inject_lora, lora_parameters, merged_weight
 from lora_ds.merge import INDEX_FILE, RECORD_FILE, merge_model_dir, merged_for_eval
 
 TARGETS = {"gpt_neox": ["query_key_value"], "llama": ["q_proj", "v_proj"], "gpt2": ["c_attn", "c_proj"]}
@@ -44,8 +44,15 @@ def make_adapter(model_dir: Path, targets, out: Path, seed: int = 1, **config_ov
             if name.endswith("lora_B.weight"):
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
     fan_in_fan_out = any(getattr(m, "fan_in_fan_out", False) for m in model.modules())
-    config = peft_config(r=4, alpha=8, dropout=0.0, target_modules=targets, use_rslora=False,
-                         fan_in_fan_out=fan_in_fan_out, base_model=str(model_dir))
+    config = peft_config(
+        r=4,
+        alpha=8,
+        dropout=0.0,
+        target_modules=targets,
+        use_rslora=False,
+        fan_in_fan_out=fan_in_fan_out,
+        base_model=str(model_dir),
+    )
     write_adapter(str(out), params, {**config, **config_overrides})
     with torch.no_grad():
         logits = model(input_ids=IDS).logits
@@ -61,8 +68,9 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("merge")
     out = {}
     for model_type, targets in TARGETS.items():
-        base = save_tiny(model_type, VOCAB, root / model_type,
-                         tokenizer=DEMO_TOKENIZER if model_type == "gpt_neox" else None)
+        base = save_tiny(
+            model_type, VOCAB, root / model_type, tokenizer=DEMO_TOKENIZER if model_type == "gpt_neox" else None
+        )
         adapter, logits = make_adapter(base, targets, root / f"{model_type}_adapter")
         out[model_type] = (base, adapter, logits)
     return out
@@ -127,11 +135,14 @@ def test_single_file_base_gives_single_file_output(tiny, tmp_path):
     base_model(base).save_pretrained(single)
     assert sorted(p.name for p in single.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     merge_model_dir(single, adapter, tmp_path / "merged")
-    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == \
-        ["config.json", "generation_config.json", RECORD_FILE, "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        RECORD_FILE,
+        "model.safetensors",
+    ]
     with torch.no_grad():
-        torch.testing.assert_close(base_model(tmp_path / "merged")(input_ids=IDS).logits, our_logits,
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(base_model(tmp_path / "merged")(input_ids=IDS).logits, our_logits, rtol=0, atol=1e-5)
 
 
 def test_dtype_bf16_merges_in_fp32_and_casts_once(tiny, tmp_path):
@@ -140,8 +151,10 @@ def test_dtype_bf16_merges_in_fp32_and_casts_once(tiny, tmp_path):
     base, adapter, _ = tiny["gpt2"]
     report = merge_model_dir(base, adapter, tmp_path / "merged", dtype="bf16", verify=True)
     merged, original = safetensors_state(tmp_path / "merged"), safetensors_state(base)
-    A, B = (load_file(adapter / "adapter_model.safetensors")[f"base_model.model.transformer.h.0.attn.c_attn.{p}"]
-            for p in ("lora_A.weight", "lora_B.weight"))
+    A, B = (
+        load_file(adapter / "adapter_model.safetensors")[f"base_model.model.transformer.h.0.attn.c_attn.{p}"]
+        for p in ("lora_A.weight", "lora_B.weight")
+    )
     key = "transformer.h.0.attn.c_attn.weight"
     assert torch.equal(merged[key], (original[key] + (B @ A).T * 2.0).to(torch.bfloat16))
     for k in merged:
@@ -179,8 +192,9 @@ def test_merging_in_blocks_of_rows_equals_merging_whole_tensors(tiny, model_type
 
 def test_cli_merge_with_verify_reports_fp32_logit_diff(tiny, tmp_path, capsys):
     base, adapter, _ = tiny["gpt_neox"]
-    assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "m"),
-                 "--verify"]) == 0
+    assert (
+        main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "m"), "--verify"]) == 0
+    )
     verify = json.loads(capsys.readouterr().out)["verify"]
     assert verify["prompts"] == 4 and verify["max_abs_diff"] < 1e-5 and verify["adapter_effect"] > 0.1
 
@@ -212,13 +226,24 @@ def nan_adapter(tiny, tmp_path):
 
 
 BAD = {
-    "names": (lambda tiny, tmp: tiny["llama"][1], "gpt_neox", r"4 of its 4 modules have no weight in --base .* "
-              r"model\.layers\.0\.self_attn\.q_proj\.weight\); the adapter was trained on another base"),
-    "shapes": (shape_mismatched_adapter, "gpt_neox", r"query_key_value expects a base weight of shape \[384, 128\], "
-               r"but .* is \[192, 64\]; the adapter was trained on another base"),
+    "names": (
+        lambda tiny, tmp: tiny["llama"][1],
+        "gpt_neox",
+        r"4 of its 4 modules have no weight in --base .* "
+        r"model\.layers\.0\.self_attn\.q_proj\.weight\); the adapter was trained on another base",
+    ),
+    "shapes": (
+        shape_mismatched_adapter,
+        "gpt_neox",
+        r"query_key_value expects a base weight of shape \[384, 128\], "
+        r"but .* is \[192, 64\]; the adapter was trained on another base",
+    ),
     "nan": (nan_adapter, "gpt_neox", r"holds NaN/Inf"),
-    "fan_in_fan_out": (lambda tiny, tmp: make_adapter(tiny["gpt2"][0], ["c_attn"], tmp / "a", fan_in_fan_out=False)[0],
-                       "gpt2", r"shape \[192, 64\], but .* is \[64, 192\] \(it is laid out for fan_in_fan_out=True"),
+    "fan_in_fan_out": (
+        lambda tiny, tmp: make_adapter(tiny["gpt2"][0], ["c_attn"], tmp / "a", fan_in_fan_out=False)[0],
+        "gpt2",
+        r"shape \[192, 64\], but .* is \[64, 192\] \(it is laid out for fan_in_fan_out=True",
+    ),
 }
 
 
@@ -319,8 +344,12 @@ def _shard_lost(base):
     return rf"shard {shard.name} \(listed in {INDEX_FILE}\) is missing"
 
 
-DAMAGED_BASES = {"header cut": _cut_header, "index not json": _index_not_json, "index disagrees": _index_disagrees,
-                 "shard lost": _shard_lost}
+DAMAGED_BASES = {
+    "header cut": _cut_header,
+    "index not json": _index_not_json,
+    "index disagrees": _index_disagrees,
+    "shard lost": _shard_lost,
+}
 
 
 @pytest.mark.parametrize("case", sorted(DAMAGED_BASES))
@@ -332,9 +361,11 @@ def test_a_damaged_base_dir_gets_one_message_from_merge_analyze_and_the_model_ch
     broken = tmp_path / "broken"
     shutil.copytree(base, broken)
     message = DAMAGED_BASES[case](broken)
-    for check in (lambda: merge_model_dir(broken, adapter, tmp_path / "merged"),
-                  lambda: analyze([str(adapter)], str(tmp_path / "analysis"), base_dir=str(broken), progress=False),
-                  lambda: check_model_dir(str(broken))):
+    for check in (
+        lambda: merge_model_dir(broken, adapter, tmp_path / "merged"),
+        lambda: analyze([str(adapter)], str(tmp_path / "analysis"), base_dir=str(broken), progress=False),
+        lambda: check_model_dir(str(broken)),
+    ):
         with pytest.raises(UserError, match=message):
             check()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]

@@ -1,4 +1,5 @@
 """Open MPI's `mpirun` (Debian's, as root): ranks found through mpi4py, and launcher/train.py on 2 MPI ranks."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,6 @@ import sys
 import tempfile
 
 import pytest
-
 from helpers import PROGRAMS, TRAINER, metric_steps, mpirun, read_reports, train_args
 
 pytestmark = pytest.mark.cluster
@@ -22,8 +22,10 @@ def probe(*mpirun_opts: str, drop: tuple[str, ...] = ()) -> list[dict]:
 
 def expected(master_port: int = 29500) -> list[dict]:
     host = socket.gethostname()
-    return [dict(rank=r, local_rank=r, world_size=2, master_addr=host, master_port=master_port, source="mpi")
-            for r in (0, 1)]
+    return [
+        dict(rank=r, local_rank=r, world_size=2, master_addr=host, master_port=master_port, source="mpi")
+        for r in (0, 1)
+    ]
 
 
 def test_mpirun_ranks_are_found_through_mpi4py():
@@ -45,8 +47,10 @@ def test_pmix_alone_is_enough_without_open_mpi_variables():
 
 @pytest.mark.distributed
 def test_mpirun_trains_launcher_with_ranks_from_mpi(neox_dir, tmp_path):
-    proc = mpirun([sys.executable, TRAINER, *train_args(neox_dir, tmp_path, max_steps=4, micro_batch=4, lora_r=4,
-                                                        seed=7)], timeout=600)
+    proc = mpirun(
+        [sys.executable, TRAINER, *train_args(neox_dir, tmp_path, max_steps=4, micro_batch=4, lora_r=4, seed=7)],
+        timeout=600,
+    )
     assert proc.stdout.count("adapter written to") == 1  # rank 0 only
     resolved = json.loads((tmp_path / "run_config.json").read_text())["resolved"]
     assert (resolved["world_size"], resolved["rank_source"]) == (2, "mpi")

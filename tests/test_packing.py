@@ -1,11 +1,12 @@
 """Packing: first-fit rows that keep examples whole, and a block-causal mask under which every packed
 example gets the loss it gets alone (tiny random GPT-NeoX and Llama, sdpa and eager)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from fixtures import tiny_model as preset_shaped
+
 from lora_ds.packing import block_causal_mask, pack_rows
 
 IGNORE = -100
@@ -14,8 +15,12 @@ IGNORE = -100
 def example(i: int, n_context: int, n_target: int, vocab: int = 64, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed * 1000 + i)
     ids = torch.randint(3, vocab, (n_context + n_target,), generator=gen).tolist()
-    return {"id": f"ex{i}", "input_ids": ids, "labels": [IGNORE] * n_context + ids[n_context:],
-            "position_ids": list(range(len(ids)))}
+    return {
+        "id": f"ex{i}",
+        "input_ids": ids,
+        "labels": [IGNORE] * n_context + ids[n_context:],
+        "position_ids": list(range(len(ids))),
+    }
 
 
 def test_first_fit_keeps_examples_whole_and_in_order():
@@ -39,12 +44,17 @@ def test_mask_is_causal_within_examples_and_ignores_padding():
     real = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
     allowed = block_causal_mask(pos, real, torch.bool)
     assert allowed.shape == (2, 1, 6, 6)
-    expected_row0 = torch.tensor([[1, 0, 0, 0, 0, 0],
-                                  [1, 1, 0, 0, 0, 0],
-                                  [1, 1, 1, 0, 0, 0],
-                                  [0, 0, 0, 1, 0, 0],
-                                  [0, 0, 0, 1, 1, 0],
-                                  [0, 0, 0, 0, 0, 1]], dtype=torch.bool)
+    expected_row0 = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [0, 0, 0, 1, 0, 0],
+            [0, 0, 0, 1, 1, 0],
+            [0, 0, 0, 0, 0, 1],
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(allowed[0, 0], expected_row0)
     assert torch.equal(allowed[1, 0, 4:], torch.eye(6, dtype=torch.bool)[4:])  # padding sees only itself
     additive = block_causal_mask(pos, real, torch.float32)
@@ -55,14 +65,24 @@ def test_mask_is_causal_within_examples_and_ignores_padding():
 def tiny_model(model_type: str, attn: str):
     """Smaller than the tiny presets: 32 wide, 64 tokens; GPT-NeoX's rotary on every dimension."""
     extra = {"gpt_neox": dict(rotary_pct=1.0), "llama": dict(num_key_value_heads=2)}[model_type]
-    return preset_shaped(model_type, attn, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, vocab_size=64, max_position_embeddings=64, **extra).eval()
+    return preset_shaped(
+        model_type,
+        attn,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=64,
+        max_position_embeddings=64,
+        **extra,
+    ).eval()
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Loss of each token's label given the tokens before it (0 where ignored), as HF shifts it."""
-    losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:],
-                                               ignore_index=IGNORE, reduction="none")
+    losses = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=IGNORE, reduction="none"
+    )
     return torch.nn.functional.pad(losses, (1, 0))
 
 
@@ -85,8 +105,9 @@ def test_packed_example_loss_equals_its_loss_alone(model_type, attn):
         ids[b, :n], labels[b, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"])
         pos[b, :n], real[b, :n] = torch.tensor(r["position_ids"]), 1
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=block_causal_mask(pos, real, torch.float32),
-                       position_ids=pos).logits
+        logits = model(
+            input_ids=ids, attention_mask=block_causal_mask(pos, real, torch.float32), position_ids=pos
+        ).logits
     losses = token_losses(logits, labels)
 
     by_id = {r["id"]: r for r in rows}
@@ -99,6 +120,6 @@ def test_packed_example_loss_equals_its_loss_alone(model_type, attn):
             with torch.no_grad():
                 alone_logits = model(input_ids=torch.tensor([alone["input_ids"]])).logits
             alone_losses = token_losses(alone_logits, torch.tensor([alone["labels"]]))[0]
-            torch.testing.assert_close(losses[b, start:start + n], alone_losses, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(losses[b, start : start + n], alone_losses, rtol=1e-5, atol=1e-5)
             start, checked = start + n, checked + 1
     assert checked == len(rows)

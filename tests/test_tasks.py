@@ -1,10 +1,11 @@
 """The task modules: every task has the whole interface, reads every download format, and parses its own
 rendered answers back; WikiSQL SQL renders and parses back exactly; MNLI and SAMSum render as the paper's."""
+
 from __future__ import annotations
 
 import pytest
-
 from fixtures import FIXTURES, wikisql_data, wikisql_hf_rows, write_fixture
+
 from lora_ds.tasks import TASKS, get_task, mnli, samsum, wikisql
 from lora_ds.tasks.reading import BadRecord
 
@@ -38,8 +39,11 @@ def test_generated_queries_parse_back_at_scale():
         assert_round_trip(q["sql"], by_id[q["table_id"]]["header"])
     for row in wikisql_hf_rows(1000):
         conds = row["sql"]["conds"]
-        sql = {"sel": row["sql"]["sel"], "agg": row["sql"]["agg"],
-               "conds": list(zip(conds["column_index"], conds["operator_index"], conds["condition"]))}
+        sql = {
+            "sel": row["sql"]["sel"],
+            "agg": row["sql"]["agg"],
+            "conds": list(zip(conds["column_index"], conds["operator_index"], conds["condition"])),
+        }
         assert_round_trip(sql, row["table"]["header"])
 
 
@@ -47,15 +51,29 @@ def test_sql_names_columns_and_quotes_values():
     header = ["Player", "No.", 'Team "Club"', "Score", "Score", "Coach's name"]
     sql = {"sel": 4, "agg": 1, "conds": [[2, 0, "O'Brien"], [1, 1, 3], [3, 2, 3.0], [5, 3, "3"]]}
     text = wikisql.render_sql(sql, header)
-    assert text == ("SELECT MAX(\"Score\"#2) FROM table WHERE \"Team \"\"Club\"\"\" = 'O''Brien' AND \"No.\" > 3 "
-                    "AND \"Score\" < 3.0 AND \"Coach's name\" OP '3'")
+    assert text == (
+        'SELECT MAX("Score"#2) FROM table WHERE "Team ""Club""" = \'O\'\'Brien\' AND "No." > 3 '
+        'AND "Score" < 3.0 AND "Coach\'s name" OP \'3\''
+    )
     assert_round_trip(sql, header)
     assert wikisql.parse_sql(f"  {text}\n", header)[0] == 4
     assert wikisql.render_sql({"sel": 0, "agg": 0, "conds": []}, header) == 'SELECT "Player" FROM table'
 
 
-@pytest.mark.parametrize("value, text", [(3, "3"), (3.0, "3.0"), (-4, "-4"), (2.5, "2.5"), (1e16, "1e+16"),
-                                         (1.5e-07, "1.5e-07"), ("3", "'3'"), ("", "''"), ("a'b", "'a''b'")])
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (3, "3"),
+        (3.0, "3.0"),
+        (-4, "-4"),
+        (2.5, "2.5"),
+        (1e16, "1e+16"),
+        (1.5e-07, "1.5e-07"),
+        ("3", "'3'"),
+        ("", "''"),
+        ("a'b", "'a''b'"),
+    ],
+)
 def test_numbers_keep_their_type(value, text):
     assert wikisql.render_value(value) == text
     sql = {"sel": 0, "agg": 0, "conds": [[0, 0, value]]}
@@ -68,20 +86,33 @@ def test_non_values_are_refused(value):
         wikisql.render_value(value)
 
 
-@pytest.mark.parametrize("text", [
-    "", "SELECT Player FROM table", 'SELECT "Nope" FROM table', 'SELECT MAX("Player" FROM table',
-    'SELECT "Player" FROM table WHERE', 'SELECT "Player" FROM table WHERE "Player" != 3',
-    "SELECT \"Player\" FROM table WHERE \"Player\" = 'open", 'SELECT "Player" FROM table LIMIT 1',
-    'SELECT "Player"#3 FROM table', 'SELECT "Player" FROM table WHERE "Player" = 3 AND',
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "SELECT Player FROM table",
+        'SELECT "Nope" FROM table',
+        'SELECT MAX("Player" FROM table',
+        'SELECT "Player" FROM table WHERE',
+        'SELECT "Player" FROM table WHERE "Player" != 3',
+        'SELECT "Player" FROM table WHERE "Player" = \'open',
+        'SELECT "Player" FROM table LIMIT 1',
+        'SELECT "Player"#3 FROM table',
+        'SELECT "Player" FROM table WHERE "Player" = 3 AND',
+    ],
+)
 def test_malformed_sql_is_a_value_error(text):
     with pytest.raises(ValueError, match="not WikiSQL SQL"):
         wikisql.parse_sql(text, ["Player", "Player"])
 
 
 def test_wikisql_prompt_is_schema_then_question():
-    record = {"question": "Who scored?", "header": ["Player", "Goals"], "types": ["text", "real"],
-              "sql": {"sel": 0, "agg": 0, "conds": [[1, 1, 10]]}}
+    record = {
+        "question": "Who scored?",
+        "header": ["Player", "Goals"],
+        "types": ["text", "real"],
+        "sql": {"sel": 0, "agg": 0, "conds": [[1, 1, 10]]},
+    }
     prompt, completion = wikisql.render(record)
     assert prompt == 'Table: "Player" (text) | "Goals" (real)\nQuestion: Who scored?\nSQL:'
     assert completion == ' SELECT "Player" FROM table WHERE "Goals" > 10'
@@ -96,7 +127,7 @@ def test_mnli_target_is_the_label_word():
 
 
 def test_samsum_joins_utterances_by_newline_then_blank_line():
-    dialogue = "Amanda: cookies?\r\nJerry: Sure, \"yes\"!\n\nAmanda: ok \r\r\n"
+    dialogue = 'Amanda: cookies?\r\nJerry: Sure, "yes"!\n\nAmanda: ok \r\r\n'
     prompt, completion = samsum.render({"dialogue": dialogue, "summary": "Amanda\r\nbakes."})
     assert samsum.utterances(dialogue) == ["Amanda: cookies?", 'Jerry: Sure, "yes"!', "Amanda: ok "]
     assert prompt == 'Amanda: cookies?\nJerry: Sure, "yes"!\nAmanda: ok \n\n'
@@ -126,8 +157,9 @@ def test_each_task_module_has_the_whole_interface(name):
     assert all(callable(getattr(task, f)) for f in FUNCTIONS)
     assert task.TABLE_COLUMNS[0] == "n" and task.MAX_NEW_TOKENS >= 1
     assert task.CHOICES is None or all(isinstance(c, str) for c in task.CHOICES.values())
-    assert task.OFFICIAL is None or all(hasattr(task.OFFICIAL, a) for a in ("FILE", "HINT", "recognizes", "read",
-                                                                              "line"))
+    assert task.OFFICIAL is None or all(
+        hasattr(task.OFFICIAL, a) for a in ("FILE", "HINT", "recognizes", "read", "line")
+    )
     assert any(t == name for t in FIXTURES.values()), f"add {name}'s download formats to tests/fixtures.py"
 
 

@@ -1,4 +1,5 @@
 """Real 2-rank ZeRO-3 runs of launcher/train.py on CPU (gloo), checked against a plain-PyTorch reference."""
+
 from __future__ import annotations
 
 import json
@@ -7,17 +8,38 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fixtures import write_fixture
-from helpers import (EVAL_DATA, PROGRAMS, adapter_tensors, assert_close_tensors, assert_equal_tensors, launch,
-                     read_metrics, read_reports, reference_lora, run_cli, train_args)
+from helpers import (
+    EVAL_DATA,
+    PROGRAMS,
+    adapter_tensors,
+    assert_close_tensors,
+    assert_equal_tensors,
+    launch,
+    read_metrics,
+    read_reports,
+    reference_lora,
+    run_cli,
+    train_args,
+)
+
 from lora_ds.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.distributed
 
 # The reference's setup as flags: micro 4 x accum 2 x 2 ranks, warm-up 2, seed 7.
-COMMON = dict(eval_data=EVAL_DATA, micro_batch=4, grad_accum=2, lora_r=4, lora_alpha=8, lr=1e-2, warmup=2,
-              max_grad_norm=1.0, seed=7, max_len=128)
+COMMON = dict(
+    eval_data=EVAL_DATA,
+    micro_batch=4,
+    grad_accum=2,
+    lora_r=4,
+    lora_alpha=8,
+    lr=1e-2,
+    warmup=2,
+    max_grad_norm=1.0,
+    seed=7,
+    max_len=128,
+)
 STEPS = 8
 # Adam divides by sqrt(v): for elements whose gradient is near zero it amplifies fp32 summation-order noise
 # (2 ranks reduce in another order than 1 process) to ~1e-5 after a few steps at lr 1e-2.
@@ -29,8 +51,9 @@ def reference(model_dir, targets, steps: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    return reference_lora(model, load_tokenizer(str(model_dir)), targets, steps=range(steps), world=2, micro=4,
-                          accum=2, warmup=2, seed=7)
+    return reference_lora(
+        model, load_tokenizer(str(model_dir)), targets, steps=range(steps), world=2, micro=4, accum=2, warmup=2, seed=7
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +104,9 @@ def test_checkpoint_holds_lora_state_only(neox_run, neox_dir):
     # The optimizer state: per rank, flat fp32 partitions of exactly the LoRA params (ceil(numel/world) each).
     per_rank = 0
     for rank in range(2):
-        optim = torch.load(tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", weights_only=False,
-                           map_location="cpu")["optimizer_state_dict"]
+        optim = torch.load(
+            tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", weights_only=False, map_location="cpu"
+        )["optimizer_state_dict"]
         flat = optim["fp32_flat_groups"]
         state = optim["optimizer_state_dict"]["state"]
         assert len(flat) == 1 and len(state) == 1
@@ -91,8 +115,7 @@ def test_checkpoint_holds_lora_state_only(neox_run, neox_dir):
             assert state[0][moment].numel() == flat[0].numel()
     expected = sum(-(-v.numel() // 2) for v in adapter_tensors(neox_run / "adapter").values())
     assert per_rank == 2 * expected
-    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step_")) == \
-        ["step_00000004", "step_00000008"]
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step_")) == ["step_00000004", "step_00000008"]
 
 
 def test_adapter_is_peft_format_and_gives_our_logits(neox_run, neox_dir):
@@ -167,14 +190,16 @@ def test_training_reads_a_packed_prepared_dir_in_bf16(neox_dir, tmp_path):
     """lora-ds prep output (packed rows, block-causal masks) trains on 2 ranks in bf16."""
     src = write_fixture("samsum-corpus", tmp_path / "raw", n=60)
     prepared = tmp_path / "prepared"
-    prep = run_cli("prep", "samsum", "--src", *src, "--tokenizer", neox_dir, "--out", prepared, "--pack", "256",
-                   "--max-len", "256")
+    prep = run_cli(
+        "prep", "samsum", "--src", *src, "--tokenizer", neox_dir, "--out", prepared, "--pack", "256", "--max-len", "256"
+    )
     assert prep.returncode == 0, prep.stderr
     manifest = json.loads((prepared / "manifest.json").read_text())
     assert manifest["pack"] == 256
     out = tmp_path / "run"
-    launch(train_args(neox_dir, out, data=prepared, eval_data=prepared, max_steps=2, micro_batch=1, dtype="bf16",
-                      lora_r=4))
+    launch(
+        train_args(neox_dir, out, data=prepared, eval_data=prepared, max_steps=2, micro_batch=1, dtype="bf16", lora_r=4)
+    )
     records = read_metrics(out)
     assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
     assert math.isfinite(records[-1]["eval_loss"]) and (out / "adapter" / "adapter_model.safetensors").exists()

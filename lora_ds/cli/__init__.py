@@ -4,6 +4,7 @@ Each module has a docstring (its help line first), `add_arguments(parser)` and `
 and imports heavy libraries inside `run` so that `lora-ds --help` stays fast. Flags are spelled as the
 trainer spells them, with underscores (`--max_len`); `lora_ds.config.flag_spellings` adds the hyphenated alias.
 """
+
 from __future__ import annotations
 
 import argparse

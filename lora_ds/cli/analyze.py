@@ -10,14 +10,24 @@ energy in the top-k and the effective rank. With two adapters: φ(i, j) = ‖U1_
 random directions (Table 7), the base read one tensor at a time. Writes OUT/analysis.json (definitions
 included) and PNG figures; OUT is replaced.
 """
+
 from __future__ import annotations
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--adapter", required=True, action="append", metavar="ADAPTER_DIR",
-                        help="PEFT LoRA adapter dir; give it twice to compare two adapters")
-    parser.add_argument("--base", default=None, metavar="MODEL_DIR",
-                        help="the adapters' base model dir (safetensors): adds the amplification factor")
+    parser.add_argument(
+        "--adapter",
+        required=True,
+        action="append",
+        metavar="ADAPTER_DIR",
+        help="PEFT LoRA adapter dir; give it twice to compare two adapters",
+    )
+    parser.add_argument(
+        "--base",
+        default=None,
+        metavar="MODEL_DIR",
+        help="the adapters' base model dir (safetensors): adds the amplification factor",
+    )
     parser.add_argument("--out", required=True, metavar="OUT_DIR", help="where analysis.json and the figures go")
 
 
@@ -27,8 +37,11 @@ def run(args) -> int:
     from lora_ds.analyze import analyze
 
     result = analyze(args.adapter, args.out, base_dir=args.base)
-    summary = {"out": args.out, "figures": result["figures"],
-               "adapters": [{"path": a["path"], "r": a["r"], **a["summary"]} for a in result["adapters"]]}
+    summary = {
+        "out": args.out,
+        "figures": result["figures"],
+        "adapters": [{"path": a["path"], "r": a["r"], **a["summary"]} for a in result["adapters"]],
+    }
     if "subspace_similarity" in result:
         summary["subspace_similarity"] = result["subspace_similarity"]["summary"]
     print(json.dumps(summary, indent=2))

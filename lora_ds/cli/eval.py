@@ -17,6 +17,7 @@ rendered by the task's template, the text the model was trained on. Decoding is 
 is above 1; MNLI is also scored by the likeliest of the three label words. Writes predictions.jsonl and
 metrics.json to --out and prints the metrics.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,54 +31,99 @@ ZERO3_CONFIG = os.path.join(os.path.dirname(os.path.dirname(DEMO_DIR)), "ds_conf
 def add_data_arguments(parser) -> None:
     """--task, --data, --split: shared with `lora-ds score`."""
     parser.add_argument("--task", required=True, choices=TASKS, help="which task --data holds")
-    parser.add_argument("--data", required=True, nargs="+", metavar="SRC",
-                        help="the task's downloaded file(s): WikiSQL dev.jsonl (dev.tables.jsonl beside it) or its "
-                             "HF export; MNLI dev_matched.tsv dev_mismatched.tsv, multinli_1.0_dev_*.jsonl or HF; "
-                             "SAMSum val.json, .csv or HF")
-    parser.add_argument("--split", nargs="+", default=None, metavar="S",
-                        help="a split name per --data file (default: from the file name; MNLI: matched or "
-                             "mismatched)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        metavar="SRC",
+        help="the task's downloaded file(s): WikiSQL dev.jsonl (dev.tables.jsonl beside it) or its "
+        "HF export; MNLI dev_matched.tsv dev_mismatched.tsv, multinli_1.0_dev_*.jsonl or HF; "
+        "SAMSum val.json, .csv or HF",
+    )
+    parser.add_argument(
+        "--split",
+        nargs="+",
+        default=None,
+        metavar="S",
+        help="a split name per --data file (default: from the file name; MNLI: matched or mismatched)",
+    )
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="a Hugging Face model dir (base, or already merged) or preset:NAME (random weights, drawn "
-                             "as the training run drew them: evaluate on the launch it trained on)")
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer dir or tokenizer.model (default: the model dir; the demo's for presets)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="a Hugging Face model dir (base, or already merged) or preset:NAME (random weights, drawn "
+        "as the training run drew them: evaluate on the launch it trained on)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer dir or tokenizer.model (default: the model dir; the demo's for presets)",
+    )
     lora = parser.add_mutually_exclusive_group()
     lora.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter dir to merge in")
-    lora.add_argument("--checkpoint", metavar="DIR",
-                      help="a training checkpoint to take the LoRA from: OUTPUT/checkpoints (its latest) or a tag")
+    lora.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="a training checkpoint to take the LoRA from: OUTPUT/checkpoints (its latest) or a tag",
+    )
     add_data_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="where predictions.jsonl and metrics.json go")
-    parser.add_argument(*flag_spellings("--max_new_tokens"), type=int, default=None, metavar="N",
-                        help="generation length (default: wikisql 128, mnli 8, samsum 128)")
+    parser.add_argument(
+        *flag_spellings("--max_new_tokens"),
+        type=int,
+        default=None,
+        metavar="N",
+        help="generation length (default: wikisql 128, mnli 8, samsum 128)",
+    )
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N examples per file")
-    parser.add_argument(*flag_spellings("--num_beams"), type=int, default=1, metavar="K",
-                        help="beam width; 1 is greedy (default)")
+    parser.add_argument(
+        *flag_spellings("--num_beams"), type=int, default=1, metavar="K", help="beam width; 1 is greedy (default)"
+    )
     # train's --micro_batch: sequences per rank per forward, and the DeepSpeed micro-batch under ZeRO-3.
-    parser.add_argument(*flag_spellings("--micro_batch"), "--batch-size", dest="batch_size", type=int, default=8,
-                        metavar="B", help="prompts per forward pass per rank (default: 8)")
-    parser.add_argument(*flag_spellings("--max_len"), type=int, default=1024, metavar="N",
-                        help="prompt + generated tokens; longer prompts lose tokens from the left (default: 1024)")
+    parser.add_argument(
+        *flag_spellings("--micro_batch"),
+        "--batch-size",
+        dest="batch_size",
+        type=int,
+        default=8,
+        metavar="B",
+        help="prompts per forward pass per rank (default: 8)",
+    )
+    parser.add_argument(
+        *flag_spellings("--max_len"),
+        type=int,
+        default=1024,
+        metavar="N",
+        help="prompt + generated tokens; longer prompts lose tokens from the left (default: 1024)",
+    )
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype")
-    parser.add_argument(*flag_spellings("--ds_config"), default=None,
-                        help=f"DeepSpeed config; default when launched on several ranks: {ZERO3_CONFIG}")
+    parser.add_argument(
+        *flag_spellings("--ds_config"),
+        default=None,
+        help=f"DeepSpeed config; default when launched on several ranks: {ZERO3_CONFIG}",
+    )
     parser.add_argument(*flag_spellings("--no_progress"), action="store_true", help="no progress bar")
 
 
 def _check(args) -> None:
     from lora_ds.errors import UserError
 
-    for flag, value, least in (("--limit", args.limit, 1), ("--num_beams", args.num_beams, 1),
-                               ("--micro_batch", args.batch_size, 1), ("--max_new_tokens", args.max_new_tokens, 1),
-                               ("--max_len", args.max_len, 2)):
+    for flag, value, least in (
+        ("--limit", args.limit, 1),
+        ("--num_beams", args.num_beams, 1),
+        ("--micro_batch", args.batch_size, 1),
+        ("--max_new_tokens", args.max_new_tokens, 1),
+        ("--max_len", args.max_len, 2),
+    ):
         if value is not None and value < least:
             raise UserError(f"{flag} {value}: must be at least {least}")
     if args.max_new_tokens is not None and args.max_new_tokens >= args.max_len:
-        raise UserError(f"--max_new_tokens {args.max_new_tokens} leaves no room for the prompt in --max_len "
-                        f"{args.max_len}; raise --max_len")
+        raise UserError(
+            f"--max_new_tokens {args.max_new_tokens} leaves no room for the prompt in --max_len "
+            f"{args.max_len}; raise --max_len"
+        )
 
 
 def run(args) -> int:
@@ -100,28 +146,53 @@ def run(args) -> int:
     if world > 1 or args.ds_config:
         env = init_distributed()
         rank, world = env.rank, env.world_size
-        cfg = RunConfig(model=ModelConfig(name=args.model, dtype=args.dtype),
-                        train=TrainConfig(ds_config=args.ds_config or ZERO3_CONFIG, micro_batch=args.batch_size))
+        cfg = RunConfig(
+            model=ModelConfig(name=args.model, dtype=args.dtype),
+            train=TrainConfig(ds_config=args.ds_config or ZERO3_CONFIG, micro_batch=args.batch_size),
+        )
         ds_config = resolve_ds_config(cfg, world)
     model, device, keepalive = build_eval_model(args.model, tok, lora, args.dtype, ds_config)
-    generated, constrained = predict(model, tok, evalset, max_new_tokens=max_new_tokens, num_beams=args.num_beams,
-                                     batch_size=args.batch_size, max_len=args.max_len, device=device, rank=rank,
-                                     world=world, progress=not args.no_progress)
+    generated, constrained = predict(
+        model,
+        tok,
+        evalset,
+        max_new_tokens=max_new_tokens,
+        num_beams=args.num_beams,
+        batch_size=args.batch_size,
+        max_len=args.max_len,
+        device=device,
+        rank=rank,
+        world=world,
+        progress=not args.no_progress,
+    )
     seconds = time.perf_counter() - start
     if rank == 0:
         rows, by_split = score(evalset, generated, constrained)
         report = {
-            "task": args.task, "metrics": by_split, "data": evalset.sources, "model": args.model,
-            "lora": lora.source if lora else None, "dtype": args.dtype,
-            "decoding": {"strategy": "beam" if args.num_beams > 1 else "greedy", "num_beams": args.num_beams,
-                         "max_new_tokens": max_new_tokens, "max_len": args.max_len},
-            "world_size": world, "zero3": ds_config is not None, "limit": args.limit, "wall_time_s": seconds,
+            "task": args.task,
+            "metrics": by_split,
+            "data": evalset.sources,
+            "model": args.model,
+            "lora": lora.source if lora else None,
+            "dtype": args.dtype,
+            "decoding": {
+                "strategy": "beam" if args.num_beams > 1 else "greedy",
+                "num_beams": args.num_beams,
+                "max_new_tokens": max_new_tokens,
+                "max_len": args.max_len,
+            },
+            "world_size": world,
+            "zero3": ds_config is not None,
+            "limit": args.limit,
+            "wall_time_s": seconds,
         }
         if constrained is not None:
             report["constrained"] = "argmax of log p(label word EOS | prompt) over the three label words"
         write_outputs(args.out, evalset, rows, report)
-        print(f"{args.task}: {len(rows)} examples on {world} rank(s){' (ZeRO-3)' if ds_config else ''}, "
-              f"{report['decoding']['strategy']} decoding, {seconds:.1f} s -> {args.out}")
+        print(
+            f"{args.task}: {len(rows)} examples on {world} rank(s){' (ZeRO-3)' if ds_config else ''}, "
+            f"{report['decoding']['strategy']} decoding, {seconds:.1f} s -> {args.out}"
+        )
         print(format_table(args.task, by_split))
     del keepalive
     shutdown()

@@ -9,22 +9,42 @@ about the largest tensor plus the adapter); config, generation config and tokeni
 --verify compares logits of base+adapter and of the merged model on a few prompts (both in fp32, one
 model in memory at a time) and writes nothing if they differ beyond the tolerance.
 """
+
 from __future__ import annotations
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--base", required=True, metavar="MODEL_DIR",
-                        help="Hugging Face model dir (model.safetensors, or shards + model.safetensors.index.json)")
-    parser.add_argument("--adapter", required=True, metavar="ADAPTER_DIR",
-                        help="PEFT LoRA adapter dir (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument(
+        "--base",
+        required=True,
+        metavar="MODEL_DIR",
+        help="Hugging Face model dir (model.safetensors, or shards + model.safetensors.index.json)",
+    )
+    parser.add_argument(
+        "--adapter",
+        required=True,
+        metavar="ADAPTER_DIR",
+        help="PEFT LoRA adapter dir (adapter_config.json + adapter_model.safetensors)",
+    )
     parser.add_argument("--out", required=True, metavar="OUT_DIR", help="merged model dir (replaced if it exists)")
-    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
-                        help="cast every floating tensor to this dtype (default: keep each tensor's dtype)")
-    parser.add_argument("--verify", action="store_true",
-                        help="compare base+adapter and merged logits on a few prompts before committing the output")
-    parser.add_argument("--tolerance", type=float, default=None,
-                        help="--verify: largest allowed max |logit difference| / max(1, max |logit|) (default by "
-                             "stored dtype: 1e-4 fp32, 1e-2 fp16, 5e-2 bf16)")
+    parser.add_argument(
+        "--dtype",
+        choices=["bf16", "fp16", "fp32"],
+        default=None,
+        help="cast every floating tensor to this dtype (default: keep each tensor's dtype)",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare base+adapter and merged logits on a few prompts before committing the output",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="--verify: largest allowed max |logit difference| / max(1, max |logit|) (default by "
+        "stored dtype: 1e-4 fp32, 1e-2 fp16, 5e-2 bf16)",
+    )
 
 
 def run(args) -> int:
@@ -32,7 +52,8 @@ def run(args) -> int:
 
     from lora_ds.merge import merge_model_dir
 
-    report = merge_model_dir(args.base, args.adapter, args.out, dtype=args.dtype, verify=args.verify,
-                             tolerance=args.tolerance)
+    report = merge_model_dir(
+        args.base, args.adapter, args.out, dtype=args.dtype, verify=args.verify, tolerance=args.tolerance
+    )
     print(json.dumps(report, indent=2))
     return 0

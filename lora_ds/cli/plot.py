@@ -6,6 +6,7 @@
 Writes loss.png (eval_loss as points where it was logged), lr.png, tokens_per_s.png and peak_mem.png; for
 a resumed run the later record of a repeated step is used.
 """
+
 from __future__ import annotations
 
 

@@ -9,6 +9,7 @@
 Writes a prepared dir (one split, `datasets` Arrow + manifest.json) that training reads with --data;
 the same input gives the same bytes. Formats per task: `python -m data_prep.TASK --help`.
 """
+
 from __future__ import annotations
 
 from data_prep import common

@@ -11,6 +11,7 @@ such a file), matched to --data by id (add "split" when ids repeat across files;
 too: {"query": {"sel", "agg", "conds"}, "error": ""}, one line per line of the questions file, in order.
 Writes the scored predictions.jsonl and metrics.json to --out and prints the metrics.
 """
+
 from __future__ import annotations
 
 from lora_ds.cli.eval import add_data_arguments
@@ -28,8 +29,12 @@ def run(args) -> int:
     evalset = load_eval_set(args.task, args.data, args.split)
     predictions, constrained = read_predictions(args.predictions, evalset)
     rows, by_split = score(evalset, predictions, constrained)
-    write_outputs(args.out, evalset, rows, {"task": args.task, "metrics": by_split, "data": evalset.sources,
-                                            "predictions": args.predictions})
+    write_outputs(
+        args.out,
+        evalset,
+        rows,
+        {"task": args.task, "metrics": by_split, "data": evalset.sources, "predictions": args.predictions},
+    )
     print(f"{args.task}: {len(rows)} predictions from {args.predictions} -> {args.out}")
     print(format_table(args.task, by_split))
     return 0

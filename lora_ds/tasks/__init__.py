@@ -21,6 +21,7 @@ A task module defines these names (data prep and evaluation use no others; tests
 
 Adding a task is a module with these names and its line in TASKS.
 """
+
 from __future__ import annotations
 
 import importlib

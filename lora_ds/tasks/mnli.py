@@ -10,6 +10,7 @@ A gold label "-" (the annotators reached no majority) leaves the example out, co
 Scored by accuracy per split (matched, mismatched) of the constrained choice (the highest-likelihood label
 word) and of free generation.
 """
+
 from __future__ import annotations
 
 import csv
@@ -38,11 +39,14 @@ OFFICIAL = None
 
 GLUE, ORIGINAL, HF = "glue", "original", "hf"
 NO_MAJORITY = "-"
-EXPECTED = ("GLUE's MNLI .tsv, MultiNLI's multinli_1.0_*.jsonl (sentence1, sentence2, gold_label) or the "
-            "Hugging Face export (.parquet or .jsonl with premise, hypothesis, label)")
+EXPECTED = (
+    "GLUE's MNLI .tsv, MultiNLI's multinli_1.0_*.jsonl (sentence1, sentence2, gold_label) or the "
+    "Hugging Face export (.parquet or .jsonl with premise, hypothesis, label)"
+)
 
 
 # ---- the template ----------------------------------------------------------------------------------
+
 
 def render(record: dict) -> tuple[str, str]:
     """(prompt, completion) of `{"premise", "hypothesis", "label"}`, label one of LABELS."""
@@ -63,6 +67,7 @@ def parse(prediction: str, record: dict) -> str | None:
 
 # ---- reading the downloaded files ------------------------------------------------------------------
 
+
 def detect(path: str) -> tuple[str, list[str]]:
     """(format, files read) of an MNLI file."""
     name = os.path.basename(path)
@@ -70,8 +75,10 @@ def detect(path: str) -> tuple[str, list[str]]:
         header = reading.delimited_header(path, "\t", csv.QUOTE_NONE)
         reading.check_columns(path, header, ("sentence1", "sentence2"), EXPECTED)
         if "gold_label" not in header:
-            raise UserError(f"--src {path}: no gold_label column (GLUE's test files are unlabeled); prepare "
-                            "train.tsv, dev_matched.tsv or dev_mismatched.tsv")
+            raise UserError(
+                f"--src {path}: no gold_label column (GLUE's test files are unlabeled); prepare "
+                "train.tsv, dev_matched.tsv or dev_mismatched.tsv"
+            )
         return GLUE, [path]
     if name.endswith(".parquet"):
         reading.check_columns(path, reading.parquet_columns(path), ("premise", "hypothesis", "label"), EXPECTED)
@@ -108,8 +115,9 @@ def _from_sentences(loc: Loc, raw: dict, layout: str) -> dict | None:
     if label == NO_MAJORITY:
         return None
     if label not in LABELS:
-        raise BadRecord(f"{loc}: field 'gold_label' is {label!r}, not one of {', '.join(LABELS)} "
-                        f"(or {NO_MAJORITY} for no majority)")
+        raise BadRecord(
+            f"{loc}: field 'gold_label' is {label!r}, not one of {', '.join(LABELS)} (or {NO_MAJORITY} for no majority)"
+        )
     return {"id": record_id(raw, "pairID", loc), "premise": premise, "hypothesis": hypothesis, "label": label}
 
 
@@ -119,14 +127,17 @@ def _from_hf(loc: Loc, raw: dict) -> dict:
     premise, hypothesis = text(raw, "premise", loc), text(raw, "hypothesis", loc)
     label = field(raw, "label", loc, (int,), "0, 1 or 2")
     if label == -1:
-        raise BadRecord(f"{loc}: field 'label' is -1, no label (GLUE's test split is unlabeled); prepare the "
-                        "train or validation files")
+        raise BadRecord(
+            f"{loc}: field 'label' is -1, no label (GLUE's test split is unlabeled); prepare the "
+            "train or validation files"
+        )
     if not 0 <= label < len(LABELS):
         raise BadRecord(f"{loc}: field 'label' is {label}, not 0, 1 or 2 ({', '.join(LABELS)})")
     return {"id": record_id(raw, "idx", loc), "premise": premise, "hypothesis": hypothesis, "label": LABELS[label]}
 
 
 # ---- scoring ---------------------------------------------------------------------------------------
+
 
 def eval_context(sources: list[tuple[str, str]]) -> None:
     """Nothing: a label is scored against the record alone."""
@@ -146,8 +157,11 @@ def score_example(prediction: str, record: dict, context: None, choice: str | No
 def aggregate(scores: list[dict], context: None) -> dict:
     """A split's accuracies (%) and the generations that named no label."""
     n = len(scores)
-    out = {"n": n, "accuracy_generated": 100.0 * sum(s["generated"] for s in scores) / n,
-           "unparsed_generated": sum(s["generated_label"] is None for s in scores)}
+    out = {
+        "n": n,
+        "accuracy_generated": 100.0 * sum(s["generated"] for s in scores) / n,
+        "unparsed_generated": sum(s["generated_label"] is None for s in scores),
+    }
     if all("constrained" in s for s in scores):
         out["accuracy_constrained"] = 100.0 * sum(s["constrained"] for s in scores) / n
     return out

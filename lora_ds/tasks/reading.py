@@ -3,6 +3,7 @@
 What every task's readers share: JSON lines, one JSON list, CSV/TSV, Parquet, and the checks of a record's
 fields. A reader yields `(Loc, dict or BadRecord)`; a problem with the whole file is a UserError.
 """
+
 from __future__ import annotations
 
 import csv
@@ -99,7 +100,7 @@ def read_json_array(path: str):
         elif not text.startswith("]", pos):
             at = line + text.count("\n", counted, pos)
             raise UserError(f"{path}:{at}: expected ',' or ']' after a record; fix the file")
-    if text[pos + 1:].strip():
+    if text[pos + 1 :].strip():
         raise UserError(f"{path}: text after the closing ']' of the list; fix the file")
 
 
@@ -109,7 +110,7 @@ def read_text(path: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
+        line = data[: e.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: not UTF-8 text ({e.reason}); convert the file to UTF-8") from e
 
 
@@ -139,8 +140,12 @@ def read_delimited(path: str, delimiter: str, quoting: int):
                 if not fields:
                     continue
                 if len(fields) != len(header):
-                    yield loc, BadRecord(f"{loc}: {len(fields)} fields where the header has {len(header)} "
-                                         f"({', '.join(header)})")
+                    yield (
+                        loc,
+                        BadRecord(
+                            f"{loc}: {len(fields)} fields where the header has {len(header)} ({', '.join(header)})"
+                        ),
+                    )
                 else:
                     yield loc, dict(zip(header, fields))
         except UnicodeDecodeError as e:
@@ -180,14 +185,15 @@ def check_columns(path: str, columns: list[str], required: tuple[str, ...], what
     """A file-level error naming the first of `required` missing from `columns`."""
     missing = [c for c in required if c not in columns]
     if missing:
-        raise UserError(f"{path}: no column {missing[0]!r} (found: {', '.join(columns)}); "
-                        f"expected {what}")
+        raise UserError(f"{path}: no column {missing[0]!r} (found: {', '.join(columns)}); expected {what}")
 
 
 def mixed(loc: Loc, this: str, other: str) -> BadRecord:
     """The error for a record whose layout is not the one its file began with."""
-    return BadRecord(f"{loc}: this record has the {this} layout, but the file began in the {other} layout; "
-                     "one file must hold one format")
+    return BadRecord(
+        f"{loc}: this record has the {this} layout, but the file began in the {other} layout; "
+        "one file must hold one format"
+    )
 
 
 def attempt(normalize, loc: Loc, raw, *args):
@@ -201,6 +207,7 @@ def attempt(normalize, loc: Loc, raw, *args):
 
 
 # ---- fields ----------------------------------------------------------------------------------------
+
 
 def _shown(value) -> str:
     text = repr(value)

@@ -11,6 +11,7 @@ Scored by ROUGE F1 x 100 (mean over examples) from the `rouge-score` package wit
 rouge1/2/L see the text as one sequence, rougeLsum is summary-level LCS over sentences split by NLTK's
 Punkt (its trained English model when installed, else the untrained algorithm; the report names which).
 """
+
 from __future__ import annotations
 
 import csv
@@ -30,8 +31,10 @@ TEMPLATE = {
     "utterances": "the dialogue's non-empty lines (split at \\r\\n, \\r or \\n) joined by \\n",
 }
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-ROUGE_NOTE = ("ROUGE F1 x100 (mean over examples), rouge-score package, Porter stemming on; rouge1/rouge2/rougeL "
-              "over the whole text, rougeLsum summary-level LCS over sentences")
+ROUGE_NOTE = (
+    "ROUGE F1 x100 (mean over examples), rouge-score package, Porter stemming on; rouge1/rouge2/rougeL "
+    "over the whole text, rougeLsum summary-level LCS over sentences"
+)
 MAX_NEW_TOKENS = 128
 TABLE_COLUMNS = ("n", *ROUGE_TYPES)
 SPLIT_NAMES = ()
@@ -40,12 +43,15 @@ OFFICIAL = None
 
 CORPUS, CSV, HF = "corpus", "csv", "hf"
 COLUMNS = ("dialogue", "summary")
-EXPECTED = ("the SAMSum corpus .json list, the CSV mirror (.csv with id, dialogue, summary) or the Hugging "
-            "Face export (.parquet or .jsonl with id, dialogue, summary)")
+EXPECTED = (
+    "the SAMSum corpus .json list, the CSV mirror (.csv with id, dialogue, summary) or the Hugging "
+    "Face export (.parquet or .jsonl with id, dialogue, summary)"
+)
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 # ---- the template ----------------------------------------------------------------------------------
+
 
 def utterances(dialogue: str) -> list[str]:
     """The non-empty lines of a dialogue, verbatim."""
@@ -69,6 +75,7 @@ def parse(prediction: str, record: dict) -> str:
 
 
 # ---- reading the downloaded files ------------------------------------------------------------------
+
 
 def _first_char(path: str) -> str:
     with open(path, "rb") as f:
@@ -108,8 +115,11 @@ def read(path: str, fmt: str):
 
 
 def _normalize(loc: Loc, raw: dict) -> dict:
-    return {"id": record_id(raw, "id", loc), "dialogue": text(raw, "dialogue", loc),
-            "summary": text(raw, "summary", loc)}
+    return {
+        "id": record_id(raw, "id", loc),
+        "dialogue": text(raw, "dialogue", loc),
+        "summary": text(raw, "summary", loc),
+    }
 
 
 # ---- scoring ---------------------------------------------------------------------------------------

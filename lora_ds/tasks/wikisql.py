@@ -30,6 +30,7 @@ Scored as the official evaluator does (salesforce/WikiSQL `evaluate.py`, `lib/qu
 A prediction that does not parse is wrong for both and counted under `unparsed`; a gold query that does not
 execute (the official evaluator would stop) is wrong for execution and counted under `gold_exec_errors`.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,8 @@ TEMPLATE = {
     "completion": " {sql}",
     "schema": 'the columns joined by " | ", each as <column> (<type>)',
     "sql": "SELECT [AGG(]<column>[)] FROM table [WHERE <column> <op> <value> [AND ...]]; <column> is "
-           "\"name\" with \" doubled, plus #k on the k-th repeat of a name; <value> is 'text' with ' doubled, "
-           "an int, or a float as Python repr",
+    "\"name\" with \" doubled, plus #k on the k-th repeat of a name; <value> is 'text' with ' doubled, "
+    "an int, or a float as Python repr",
 }
 MAX_NEW_TOKENS = 128
 TABLE_COLUMNS = ("n", "lf_accuracy", "ex_accuracy", "unparsed", "gold_exec_errors")
@@ -62,8 +63,10 @@ CHOICES = None
 # OFFICIAL, the official evaluator's predictions format, is defined at the end.
 
 ORIGINAL, HF = "original", "hf"
-EXPECTED = ("the original release's {split}.jsonl (with {split}.tables.jsonl beside it) or the Hugging Face "
-            "export (.parquet or .jsonl with question, table, sql)")
+EXPECTED = (
+    "the original release's {split}.jsonl (with {split}.tables.jsonl beside it) or the Hugging Face "
+    "export (.parquet or .jsonl with question, table, sql)"
+)
 
 _REF = re.compile(r'"((?:[^"]|"")*)"(?:#([0-9]+))?')
 _STRING = re.compile(r"'((?:[^']|'')*)'")
@@ -73,6 +76,7 @@ _FIRST_NUMBER = re.compile(r"[-+]?\d*\.\d+|\d+")
 
 
 # ---- the template and its SQL ----------------------------------------------------------------------
+
 
 def _occurrences(header: list[str]):
     """(name, k) per column: the k-th column of that name."""
@@ -148,7 +152,7 @@ class _Reader:
         key = (m.group(1).replace('""', '"'), int(m.group(2) or 1))
         if key not in self.columns:
             self.pos = start
-            self.fail(f"a column of the table (no column {self.text[start:m.end()]})")
+            self.fail(f"a column of the table (no column {self.text[start : m.end()]})")
         return self.columns[key]
 
     def value(self):
@@ -192,8 +196,9 @@ def render_schema(header: list[str], types: list[str]) -> str:
 
 def render(record: dict) -> tuple[str, str]:
     """(prompt, completion) of `{"question", "header", "types", "sql"}`."""
-    prompt = TEMPLATE["prompt"].format(schema=render_schema(record["header"], record["types"]),
-                                       question=record["question"])
+    prompt = TEMPLATE["prompt"].format(
+        schema=render_schema(record["header"], record["types"]), question=record["question"]
+    )
     return prompt, TEMPLATE["completion"].format(sql=render_sql(record["sql"], record["header"]))
 
 
@@ -221,6 +226,7 @@ def parse(prediction, record: dict) -> tuple | None:
 
 # ---- reading the downloaded files ------------------------------------------------------------------
 
+
 def tables_file(path: str) -> str:
     """The tables file of an original-release questions file: train.jsonl -> train.tables.jsonl."""
     return os.path.splitext(path)[0] + ".tables.jsonl"
@@ -230,8 +236,10 @@ def detect(path: str) -> tuple[str, list[str]]:
     """(format, files read) of a WikiSQL file."""
     name = os.path.basename(path)
     if name.endswith(".tables.jsonl"):
-        raise UserError(f"--src {path}: this is a tables file; pass the questions file "
-                        f"{name[:-len('.tables.jsonl')]}.jsonl (its tables are read from beside it)")
+        raise UserError(
+            f"--src {path}: this is a tables file; pass the questions file "
+            f"{name[: -len('.tables.jsonl')]}.jsonl (its tables are read from beside it)"
+        )
     if name.endswith(".parquet"):
         reading.check_columns(path, reading.parquet_columns(path), ("question", "table", "sql"), EXPECTED)
         return HF, [path]
@@ -240,8 +248,10 @@ def detect(path: str) -> tuple[str, list[str]]:
         if "table_id" in first:
             tables = tables_file(path)
             if not os.path.isfile(tables):
-                raise UserError(f"--src {path}: the original release's questions need their tables file {tables}; "
-                                "put it beside the questions file")
+                raise UserError(
+                    f"--src {path}: the original release's questions need their tables file {tables}; "
+                    "put it beside the questions file"
+                )
             return ORIGINAL, [path, tables]
         if "table" in first and "sql" in first:
             return HF, [path]
@@ -309,16 +319,23 @@ def _value(value, loc: Loc, name: str):
 
 def _sel_agg(sql: dict, loc: Loc, header: list[str]) -> tuple[int, int]:
     sel = index(field(sql, "sel", loc, (int,), "an integer", "sql.sel"), loc, "sql.sel", len(header), "the header")
-    agg = index(field(sql, "agg", loc, (int,), "an integer", "sql.agg"), loc, "sql.agg", len(AGG_OPS),
-                f"the aggregation list {list(AGG_OPS)}")
+    agg = index(
+        field(sql, "agg", loc, (int,), "an integer", "sql.agg"),
+        loc,
+        "sql.agg",
+        len(AGG_OPS),
+        f"the aggregation list {list(AGG_OPS)}",
+    )
     return sel, agg
 
 
 def _cond(col, op, value, loc: Loc, names: list[str], header: list[str]) -> list:
     """[column, operator, value] checked; `names` are the three fields as the file calls them."""
-    return [index(col, loc, names[0], len(header), "the header"),
-            index(op, loc, names[1], len(COND_OPS), f"the operator list {list(COND_OPS)}"),
-            _value(value, loc, names[2])]
+    return [
+        index(col, loc, names[0], len(header), "the header"),
+        index(op, loc, names[1], len(COND_OPS), f"the operator list {list(COND_OPS)}"),
+        _value(value, loc, names[2]),
+    ]
 
 
 def _from_original(loc: Loc, raw: dict, tables: dict) -> dict:
@@ -337,8 +354,14 @@ def _from_original(loc: Loc, raw: dict, tables: dict) -> dict:
         if not isinstance(cond, list) or len(cond) != 3:
             raise BadRecord(f"{loc}: field '{name}' is {cond!r:.40}, expected [column, operator, value]")
         conds.append(_cond(*cond, loc, [f"{name}[{k}]" for k in range(3)], header))
-    return {"id": loc.default_id, "question": question, "header": header, "types": types,
-            "sql": {"sel": sel, "agg": agg, "conds": conds}, "table_id": table_id}
+    return {
+        "id": loc.default_id,
+        "question": question,
+        "header": header,
+        "types": types,
+        "sql": {"sel": sel, "agg": agg, "conds": conds},
+        "table_id": table_id,
+    }
 
 
 def _from_hf(loc: Loc, raw: dict) -> dict:
@@ -352,12 +375,22 @@ def _from_hf(loc: Loc, raw: dict) -> dict:
     keys = ("column_index", "operator_index", "condition")
     lists = [field(parts, key, loc, (list,), "a list", f"sql.conds.{key}") for key in keys]
     if len({len(values) for values in lists}) > 1:
-        raise BadRecord(f"{loc}: field 'sql.conds' has lists of different lengths "
-                        f"({', '.join(f'{k}: {len(v)}' for k, v in zip(keys, lists))})")
-    conds = [_cond(col, op, value, loc, [f"sql.conds.{key}[{i}]" for key in keys], header)
-             for i, (col, op, value) in enumerate(zip(*lists))]
-    return {"id": loc.default_id, "question": question, "header": header, "types": types,
-            "sql": {"sel": sel, "agg": agg, "conds": conds}, "table_id": _table_id(raw["table"], loc)}
+        raise BadRecord(
+            f"{loc}: field 'sql.conds' has lists of different lengths "
+            f"({', '.join(f'{k}: {len(v)}' for k, v in zip(keys, lists))})"
+        )
+    conds = [
+        _cond(col, op, value, loc, [f"sql.conds.{key}[{i}]" for key in keys], header)
+        for i, (col, op, value) in enumerate(zip(*lists))
+    ]
+    return {
+        "id": loc.default_id,
+        "question": question,
+        "header": header,
+        "types": types,
+        "sql": {"sel": sel, "agg": agg, "conds": conds},
+        "table_id": _table_id(raw["table"], loc),
+    }
 
 
 def _table_id(table: dict, loc: Loc) -> str:
@@ -366,6 +399,7 @@ def _table_id(table: dict, loc: Loc) -> str:
 
 
 # ---- scoring ---------------------------------------------------------------------------------------
+
 
 def logical_form_key(sel: int, agg: int, conds) -> tuple:
     """What the official evaluator compares: (sel, agg, {(col, op, str(value).lower())})."""
@@ -493,12 +527,17 @@ def score_example(prediction, record: dict, tables: Tables, choice=None) -> dict
 def aggregate(scores: list[dict], tables: Tables) -> dict:
     """A split's accuracies (%) and counts."""
     n = len(scores)
-    return {"n": n, "lf_accuracy": 100.0 * sum(s["lf"] for s in scores) / n,
-            "ex_accuracy": 100.0 * sum(s["ex"] for s in scores) / n, "unparsed": sum(1 - s["parsed"] for s in scores),
-            "gold_exec_errors": sum(1 - s["gold_executes"] for s in scores)}
+    return {
+        "n": n,
+        "lf_accuracy": 100.0 * sum(s["lf"] for s in scores) / n,
+        "ex_accuracy": 100.0 * sum(s["ex"] for s in scores) / n,
+        "unparsed": sum(1 - s["parsed"] for s in scores),
+        "gold_exec_errors": sum(1 - s["gold_executes"] for s in scores),
+    }
 
 
 # ---- the official evaluator's predictions format ---------------------------------------------------
+
 
 class OfficialFormat:
     """salesforce/WikiSQL `evaluate.py`'s predictions: one line per line of the questions file, in order,
@@ -517,12 +556,13 @@ class OfficialFormat:
     def read(path: str, lines: list[tuple[int, dict]], n_questions: int) -> list[dict]:
         """The lines of a predictions file in this format, checked against the number of questions."""
         if len(lines) != n_questions:
-            raise UserError(f"{path}: {len(lines)} lines in the official WikiSQL format, but --data has "
-                            f"{n_questions} questions; the format needs one line per source line, in order")
+            raise UserError(
+                f"{path}: {len(lines)} lines in the official WikiSQL format, but --data has "
+                f"{n_questions} questions; the format needs one line per source line, in order"
+            )
         for lineno, line in lines:
             if not isinstance(line.get("query"), dict) and not line.get("error"):
-                raise UserError(f"{path}:{lineno}: expected {{\"query\": {{\"sel\", \"agg\", \"conds\"}}, "
-                                "\"error\": \"\"}")
+                raise UserError(f'{path}:{lineno}: expected {{"query": {{"sel", "agg", "conds"}}, "error": ""}}')
         return [line for _, line in lines]
 
     @staticmethod

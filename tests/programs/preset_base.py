@@ -8,6 +8,7 @@ deepspeed.zero.Init), where transformers initializes each module's gathered weig
 values than the same seed in one plain process does, and the same on any number of ranks. So this program
 builds it that way and saves the gathered weights, for the tests that need the base a preset run trained on.
 """
+
 import argparse
 import shutil
 
@@ -34,8 +35,9 @@ def main():
     cfg = parse_config(["--model", args.model, "--dtype", "fp32", "--micro_batch", "1", "--max_steps", "1"])
     env = init_distributed()
     torch.manual_seed(args.seed)  # as Recipe.setup does before the build
-    model, keepalive = build_model(args.model, "fp32", resolve_ds_config(cfg, env.world_size),
-                                   vocab_size=tok.vocab_size)
+    model, keepalive = build_model(
+        args.model, "fp32", resolve_ds_config(cfg, env.world_size), vocab_size=tok.vocab_size
+    )
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
         state = {name: t.detach().clone() for name, t in model.state_dict().items()}
     del keepalive

@@ -7,6 +7,7 @@ its own file: ranks printing to one forwarded stdout can interleave within a lin
 --drop removes variables the launcher set before discover() reads them; --slurm adds the Slurm job id ("job")
 and node name ("node") of the step.
 """
+
 import argparse
 import dataclasses
 import json

@@ -10,6 +10,7 @@ report_rank<r>.json (with --live_merge: merged_for_eval on the live model, else 
 --with_frozen has DeepSpeed keep the frozen base fragments in every checkpoint too (as DeepSpeed's own default
 does), so that the export can be shown to ignore them; nothing else about the save changes.
 """
+
 import argparse
 import json
 import os
@@ -58,8 +59,9 @@ def live_merge_report(model, vocab: int) -> dict:
         "merged_vs_unmerged": (merged - unmerged).abs().max().item(),
         "lora_calls_while_merged": lora_calls_merged,
         "after_equals_before": bool(torch.equal(after, unmerged)),
-        "partitions_restored": all(torch.equal(m.base_layer.weight.ds_tensor, before[n])
-                                   for n, m in lora_modules(model)),
+        "partitions_restored": all(
+            torch.equal(m.base_layer.weight.ds_tensor, before[n]) for n, m in lora_modules(model)
+        ),
         "partition_numel": sum(t.numel() for t in before.values()),
     }
 

@@ -3,6 +3,7 @@ step-0 logits against the plain base model. Writes OUT/probe_rank<r>.json.
 
     deepspeed --num_gpus 2 tests/programs/zero3_probe.py --model MODEL_DIR --out OUT   (test_train_distributed)
 """
+
 import argparse
 import json
 import os
@@ -21,8 +22,26 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int)
     args = parser.parse_args()
-    cfg = parse_config(["--model", args.model, "--dtype", "fp32", "--micro_batch", "2", "--max_steps", "1",
-                        "--lora_targets", "query_key_value", "--lora_r", "4", "--lora_alpha", "8", "--seed", "3"])
+    cfg = parse_config(
+        [
+            "--model",
+            args.model,
+            "--dtype",
+            "fp32",
+            "--micro_batch",
+            "2",
+            "--max_steps",
+            "1",
+            "--lora_targets",
+            "query_key_value",
+            "--lora_r",
+            "4",
+            "--lora_alpha",
+            "8",
+            "--seed",
+            "3",
+        ]
+    )
     env = init_distributed()
     trainable, engine = build(cfg, resolve_ds_config(cfg, env.world_size), total_steps=1)
     lora = trainable.lora
@@ -37,8 +56,9 @@ def main():
         "optimizer_param_count": sum(len(g) for g in opt.fp16_groups),
         "lora_param_count": len(lora),
         "lora_partition_numel": sum(-(-full_numel(p) // env.world_size) for p in lora.values()),
-        "trainable_outside_lora": [n for n, p in trainable.model.named_parameters()
-                                   if p.requires_grad and n not in lora],
+        "trainable_outside_lora": [
+            n for n, p in trainable.model.named_parameters() if p.requires_grad and n not in lora
+        ],
     }
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     engine.eval()

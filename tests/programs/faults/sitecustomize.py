@@ -5,6 +5,7 @@ LORA_DS_KILL_DURING="<rank>:<tag>:<file name>": when the process with RANK=<rank
 tag <tag> (or `latest` while it would name <tag>), it is killed with SIGKILL part-way: a DeepSpeed `.pt` file gets
 half of its bytes, a file written through a rename never gets renamed. No handler, no cleanup runs.
 """
+
 import os
 
 _SPEC = os.environ.get("LORA_DS_KILL_DURING", "")
@@ -29,7 +30,7 @@ if _SPEC and os.environ.get("RANK") == _SPEC.split(":")[0]:
             buffer = io.BytesIO()
             _save(obj, buffer, *args, **kwargs)
             with open(f, "wb") as out:
-                out.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+                out.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
             _die()
         return _save(obj, f, *args, **kwargs)
 
