@@ -5,7 +5,7 @@ Its columns: input_ids, labels (-100 over the context, so the loss covers the ta
 position_ids (0 at the first token of every example: in a packed row they mark where examples start),
 id (for a packed row, its examples' ids joined by ",") and length. The manifest records the task,
 split, template, tokenizer, settings, counts, token-length statistics and every source file's sha256.
-The same input gives a byte-identical dir, whatever --num-proc.
+The same input gives a byte-identical dir, whatever --num_proc.
 
 The task's module (lora_ds/tasks/<task>.py) tells each file's format and reads it: `(Loc, record)` per
 example, the record None for one the source itself marks unusable (MNLI's "-" gold label) or the
@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from lora_ds.config import flag_spellings
 from lora_ds.errors import UserError
 from lora_ds.fsutil import sha256_file
 from lora_ds.tasks import get_task
@@ -33,7 +34,7 @@ from lora_ds.tasks.reading import BadRecord
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 DEFAULT_MAX_LEN = 2048
-FIX = "fix or remove the record, or pass --skip-bad to skip such records"
+FIX = "fix or remove the record, or pass --skip_bad to skip such records"
 MAX_SKIPPED_LISTED = 100
 _CHUNK = 256  # examples per job sent to a worker
 
@@ -139,14 +140,14 @@ class Settings:
         if self.max_len is None:
             self.max_len = self.pack or DEFAULT_MAX_LEN
         if self.max_len < 2:
-            raise UserError(f"--max-len {self.max_len}: an example needs at least 2 tokens")
+            raise UserError(f"--max_len {self.max_len}: an example needs at least 2 tokens")
         if self.pack is not None and self.max_len > self.pack:
             raise UserError(
-                f"--max-len {self.max_len} is longer than --pack {self.pack}: an example must fit "
-                "in a packed row; lower --max-len or raise --pack"
+                f"--max_len {self.max_len} is longer than --pack {self.pack}: an example must fit "
+                "in a packed row; lower --max_len or raise --pack"
             )
         if self.num_proc < 1:
-            raise UserError(f"--num-proc {self.num_proc}: give 1 or more processes")
+            raise UserError(f"--num_proc {self.num_proc}: give 1 or more processes")
         if not os.path.exists(self.tokenizer):  # checked now: the tokenizer is loaded after reading
             raise UserError(f"--tokenizer {self.tokenizer}: no such file or directory")
 
@@ -195,7 +196,7 @@ def _read_examples(s: Settings, task, fmt: str, counts: dict) -> tuple[list, lis
 
 
 def _encode_examples(s: Settings, tok, ids: list, pairs: list, counts: dict) -> list[dict]:
-    """The rows of the examples that fit --max-len (after truncation, unless --drop-overlong)."""
+    """The rows of the examples that fit --max_len (after truncation, unless --drop_overlong)."""
     rows = []
     for ex_id, (row, truncated) in zip(
         ids, encode_all(tok, s.tokenizer, pairs, s.max_len, not s.drop_overlong, s.num_proc)
@@ -209,7 +210,7 @@ def _encode_examples(s: Settings, tok, ids: list, pairs: list, counts: dict) -> 
     if not rows:
         raise UserError(
             f"--src {' '.join(s.src)}: no examples left ({counts['read']} read, {counts['skipped']} "
-            f"skipped, {counts['filtered']} filtered, {counts['dropped']} longer than --max-len)"
+            f"skipped, {counts['filtered']} filtered, {counts['dropped']} longer than --max_len)"
         )
     if s.pack and any("," in r["id"] for r in rows):
         bad = next(r["id"] for r in rows if "," in r["id"])
@@ -295,16 +296,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="the prepared dir to write")
     parser.add_argument("--split", default="train", help="split name recorded in the dataset (default: train)")
     parser.add_argument(
-        "--max-len",
+        *flag_spellings("--max_len"),
         type=int,
         default=None,
         metavar="N",
         help=f"tokens per example; longer ones lose context from the left (default: --pack, else {DEFAULT_MAX_LEN})",
     )
     parser.add_argument(
-        "--drop-overlong",
+        *flag_spellings("--drop_overlong"),
         action="store_true",
-        help="drop examples longer than --max-len instead of truncating their context",
+        help="drop examples longer than --max_len instead of truncating their context",
     )
     parser.add_argument(
         "--pack",
@@ -313,9 +314,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="pack examples into rows of at most N tokens (attention stays inside each example)",
     )
-    parser.add_argument("--num-proc", type=int, default=1, metavar="K", help="tokenizer processes (default: 1)")
     parser.add_argument(
-        "--skip-bad",
+        *flag_spellings("--num_proc"), type=int, default=1, metavar="K", help="tokenizer processes (default: 1)"
+    )
+    parser.add_argument(
+        *flag_spellings("--skip_bad"),
         action="store_true",
         help="skip malformed records (counted in the manifest) instead of stopping at the first",
     )

@@ -132,7 +132,7 @@ def completion_logprobs(
             for completion in completions:
                 row, _ = encode_pair(tok, prompts[i], completion, max_len)
                 if row is None:
-                    raise UserError(f"completion {completion!r} alone is longer than --max-len {max_len}")
+                    raise UserError(f"completion {completion!r} alone is longer than --max_len {max_len}")
                 rows.append(row)
         inputs = {k: v.to(device) for k, v in collate(rows, tok.pad_token_id).items()}
         logits = (

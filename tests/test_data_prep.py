@@ -337,8 +337,8 @@ def test_wrong_or_mixed_input_is_refused(sources, tokenizers, tmp_path):
 def test_flags_are_checked_before_any_work(sources, tokenizers, tmp_path):
     src, tok = sources["samsum-corpus"], tokenizers["bpe"]
     for kw, message in [
-        ({"max_len": 600, "pack": 512}, "--max-len 600 is longer than --pack 512"),
-        ({"num_proc": 0}, "--num-proc 0"),
+        ({"max_len": 600, "pack": 512}, "--max_len 600 is longer than --pack 512"),
+        ({"num_proc": 0}, "--num_proc 0"),
         ({"split": "dev matched"}, "--split 'dev matched'"),
     ]:
         with pytest.raises(UserError, match=message):

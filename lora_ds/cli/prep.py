@@ -4,7 +4,7 @@
     lora-ds prep mnli --src glue_data/MNLI/dev_matched.tsv --split dev_matched --tokenizer /models/llama-7b \
         --out prepared/mnli-dev
     lora-ds prep samsum --src samsum/train.json --tokenizer /models/llama-7b/tokenizer.model \
-        --out prepared/samsum --max-len 1024 --pack 2048 --num-proc 8
+        --out prepared/samsum --max_len 1024 --pack 2048 --num_proc 8
 
 Writes a prepared dir (one split, `datasets` Arrow + manifest.json) that training reads with --data;
 the same input gives the same bytes. Formats per task: `python -m data_prep.TASK --help`.

@@ -16,7 +16,7 @@ from lora_ds.errors import UserError
 
 
 class BadRecord(UserError):
-    """What is wrong with one example ("file:line: field 'x' ..."); fatal unless --skip-bad, which skips
+    """What is wrong with one example ("file:line: field 'x' ..."); fatal unless --skip_bad, which skips
     and counts it. The advice on what to do is added where it is reported."""
 
 

@@ -6,7 +6,7 @@ Formats, told from the file name and its first record:
   hf        the Hugging Face export, .parquet or JSON lines (question, table{header, types, ...},
             sql{sel, agg, conds{column_index, operator_index, condition}}).
 WikiSQL records carry no id: an example's id is its file and line (or Parquet row), `train.jsonl:12`. A bad
-line of the tables file is always an error (--skip-bad skips questions, not tables).
+line of the tables file is always an error (--skip_bad skips questions, not tables).
 
 The SQL is written in a readable form that names the columns and parses back to exactly the
 `(sel, agg, conds)` it came from:
@@ -281,7 +281,7 @@ def load_tables(path: str, rows: bool = False) -> dict:
             table_id = text(raw, "id", loc)
             header, types = _columns(raw, loc, "")
         except BadRecord as e:
-            raise UserError(f"{e}; fix the tables file (--skip-bad does not apply to it)") from e
+            raise UserError(f"{e}; fix the tables file (--skip_bad does not apply to it)") from e
         if table_id in tables:
             raise UserError(f"{loc}: field 'id': table {table_id!r} appears twice; keep one of them")
         tables[table_id] = {"header": header, "types": types}
