@@ -23,7 +23,7 @@ import torch
 from lora_ds import checkpoint
 from lora_ds.adapter import peft_config, write_adapter
 from lora_ds.build import build
-from lora_ds.config import DEMO_DIR, RunConfig, parse_config, resolve_ds_config
+from lora_ds.config import DEMO_DIR, FieldError, RunConfig, as_flag_error, parse_config, resolve_ds_config
 from lora_ds.data import EvalBatches, StepSampler, TrainBatches, load_rows
 from lora_ds.dist import init_distributed, shutdown
 from lora_ds.errors import UserError
@@ -236,6 +236,9 @@ def cli(argv: list[str] | None = None) -> int:
     """main() with bad input reported as one line on stderr and exit status 2."""
     try:
         return main(argv)
+    except FieldError as e:  # a field checked after parsing (e.g. LoRA targets against the model): name the flag
+        print(f"train: error: {as_flag_error(e)}", file=sys.stderr, flush=True)
+        return 2
     except UserError as e:
         print(f"train: error: {e}", file=sys.stderr, flush=True)
         return 2

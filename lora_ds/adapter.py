@@ -87,10 +87,10 @@ def check_config(config: dict, path: str) -> dict:
     """`config` (read from `path`), once it is known to be a PEFT LoRA config with the fields readers use."""
     if config.get("peft_type") != "LORA":
         raise UserError(f"{path}: peft_type is {config.get('peft_type')!r}, only LORA adapters are supported")
-    for field in ("r", "lora_alpha"):
+    for field, kinds, what in (("r", int, "a positive integer"), ("lora_alpha", (int, float), "a positive number")):
         value = config.get(field)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise UserError(f"{path}: field {field!r} must be a positive number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+            raise UserError(f"{path}: field {field!r} must be {what}, got {value!r}")
     targets = config.get("target_modules")
     if not isinstance(targets, str) and not (
         isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)

@@ -339,9 +339,14 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     try:
         return RunConfig(**{section: SECTION_TYPES[section](**values[section]) for section in SECTION_TYPES})
     except FieldError as e:
-        flag = next(f.metadata["flag"] for section, f in _flag_fields() if f"{section}.{f.name}" == e.key)
-        where = f" ({e.key} in {given_in[e.key]})" if e.key in given_in else ""
-        raise UserError(f"{flag} {e.value}{where}: {e.reason}") from e
+        raise as_flag_error(e, given_in.get(e.key)) from e
+
+
+def as_flag_error(e: FieldError, config_file: str | None = None) -> UserError:
+    """`e` restated with the flag of its field (and the config file the value came from, if one did)."""
+    flag = next(f.metadata["flag"] for section, f in _flag_fields() if f"{section}.{f.name}" == e.key)
+    where = f" ({e.key} in {config_file})" if config_file else ""
+    return UserError(f"{flag} {e.value}{where}: {e.reason}")
 
 
 def load_ds_config(path: str) -> dict:

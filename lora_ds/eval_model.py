@@ -47,7 +47,7 @@ def merge_lora(model, lora: LoRAWeights) -> list[str]:
     from lora_ds.merge import merge_live
 
     cfg = lora.config
-    inject_lora(model, cfg["target_modules"], int(cfg["r"]), float(cfg["lora_alpha"]), 0.0, bool(cfg.get("use_rslora")))
+    inject_lora(model, cfg["target_modules"], cfg["r"], float(cfg["lora_alpha"]), 0.0, bool(cfg.get("use_rslora")))
     modules = lora_modules(model)
     expected = {f"{name}.lora_{part}.weight" for name, _ in modules for part in "AB"}
     if expected != set(lora.tensors):

@@ -16,8 +16,7 @@ import re
 import torch
 from torch import nn
 
-from lora_ds.config import LoraConfig
-from lora_ds.errors import UserError
+from lora_ds.config import FieldError, LoraConfig
 
 # The paper adapts the query and value projections. Fused QKV layers are adapted whole, as PEFT does.
 DEFAULT_TARGETS = {
@@ -211,9 +210,10 @@ def inject_lora(
         linear = sorted(
             {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)}
         )
-        raise UserError(
-            f"--lora_targets {targets!r} matches no Linear/Conv1D module of this model; "
-            f"its linear module names are: {', '.join(linear)}"
+        raise FieldError(
+            "lora.targets",
+            targets,
+            f"matches no Linear/Conv1D module of this model; its linear module names are: {', '.join(linear)}",
         )
     for p in model.parameters():
         p.requires_grad_(False)

@@ -46,7 +46,7 @@ CASES = [
     ("lora r = 0", lambda t, m: ["--lora_r", "0"], "--lora_r 0: the rank must be a positive integer"),
     ("lora alpha < 0", lambda t, m: ["--lora_alpha", "-4"], "--lora_alpha -4.0: alpha must be positive"),
     ("lora dropout 1", lambda t, m: ["--lora_dropout", "1"], "--lora_dropout 1.0: must be in [0, 1)"),
-    ("unknown target module", lambda t, m: ["--lora_targets", "q_proj"], "--lora_targets ['q_proj'] matches no"),
+    ("unknown target module", lambda t, m: ["--lora_targets", "q_proj"], "--lora_targets ['q_proj']: matches no"),
     ("fp16 dtype", lambda t, m: ["--dtype", "fp16"], "--dtype fp16"),
     ("micro batch 0", lambda t, m: ["--micro_batch", "0"], "--micro_batch 0"),
     ("negative warmup", lambda t, m: ["--warmup", "-1"], "--warmup -1"),

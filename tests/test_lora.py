@@ -217,7 +217,11 @@ BAD_ADAPTERS = {
         r"adapter_config.json: expected a JSON object",
     ),
     "not lora": (lambda p: small_adapter(p, peft_type="IA3"), r"adapter_config.json: peft_type is 'IA3'"),
-    "r = 0": (lambda p: small_adapter(p, r=0), r"adapter_config.json: field 'r' must be a positive number, got 0"),
+    "r = 0": (lambda p: small_adapter(p, r=0), r"adapter_config.json: field 'r' must be a positive integer, got 0"),
+    "r = 2.5": (
+        lambda p: small_adapter(p, r=2.5),
+        r"adapter_config.json: field 'r' must be a positive integer, got 2.5",
+    ),
     "no targets": (lambda p: small_adapter(p, target_modules=None), r"adapter_config.json: field 'target_modules'"),
     "other r": (
         lambda p: small_adapter(p, r=4),
