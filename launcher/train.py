@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from lora_ds import checkpoint
+from lora_ds import checkpoint, kernels
 from lora_ds.adapter import peft_config, write_adapter
 from lora_ds.build import build
 from lora_ds.config import DEMO_DIR, FieldError, RunConfig, as_flag_error, parse_config, resolve_ds_config
@@ -81,6 +81,7 @@ class Recipe:
         self.rows = load_rows(cfg.data.path, self.tok, cfg.data.max_len)
         self.eval_rows = load_rows(cfg.data.eval_path, self.tok, cfg.data.max_len) if cfg.data.eval_path else None
         self.tag = checkpoint.resolve_tag(self.ckpt_root, cfg.train.resume)
+        kernels.use_liger(cfg.model.kernels)  # --kernels liger where Liger cannot run is refused here
 
     def _write_run_record(self) -> None:
         cfg, model, lora = self.cfg, self.trainable.model, self.trainable.lora

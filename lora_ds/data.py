@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from lora_ds.errors import UserError
 
 IGNORE_INDEX = -100
+FLEX_BLOCK = 128  # FlexAttention's block size
 
 
 def encode_pair(tok, prompt: str, completion: str, max_len: int | None = None, truncate: bool = True):
@@ -206,6 +207,8 @@ def collate(rows: list[dict], pad_id: int, mask_dtype=None, mask_from_positions:
     import torch
 
     width = max(len(r["input_ids"]) for r in rows)
+    if mask_from_positions:  # whole FlexAttention blocks: few distinct shapes to compile, no partial block
+        width = -(-width // FLEX_BLOCK) * FLEX_BLOCK
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)

@@ -48,6 +48,7 @@ CASES = [
     ("lora dropout 1", lambda t, m: ["--lora_dropout", "1"], "--lora_dropout 1.0: must be in [0, 1)"),
     ("unknown target module", lambda t, m: ["--lora_targets", "q_proj"], "--lora_targets ['q_proj']: matches no"),
     ("fp16 dtype", lambda t, m: ["--dtype", "fp16"], "--dtype fp16"),
+    ("liger kernels without a gpu", lambda t, m: ["--kernels", "liger"], "--kernels liger: needs a CUDA device"),
     ("micro batch 0", lambda t, m: ["--micro_batch", "0"], "--micro_batch 0"),
     ("negative warmup", lambda t, m: ["--warmup", "-1"], "--warmup -1"),
     ("unknown preset", lambda t, m: ["--model", "preset:gpt-5"], "preset:gpt-5: unknown preset"),

@@ -1,5 +1,6 @@
 """Packing: first-fit rows that keep examples whole, and a block-causal mask under which every packed
-example gets the loss it gets alone (tiny random GPT-NeoX and Llama, sdpa and eager)."""
+example gets the loss it gets alone (tiny random GPT-NeoX and Llama, sdpa and eager with the dense mask; FlexAttention
+with the mask transformers builds from the position ids, forward only: it has no backward on CPU)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 from fixtures import tiny_model as preset_shaped
 
+from lora_ds.data import collate
 from lora_ds.packing import block_causal_mask, pack_rows
 
 IGNORE = -100
@@ -86,7 +88,9 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pad(losses, (1, 0))
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+# flex_attention: no mask passed; transformers builds a block mask from the position ids (the GPU path of packed
+# data, lora_ds.data.collate(mask_from_positions=True)). Forward only: FlexAttention has no backward on CPU.
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
 @pytest.mark.parametrize("model_type", ["gpt_neox", "llama"])
 def test_packed_example_loss_equals_its_loss_alone(model_type, attn):
     model = tiny_model(model_type, attn)
@@ -104,10 +108,18 @@ def test_packed_example_loss_equals_its_loss_alone(model_type, attn):
         n = r["length"]
         ids[b, :n], labels[b, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"])
         pos[b, :n], real[b, :n] = torch.tensor(r["position_ids"]), 1
+    mask = block_causal_mask(pos, real, torch.float32)
+    if attn == "flex_attention":  # the trainer's batch for FlexAttention: no mask, whole 128-token blocks
+        batch = collate(packed, pad_id=0, mask_from_positions=True)
+        assert "attention_mask" not in batch and batch["input_ids"].shape == (len(packed), 128)
+        ids, labels, pos, mask = batch["input_ids"], batch["labels"], batch["position_ids"], None
+    alone_model = model
+    if attn == "flex_attention":  # alone: the same weights through SDPA (a lone row takes no packing path)
+        alone_model = tiny_model(model_type, "sdpa")
+        alone_model.load_state_dict(model.state_dict())
     with torch.no_grad():
-        logits = model(
-            input_ids=ids, attention_mask=block_causal_mask(pos, real, torch.float32), position_ids=pos
-        ).logits
+        # use_cache=False, as the trainer builds its models: with a cache transformers does not look for packing.
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
     losses = token_losses(logits, labels)
 
     by_id = {r["id"]: r for r in rows}
@@ -118,7 +130,7 @@ def test_packed_example_loss_equals_its_loss_alone(model_type, attn):
             alone = by_id[ex_id]
             n = len(alone["input_ids"])
             with torch.no_grad():
-                alone_logits = model(input_ids=torch.tensor([alone["input_ids"]])).logits
+                alone_logits = alone_model(input_ids=torch.tensor([alone["input_ids"]])).logits
             alone_losses = token_losses(alone_logits, torch.tensor([alone["labels"]]))[0]
             torch.testing.assert_close(losses[b, start : start + n], alone_losses, rtol=1e-5, atol=1e-5)
             start, checked = start + n, checked + 1
