@@ -12,6 +12,7 @@ from fixtures import write_fixture
 from helpers import (
     EVAL_DATA,
     PROGRAMS,
+    REPO,
     adapter_tensors,
     assert_close_tensors,
     assert_equal_tensors,
@@ -141,6 +142,23 @@ def test_adapter_is_peft_format_and_gives_our_logits(neox_run, neox_dir):
         for name, value in adapter_tensors(neox_run / "adapter").items():
             params[name].copy_(value)
     torch.testing.assert_close(ours.eval()(input_ids=ids).logits, peft_logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        # ZeRO++ hpZ (a second shard of the frozen base per node; "auto" = 2 ranks on this host)
+        dict(ds_config=str(REPO / "ds_configs" / "zero3_multinode.json")),
+        # a hook per Linear/norm instead of one ZeRO-3 fetch unit per decoder layer
+        dict(zero3_fetch="module"),
+    ],
+    ids=["zero3_multinode.json", "zero3_fetch module"],
+)
+def test_zero3_variants_train_to_the_same_adapter(neox_run, neox_dir, tmp_path, variant):
+    launch(train_args(neox_dir, tmp_path, max_steps=STEPS, save_every=4, eval_every=4, **COMMON, **variant))
+    assert_equal_tensors(adapter_tensors(tmp_path / "adapter"), adapter_tensors(neox_run / "adapter"))
+    resolved = json.loads((tmp_path / "run_config.json").read_text())["resolved"]["ds_config"]["zero_optimization"]
+    assert resolved.get("zero_hpz_partition_size", 1) == (2 if "ds_config" in variant else 1)
 
 
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(neox_dir, tmp_path):
