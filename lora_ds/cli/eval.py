@@ -126,11 +126,50 @@ def _check(args) -> None:
         )
 
 
+def _ranks(args) -> tuple[int, int, dict | None]:
+    """(rank, world, ZeRO-3 config or None): one process, or every rank of a launcher (or --ds_config)."""
+    from lora_ds.config import ModelConfig, RunConfig, TrainConfig, resolve_ds_config
+    from lora_ds.dist import discover, init_distributed
+
+    if discover().world_size == 1 and not args.ds_config:
+        return 0, 1, None
+    env = init_distributed()
+    cfg = RunConfig(
+        model=ModelConfig(name=args.model, dtype=args.dtype),
+        train=TrainConfig(ds_config=args.ds_config or ZERO3_CONFIG, micro_batch=args.batch_size),
+    )
+    return env.rank, env.world_size, resolve_ds_config(cfg, env.world_size)
+
+
+def _report(args, evalset, by_split, lora, max_new_tokens: int, world: int, zero3: bool, constrained, seconds):
+    """metrics.json's record of one evaluation."""
+    report = {
+        "task": args.task,
+        "metrics": by_split,
+        "data": evalset.sources,
+        "model": args.model,
+        "lora": lora.source if lora else None,
+        "dtype": args.dtype,
+        "decoding": {
+            "strategy": "beam" if args.num_beams > 1 else "greedy",
+            "num_beams": args.num_beams,
+            "max_new_tokens": max_new_tokens,
+            "max_len": args.max_len,
+        },
+        "world_size": world,
+        "zero3": zero3,
+        "limit": args.limit,
+        "wall_time_s": seconds,
+    }
+    if constrained is not None:
+        report["constrained"] = "argmax of log p(label word EOS | prompt) over the three label words"
+    return report
+
+
 def run(args) -> int:
     import time
 
-    from lora_ds.config import ModelConfig, RunConfig, TrainConfig, resolve_ds_config
-    from lora_ds.dist import discover, init_distributed, shutdown
+    from lora_ds.dist import shutdown
     from lora_ds.eval_model import build_eval_model, read_lora
     from lora_ds.evaluation import format_table, load_eval_set, predict, score, write_outputs
     from lora_ds.tokenizer import load_tokenizer
@@ -142,15 +181,7 @@ def run(args) -> int:
     lora = read_lora(args.adapter, args.checkpoint)
     is_preset = args.model.startswith("preset:")
     tok = load_tokenizer(args.tokenizer or (os.path.join(DEMO_DIR, "tokenizer") if is_preset else args.model))
-    rank, world, ds_config = 0, discover().world_size, None
-    if world > 1 or args.ds_config:
-        env = init_distributed()
-        rank, world = env.rank, env.world_size
-        cfg = RunConfig(
-            model=ModelConfig(name=args.model, dtype=args.dtype),
-            train=TrainConfig(ds_config=args.ds_config or ZERO3_CONFIG, micro_batch=args.batch_size),
-        )
-        ds_config = resolve_ds_config(cfg, world)
+    rank, world, ds_config = _ranks(args)
     model, device, keepalive = build_eval_model(args.model, tok, lora, args.dtype, ds_config)
     generated, constrained = predict(
         model,
@@ -168,26 +199,9 @@ def run(args) -> int:
     seconds = time.perf_counter() - start
     if rank == 0:
         rows, by_split = score(evalset, generated, constrained)
-        report = {
-            "task": args.task,
-            "metrics": by_split,
-            "data": evalset.sources,
-            "model": args.model,
-            "lora": lora.source if lora else None,
-            "dtype": args.dtype,
-            "decoding": {
-                "strategy": "beam" if args.num_beams > 1 else "greedy",
-                "num_beams": args.num_beams,
-                "max_new_tokens": max_new_tokens,
-                "max_len": args.max_len,
-            },
-            "world_size": world,
-            "zero3": ds_config is not None,
-            "limit": args.limit,
-            "wall_time_s": seconds,
-        }
-        if constrained is not None:
-            report["constrained"] = "argmax of log p(label word EOS | prompt) over the three label words"
+        report = _report(
+            args, evalset, by_split, lora, max_new_tokens, world, ds_config is not None, constrained, seconds
+        )
         write_outputs(args.out, evalset, rows, report)
         print(
             f"{args.task}: {len(rows)} examples on {world} rank(s){' (ZeRO-3)' if ds_config else ''}, "
