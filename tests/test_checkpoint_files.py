@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from fixtures import Payload
+from helpers import flags
 
 from lora_ds.checkpoint import resolve_tag
 from lora_ds.checkpoint_files import STATE_FILE
@@ -174,16 +175,13 @@ def test_a_malformed_run_config_in_a_checkpoint_is_a_clean_error_for_export_and_
         main(
             [
                 "eval",
-                "--model",
-                "preset:tiny-gpt-neox",
-                "--task",
-                "wikisql",
-                "--data",
-                str(wikisql_file),
-                "--checkpoint",
-                str(ckpt),
-                "--out",
-                str(tmp_path / "eval"),
+                *flags(
+                    model="preset:tiny-gpt-neox",
+                    task="wikisql",
+                    data=str(wikisql_file),
+                    checkpoint=str(ckpt),
+                    out=str(tmp_path / "eval"),
+                ),
             ]
         )
         == 2

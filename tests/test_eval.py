@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures import save_model_dir, write_mnli
-from helpers import launch, read_metrics, train_args
+from helpers import flags, launch, read_metrics, train_args
 
 from lora_ds.cli import main as cli
 
@@ -162,14 +162,12 @@ def test_score_of_eval_predictions_reproduces_eval_metrics(wikisql_runs, wikisql
         cli(
             [
                 "score",
-                "--task",
-                "wikisql",
-                "--data",
-                str(wikisql_file),
-                "--predictions",
-                str(zero3 / "predictions.jsonl"),
-                "--out",
-                str(tmp_path / "by_id"),
+                *flags(
+                    task="wikisql",
+                    data=str(wikisql_file),
+                    predictions=str(zero3 / "predictions.jsonl"),
+                    out=str(tmp_path / "by_id"),
+                ),
             ]
         )
         == 0
@@ -179,14 +177,12 @@ def test_score_of_eval_predictions_reproduces_eval_metrics(wikisql_runs, wikisql
         cli(
             [
                 "score",
-                "--task",
-                "wikisql",
-                "--data",
-                str(wikisql_file),
-                "--predictions",
-                str(zero3 / "predictions.official.jsonl"),
-                "--out",
-                str(tmp_path / "official"),
+                *flags(
+                    task="wikisql",
+                    data=str(wikisql_file),
+                    predictions=str(zero3 / "predictions.official.jsonl"),
+                    out=str(tmp_path / "official"),
+                ),
             ]
         )
         == 0

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from fixtures import tiny_model as tiny
+from helpers import flags
 from torch import nn
 
 from lora_ds.adapter import peft_config, read_adapter, write_adapter
@@ -269,16 +270,13 @@ def test_every_reader_refuses_a_bad_adapter_with_the_same_message(tmp_path, case
         main(
             [
                 "eval",
-                "--model",
-                "preset:tiny-gpt-neox",
-                "--task",
-                "wikisql",
-                "--data",
-                str(wikisql_file),
-                "--adapter",
-                str(adapter),
-                "--out",
-                str(tmp_path / "eval"),
+                *flags(
+                    model="preset:tiny-gpt-neox",
+                    task="wikisql",
+                    data=str(wikisql_file),
+                    adapter=str(adapter),
+                    out=str(tmp_path / "eval"),
+                ),
             ]
         )
         == 2
@@ -306,16 +304,13 @@ def test_eval_with_a_malformed_run_config_beside_the_adapter_is_a_clean_error(tm
         main(
             [
                 "eval",
-                "--model",
-                "preset:tiny-gpt-neox",
-                "--task",
-                "wikisql",
-                "--data",
-                str(wikisql_file),
-                "--adapter",
-                str(adapter),
-                "--out",
-                str(tmp_path / "eval"),
+                *flags(
+                    model="preset:tiny-gpt-neox",
+                    task="wikisql",
+                    data=str(wikisql_file),
+                    adapter=str(adapter),
+                    out=str(tmp_path / "eval"),
+                ),
             ]
         )
         == 2
