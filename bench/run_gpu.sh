@@ -2,7 +2,8 @@
 # Stacks side by side on a GPU machine, interleaved: ROUNDS rounds of one run per stack, each run its own
 # process (bench/throughput.py, its step times from CUDA events), then the ratios (bench/compare.py).
 #   bench/run_gpu.sh OUT MODEL MICRO TARGETS ROUNDS STACK...
-#   STACK: anchor | anchor-liger | ours | ours:"launcher flags"   (the flags also name the run)
+#   STACK: anchor | anchor-liger | ours | ours:"launcher flags"   (the flags also name the run);
+#          a stack ending @N runs with micro-batch N instead of MICRO (anchor-liger@32: short padded rows)
 # e.g. bench/run_gpu.sh "$OUT" preset:llama-3-8b 4 q_proj,v_proj 3 anchor-liger ours
 # BENCH_FLAGS adds throughput.py flags to every run (e.g. "--grad_ckpt", "--lengths bench/lengths_wikisql_samsum.json"),
 # NAME_SUFFIX names such a set of runs apart (e.g. _reallen). BUDGET_S (default: none) stops
@@ -20,13 +21,16 @@ for round in $(seq 1 "$rounds"); do
       echo "run_gpu: budget ${BUDGET_S}s reached; stopping before round $round $stack"
       break 2
     fi
+    mb=$micro
+    case $stack in *@*) mb=${stack##*@} stack=${stack%@*} ;; esac
     kind=${stack%%:*} flags=""
     [ "$kind" != "$stack" ] && flags=${stack#*:}
     tag=$kind$(echo "$flags" | tr -c 'A-Za-z0-9\n' '-' | sed 's/--*/-/g; s/-$//')
+    [ "$mb" != "$micro" ] && tag=$tag-mb$mb
     profile=()
     [ "$kind" = ours ] && [ "$round" = 1 ] && profile=(--profile "$out/${name}_${tag}_profile.txt")
     t0=$SECONDS
-    deepspeed --num_gpus "$gpus" bench/throughput.py --stack "$kind" --model "$model" --micro_batch "$micro" \
+    deepspeed --num_gpus "$gpus" bench/throughput.py --stack "$kind" --model "$model" --micro_batch "$mb" \
       --targets "$targets" --tag "$tag" --ours_flags "$flags" "${profile[@]}" ${BENCH_FLAGS:-} \
       > "$out/${name}_${tag}_r$round.log" 2>&1
     grep '^BENCH ' "$out/${name}_${tag}_r$round.log" | sed "s/^BENCH {/{\"round\": $round, /" >> "$out/$name.jsonl" \

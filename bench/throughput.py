@@ -309,7 +309,8 @@ def profile_step(step, args) -> dict:
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sync()
-    with HookClock() as hooks, profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with HookClock() as hooks, profile(activities=activities, record_shapes=True) as prof:
         start = time.perf_counter()
         step()
         sync()
@@ -320,6 +321,10 @@ def profile_step(step, args) -> dict:
     others = sorted((e for e, g in zip(kernels, is_gemm) if not g), key=lambda e: -e.self_device_time_total)
     with open(args.profile, "w") as f:
         f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
+        # The same ops by input shape: which tensors the elementwise and copy kernels move.
+        f.write("\n\nBy input shape:\n")
+        by_shape = prof.key_averages(group_by_input_shape=True)
+        f.write(by_shape.table(sort_by="self_cuda_time_total", row_limit=40, max_shapes_column_width=120))
     return {
         "step_wall_s": wall,
         "cuda_time_s": total / 1e6,
