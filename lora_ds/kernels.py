@@ -5,10 +5,10 @@
     liger   the same, and an error where they cannot run
     off     the plain path
 
-Fused (Liger's building blocks, no code of ours): RMSNorm, RoPE and SwiGLU for every family Liger patches
-(Llama, Mistral, Qwen2/3, Gemma, Phi-3, ...); for GPT-NeoX, which Liger does not patch, its LayerNorm and its
-partial RoPE (rotary_dim < head_dim); and the LM-head loss (`linear_cross_entropy`). Each computes the plain
-path's function: bench/device_check.py compares loss and LoRA gradients at step 0 on the GPU.
+Fused: Liger's RMSNorm, RoPE and SwiGLU for every family Liger patches (Llama, Mistral, Qwen2/3, Gemma,
+Phi-3, ...); for GPT-NeoX, which Liger does not patch, Liger's LayerNorm and our one Triton kernel, the qkv
+split with its partial RoPE (lora_ds/neox_qkv.py); and Liger's LM-head loss (`linear_cross_entropy`). Each
+computes the plain path's function: bench/device_check.py compares loss and LoRA gradients at step 0 on the GPU.
 """
 
 from __future__ import annotations
@@ -71,8 +71,9 @@ def fuse(model) -> list[str]:
 
 def _fuse_gpt_neox(model) -> list[str]:
     from liger_kernel.transformers.functional import liger_layer_norm
-    from liger_kernel.transformers.rope import liger_rotary_pos_emb
-    from transformers.models.gpt_neox import modeling_gpt_neox
+    from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXAttention
+
+    from lora_ds.neox_qkv import attention_forward
 
     def layer_norm(self, x):
         return liger_layer_norm(x, self.weight, self.bias, self.eps)
@@ -80,14 +81,9 @@ def _fuse_gpt_neox(model) -> list[str]:
     for module in model.modules():
         if isinstance(module, torch.nn.LayerNorm):
             module.forward = layer_norm.__get__(module)
-
-    def partial_rope(q, k, cos, sin, unsqueeze_dim=1):
-        # cos/sin are rotary_ndims wide (rotary_pct of the head), duplicated halves: Liger rotates that many
-        # leading channels of each head and passes the rest through, as the plain function does.
-        return liger_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
-
-    modeling_gpt_neox.apply_rotary_pos_emb = partial_rope  # looked up at call time by GPTNeoXAttention
-    return ["layer_norm", "rope"]
+        elif isinstance(module, GPTNeoXAttention):
+            module.forward = attention_forward.__get__(module)
+    return ["layer_norm", "qkv_split_rope"]
 
 
 def linear_cross_entropy(

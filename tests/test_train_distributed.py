@@ -13,9 +13,11 @@ from helpers import (
     EVAL_DATA,
     PROGRAMS,
     REPO,
+    ZERO3,
     adapter_tensors,
     assert_close_tensors,
     assert_equal_tensors,
+    ds_config_file,
     launch,
     read_metrics,
     read_reports,
@@ -151,14 +153,21 @@ def test_adapter_is_peft_format_and_gives_our_logits(neox_run, neox_dir):
         dict(ds_config=str(REPO / "ds_configs" / "zero3_multinode.json")),
         # a hook per Linear/norm instead of one ZeRO-3 fetch unit per decoder layer
         dict(zero3_fetch="module"),
+        # no weight persists: each is gathered for its layer and released after it, in forward and in backward
+        # (torch's own F.linear, as zero3.json keeps it: memory_efficient_linear false)
+        dict(zero_optimization=dict(stage3_param_persistence_threshold=0, stage3_max_live_parameters=0)),
     ],
-    ids=["zero3_multinode.json", "zero3_fetch module"],
+    ids=["zero3_multinode.json", "zero3_fetch module", "no persistent weights"],
 )
 def test_zero3_variants_train_to_the_same_adapter(neox_run, neox_dir, tmp_path, variant):
+    if "zero_optimization" in variant:
+        zero = ZERO3["zero_optimization"] | variant.pop("zero_optimization")
+        variant["ds_config"] = ds_config_file(tmp_path / "ds_config.json", zero_optimization=zero)
     launch(train_args(neox_dir, tmp_path, max_steps=STEPS, save_every=4, eval_every=4, **COMMON, **variant))
     assert_equal_tensors(adapter_tensors(tmp_path / "adapter"), adapter_tensors(neox_run / "adapter"))
     resolved = json.loads((tmp_path / "run_config.json").read_text())["resolved"]["ds_config"]["zero_optimization"]
-    assert resolved.get("zero_hpz_partition_size", 1) == (2 if "ds_config" in variant else 1)
+    assert resolved.get("zero_hpz_partition_size", 1) == (2 if "multinode" in variant.get("ds_config", "") else 1)
+    assert resolved["memory_efficient_linear"] is False
 
 
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(neox_dir, tmp_path):
