@@ -1,8 +1,9 @@
 """The training loop and the components that decide their own cadence: metrics, evaluation, checkpoints, stops.
 
 The loop asks each component whether it is due (torchtitan's checkpointer owns its interval); it counts
-nothing itself. No step waits for the device: losses and stop votes are reduced asynchronously and read one
-step later, by which time DeepSpeed's own check of the gradient norm in the optimizer step has synchronised.
+nothing itself. No step waits for the device: losses, gradient norms and stop votes are reduced asynchronously
+and read one step later, by which time DeepSpeed's own check of the gradient norm in the optimizer step has
+synchronised. The trackers (lora_ds/tracking.py) get metrics.jsonl's records once they are on the host.
 """
 
 from __future__ import annotations

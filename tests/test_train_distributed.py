@@ -181,7 +181,7 @@ def test_zero3_variants_train_to_the_same_adapter(neox_run, neox_dir, tmp_path, 
 
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(neox_dir, tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    args = dict(max_steps=6, lora_dropout=0.1, save_every=100, **COMMON)
+    args = dict(max_steps=6, lora_dropout=0.1, save_every=100, report_to="tensorboard", **COMMON)
     launch(train_args(neox_dir, whole, **args))
     halted = launch(train_args(neox_dir, parts, halt_at_step=3, **args))
     assert (parts / "checkpoints" / "latest").read_text().strip() == "step_00000003"
@@ -191,6 +191,9 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(neox_dir, tmp_path):
     assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
     assert_equal_tensors(adapter_tensors(parts / "adapter"), adapter_tensors(whole / "adapter"))
     assert [r["step"] for r in read_metrics(parts)] == [1, 2, 3, 4, 5, 6]
+    # The halted run (stopped as a preemption stops) closed its event file; the resumed run wrote a second one.
+    assert tensorboard_scalars(parts) == as_tensorboard(read_metrics(parts))
+    assert len(list((parts / "tensorboard").glob("events.out.tfevents.*"))) == 2
 
 
 def test_llama_with_sentencepiece_tokenizer_matches_reference(llama_dir, tmp_path):
