@@ -30,6 +30,7 @@ from lora_ds.errors import UserError
 from lora_ds.fsutil import write_json
 from lora_ds.model import DTYPES, check_model_dir, preset_config
 from lora_ds.tokenizer import load_tokenizer, tokenizer_record
+from lora_ds.tracking import Trackers, check_installed
 from lora_ds.train_loop import Checkpointer, Evaluator, Loop, MetricsLog, Outcome, StopSignal, report_stopped
 from lora_ds.zero import full_numel
 
@@ -82,6 +83,7 @@ class Recipe:
         self.eval_rows = load_rows(cfg.data.eval_path, self.tok, cfg.data.max_len) if cfg.data.eval_path else None
         self.tag = checkpoint.resolve_tag(self.ckpt_root, cfg.train.resume)
         kernels.use_liger(cfg.model.kernels)  # --kernels liger where Liger cannot run is refused here
+        check_installed(cfg.train.report_to)
 
     def _write_run_record(self) -> None:
         cfg, model, lora = self.cfg, self.trainable.model, self.trainable.lora
@@ -156,7 +158,13 @@ class Recipe:
         return Loop(
             engine=engine,
             data=TrainBatches(self.rows, self.sampler, rank, self.tok.pad_token_id, mask_dtype, by_positions),
-            metrics=MetricsLog(os.path.join(out, "metrics.jsonl"), cfg.train.log_every, engine, rank),
+            metrics=MetricsLog(
+                os.path.join(out, "metrics.jsonl"),
+                cfg.train.log_every,
+                engine,
+                rank,
+                Trackers(cfg.train.report_to, out, self.run_record),
+            ),
             evaluator=Evaluator(engine, cfg.train.eval_every, eval_batches, task_eval, engine.device),
             checkpointer=Checkpointer(
                 engine,

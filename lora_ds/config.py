@@ -224,6 +224,12 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "--max_grad_norm", "gradient clipping (global L2 norm); 0: off")
     seed: int = _f(42, "--seed", "seed of the LoRA init, data order and dropout")
     log_every: int = _f(1, "--log_every", "steps between metrics.jsonl lines")
+    report_to: list[str] | str = _f(
+        "none",
+        "--report_to",
+        "trackers that also get metrics.jsonl's records, comma-separated: tensorboard (OUTPUT/tensorboard/), "
+        "wandb (OUTPUT/wandb/, offline unless WANDB_MODE says otherwise), or none",
+    )
     eval_every: int = _f(0, "--eval_every", "steps between eval-loss passes; 0: only at the end")
     save_every: int = _f(0, "--save_every", "steps between checkpoints; 0: only at the end")
     keep_checkpoints: int = _f(2, "--keep_checkpoints", "newest checkpoints kept; older ones are deleted")
@@ -251,6 +257,18 @@ class TrainConfig:
         _require(self, "keep_checkpoints", self.keep_checkpoints >= 1, "keep at least 1")
         _require(self, "lr", self.lr > 0, "must be positive")
         _require(self, "epochs", self.max_steps > 0 or self.epochs > 0, "must be positive when max_steps is 0")
+        self._trackers()
+
+    def _trackers(self) -> None:
+        from lora_ds.tracking import PACKAGES
+
+        names = self.report_to
+        if isinstance(names, str):
+            names = [] if names == "none" else [n.strip() for n in names.split(",") if n.strip()]
+        _require(
+            self, "report_to", set(names) <= set(PACKAGES), f"choose {', '.join(PACKAGES)} (comma-separated) or none"
+        )
+        self.report_to = list(dict.fromkeys(names))
 
 
 @dataclass

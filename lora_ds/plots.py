@@ -2,7 +2,7 @@
 
 analysis_figures(analysis, out_dir)   spectra, effective rank, φ heatmaps, amplification (lora-ds analyze)
 read_metrics(path)                    a run's metrics.jsonl, one record per step
-metrics_figures(records, out_dir)     loss, lr, tokens/s and peak memory against step (lora-ds plot)
+metrics_figures(records, out_dir)     loss, gradient norm, lr, tokens/s and peak memory against step (lora-ds plot)
 """
 
 from __future__ import annotations
@@ -148,6 +148,7 @@ def read_metrics(path: str) -> list[dict]:
 
 METRIC_FIGURES = (
     ("loss.png", ("loss", "eval_loss"), "loss"),
+    ("grad_norm.png", ("grad_norm",), "gradient norm (before clipping)"),
     ("lr.png", ("lr",), "learning rate"),
     ("tokens_per_s.png", ("tokens_per_s",), "tokens / s"),
     ("peak_mem.png", ("peak_mem_gib",), "peak memory (GiB)"),

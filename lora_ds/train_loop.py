@@ -1,8 +1,9 @@
 """The training loop and the components that decide their own cadence: metrics, evaluation, checkpoints, stops.
 
 The loop asks each component whether it is due (torchtitan's checkpointer owns its interval); it counts
-nothing itself. No step waits for the device: losses and stop votes are reduced asynchronously and read one
-step later, by which time DeepSpeed's own check of the gradient norm in the optimizer step has synchronised.
+nothing itself. No step waits for the device: losses, gradient norms and stop votes are reduced asynchronously
+and read one step later, by which time DeepSpeed's own check of the gradient norm in the optimizer step has
+synchronised. The trackers (lora_ds/tracking.py) get metrics.jsonl's records once they are on the host.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from lora_ds import checkpoint
 from lora_ds.data import EvalBatches, TrainBatches
 from lora_ds.fsutil import write_text
 from lora_ds.loss import lm_loss
+from lora_ds.tracking import Trackers
 
 
 class Outcome(enum.Enum):
@@ -125,12 +127,14 @@ def drop_metrics_after(path: str, step: int) -> None:
 @dataclass
 class MetricsLog:
     """metrics.jsonl (rank 0): a record every `every` steps, at eval steps and at the last step. A record's
-    device values are reduced when it is due and written at the next call: the step never waits for them."""
+    device values are reduced when it is due and written at the next call: the step never waits for them.
+    `trackers` (--report_to) get each record as it is written."""
 
     path: str
     every: int
     engine: object
     rank: int = 0
+    trackers: Trackers | None = None
     _loss: torch.Tensor | None = None
     _micro: int = 0
     _tokens: int = 0
@@ -147,6 +151,8 @@ class MetricsLog:
         if self.rank == 0:
             drop_metrics_after(self.path, start_step)
             self._file = open(self.path, "a")
+            if self.trackers is not None:
+                self.trackers.open(start_step)
         self._bar = tqdm(
             total=total_steps, initial=start_step, desc="train", disable=self.rank != 0, dynamic_ncols=True
         )
@@ -162,15 +168,15 @@ class MetricsLog:
 
     def log(self, step: int, extra: dict) -> None:
         """Reduce this window's values (asynchronously) and write the previous record."""
-        self.flush()
+        self._write_pending()
         device = self._loss.device
-        window = torch.stack(
-            [
-                self._loss,
-                torch.full((), float(self._micro), dtype=torch.float64, device=device),
-                torch.full((), float(self._tokens), dtype=torch.float64, device=device),
-            ]
-        )
+        values = [
+            self._loss,
+            torch.full((), float(self._micro), dtype=torch.float64, device=device),
+            torch.full((), float(self._tokens), dtype=torch.float64, device=device),
+        ]
+        norm = self._grad_norm(device)
+        window = torch.stack(values if norm is None else [*values, norm])
         record = {
             "step": step,
             "lr": self.engine.get_lr()[0],
@@ -182,16 +188,29 @@ class MetricsLog:
         self._loss, self._micro, self._tokens = None, 0, 0
         self._start, self._excluded = time.perf_counter(), 0.0
 
-    def flush(self) -> None:
-        """Write the pending record, if any."""
+    def _grad_norm(self, device) -> torch.Tensor | None:
+        """The last step's global gradient L2 norm before clipping, as DeepSpeed's optimizer step left it (a device
+        tensor, inf for a skipped step, None where that optimizer computes none). It is the same on every rank:
+        rank 0's share of the window's sum is the norm and every other rank's is 0, so the sum is exact."""
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return None
+        if self.rank != 0:
+            return torch.zeros((), dtype=torch.float64, device=device)
+        if torch.is_tensor(norm):
+            return norm.detach().to(device=device, dtype=torch.float64).reshape(())
+        return torch.full((), float(norm), dtype=torch.float64, device=device)
+
+    def _write_pending(self) -> None:
         if self._pending is None:
             return
         record, window, elapsed = self._pending
         self._pending = None
-        loss, micro, tokens = window.value().tolist()
+        loss, micro, tokens, *norm = window.value().tolist()
         record = {
             "step": record["step"],
             "loss": loss / micro,
+            **({"grad_norm": norm[0]} if norm else {}),
             **record,
             "tokens": int(tokens),
             "tokens_per_s": tokens / elapsed,
@@ -199,7 +218,15 @@ class MetricsLog:
         if self._file:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+            if self.trackers is not None:
+                self.trackers.log(record)
             self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+
+    def flush(self) -> None:
+        """Write the pending record, if any, and have the trackers put what they hold on disk."""
+        self._write_pending()
+        if self.trackers is not None:
+            self.trackers.flush()
 
     @contextlib.contextmanager
     def paused(self):
@@ -211,11 +238,13 @@ class MetricsLog:
             self._excluded += time.perf_counter() - start
 
     def close(self) -> None:
-        self.flush()
+        self._write_pending()
         if self._bar is not None:
             self._bar.close()
         if self._file:
             self._file.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 @dataclass

@@ -5,6 +5,7 @@
     launch(["eval", ...], program="lora_ds")                   # `lora-ds eval` on 2 ranks (deepspeed --module)
     launch(flags, nproc=1, program=PROGRAMS / "preset_base.py")  # a rank program of tests/programs/
     read_metrics(out), metric_steps(out), adapter_tensors(out / "adapter"), read_reports(out, "probe", 2)
+    tensorboard_scalars(out) == as_tensorboard(read_metrics(out))   # OUTPUT/tensorboard/ holds metrics.jsonl
 
 Every process a test starts gets `cpu_env()`: DeepSpeed's CPU accelerator (gloo), one OpenMP thread per rank
 (the ranks share the machine's cores), unbuffered output, no tokenizer threads, and none of the rank variables
@@ -286,6 +287,30 @@ def metric_steps(run: Path, running: bool = False) -> list[int]:
     return [r["step"] for r in read_metrics(run, running)]
 
 
+def tensorboard_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} of RUN/tensorboard/'s event files, read by TensorBoard's own reader (which
+    hides the events that a resumed run's writer purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(run) / "tensorboard"), size_guidance={"scalars": 0})  # 0: keep them all
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def as_tensorboard(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """metrics.jsonl records as TensorBoard should hold them: each number as a float32 scalar at the record's
+    step, tagged `eval/X` for `eval_X` and `train/X` for the others (Hugging Face Trainer's tags)."""
+    import numpy as np
+
+    scalars = {}
+    for r in records:
+        for key, value in r.items():
+            if key != "step" and type(value) in (int, float):
+                tag = "eval/" + key.removeprefix("eval_") if key.startswith("eval_") else "train/" + key
+                scalars.setdefault(tag, []).append((r["step"], np.float32(value).item()))
+    return scalars
+
+
 def adapter_tensors(adapter_dir: Path) -> dict:
     """{module param name: tensor} of an adapter dir's weights, read by safetensors alone (no lora_ds reader)."""
     from safetensors.torch import load_file
@@ -337,11 +362,13 @@ def reference_lora(
     data: Path = TRAIN_DATA,
     max_len: int = 128,
     tag_dir: Path | None = None,
+    grad_norms: list | None = None,
 ) -> dict:
     """The LoRA of `model` after the trainer's steps `steps` on `world` ranks, in one process with plain PyTorch
     (no DeepSpeed): the same rows per step and rank (StepSampler), loss scaling, clipping at 1.0, AdamW (weight
     decay 0.1) and warm-up/decay schedule over `steps.stop` steps. It starts from `tag_dir`'s consolidated state
-    (fp32 params, Adam moments and step, scheduler) when given, else from the LoRA init of `seed`."""
+    (fp32 params, Adam moments and step, scheduler) when given, else from the LoRA init of `seed`. `grad_norms`,
+    when given, gets each step's gradient norm before clipping."""
     import torch
     from torch.optim.lr_scheduler import LambdaLR
 
@@ -375,7 +402,9 @@ def reference_lora(
             for indices in sampler.micro_batches(step, rank):
                 loss, _ = lm_loss(model, collate([rows[i] for i in indices], tok.pad_token_id))
                 (loss / (accum * world)).backward()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        if grad_norms is not None:
+            grad_norms.append(norm.item())
         opt.step()
         sched.step()
     return {k: v.detach().clone() for k, v in params.items()}

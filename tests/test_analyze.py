@@ -235,11 +235,12 @@ def test_analyze_cli_one_adapter_and_refusals(two_adapters, tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "z").exists()
 
 
-def test_plot_reads_resumed_metrics_and_writes_the_four_curves(tmp_path, capsys):
+def test_plot_reads_resumed_metrics_and_writes_the_five_curves(tmp_path, capsys):
     rows = [
         {
             "step": s,
             "loss": 5.0 - 0.1 * s,
+            "grad_norm": 2.0 / s,
             "lr": 1e-3,
             "tokens": 100,
             "tokens_per_s": 50.0 + s,
@@ -255,7 +256,7 @@ def test_plot_reads_resumed_metrics_and_writes_the_four_curves(tmp_path, capsys)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert records[1]["loss"] == 1.25 and records[2]["eval_loss"] == 4.9
     assert main(["plot", str(tmp_path)]) == 0
-    for name in ("loss.png", "lr.png", "tokens_per_s.png", "peak_mem.png"):
+    for name in ("loss.png", "grad_norm.png", "lr.png", "tokens_per_s.png", "peak_mem.png"):
         data = (tmp_path / "plots" / name).read_bytes()
         assert data.startswith(PNG) and len(data) > 5000
     (tmp_path / "bad").mkdir()

@@ -50,6 +50,11 @@ CASES = [
     ("fp16 dtype", lambda t, m: ["--dtype", "fp16"], "--dtype fp16"),
     ("liger kernels without a gpu", lambda t, m: ["--kernels", "liger"], "--kernels liger: needs a CUDA device"),
     ("micro batch 0", lambda t, m: ["--micro_batch", "0"], "--micro_batch 0"),
+    (
+        "report_to wandb where it is not installed",
+        lambda t, m: ["--report_to", "wandb"],
+        "--report_to wandb: the wandb package is not installed; pip install wandb",
+    ),
     ("negative warmup", lambda t, m: ["--warmup", "-1"], "--warmup -1"),
     ("unknown preset", lambda t, m: ["--model", "preset:gpt-5"], "preset:gpt-5: unknown preset"),
     (

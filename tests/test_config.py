@@ -68,6 +68,19 @@ def test_lora_targets_flag_takes_names_or_a_regex():
     assert parse_config([]).lora.target_spec() is None
 
 
+def test_report_to_takes_a_list_of_trackers_or_none(tmp_path):
+    assert parse_config([]).train.report_to == []
+    assert parse_config(["--report_to", "none"]).train.report_to == []
+    assert parse_config(["--report_to", "tensorboard, wandb,tensorboard"]).train.report_to == ["tensorboard", "wandb"]
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("train:\n  report_to: [wandb]\n")
+    assert parse_config(["--config", str(cfg_file)]).train.report_to == ["wandb"]
+    with pytest.raises(UserError, match=r"--report_to tensorboard,mlflow: choose tensorboard, wandb \(comma"):
+        parse_config(["--report_to", "tensorboard,mlflow"])
+    with pytest.raises(UserError, match="--report_to none,wandb: choose"):
+        parse_config(["--report_to", "none,wandb"])
+
+
 @pytest.mark.parametrize("name", ["zero3.json", "zero3_offload.json", "zero2.json"])
 def test_every_shipped_ds_config_resolves(name):
     cfg = parse_config(["--ds_config", str(REPO / "ds_configs" / name), "--micro_batch", "3", "--grad_accum", "5"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures import save_model_dir, write_mnli
-from helpers import flags, launch, read_metrics, train_args
+from helpers import as_tensorboard, flags, launch, read_metrics, tensorboard_scalars, train_args
 
 from lora_ds.cli import main as cli
 
@@ -210,18 +210,21 @@ def run_dir(base_dir, wikisql_file, tmp_path_factory) -> Path:
             max_steps=2,
             micro_batch=1,
             lr=1e-2,
+            report_to="tensorboard",
         )
     )
     return root / "run"
 
 
 @pytest.mark.distributed
-def test_generation_eval_during_training_is_logged_at_eval_steps(run_dir):
+def test_generation_eval_during_training_is_logged_at_eval_steps_to_metrics_and_tensorboard(run_dir):
     records = read_metrics(run_dir)
     assert [r["step"] for r in records if "eval_wikisql_lf_accuracy" in r] == [1, 2]
     for r in records:
         assert r["eval_wikisql_n"] == 3 and 0 <= r["eval_wikisql_unparsed"] <= 3
         assert r["eval_wikisql_lf_accuracy"] in (0.0, 100 / 3, 200 / 3, 100.0)
+    scalars = tensorboard_scalars(run_dir)  # --report_to tensorboard: the task's metrics too, at their steps
+    assert scalars == as_tensorboard(records) and [s for s, _ in scalars["eval/wikisql_lf_accuracy"]] == [1, 2]
     sample = read_rows(run_dir / "eval" / "step_00000002")
     assert len(sample) == 3 and eval_metrics(run_dir / "eval" / "step_00000002")["step"] == 2
     assert {r["id"] for r in sample} == {r["id"] for r in read_rows(run_dir / "eval" / "step_00000001")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -11,6 +12,7 @@ from fixtures import Payload, save_tiny
 from helpers import (
     DEMO_TOKENIZER,
     adapter_tensors,
+    as_tensorboard,
     assert_equal_tensors,
     fault_env,
     launch,
@@ -18,6 +20,7 @@ from helpers import (
     read_metrics,
     start,
     stop_group,
+    tensorboard_scalars,
     train_args,
 )
 from safetensors.torch import load_file, save_file
@@ -40,6 +43,7 @@ def run_args(model_dir, out) -> list[str]:
         micro_batch=2,
         seed=3,
         keep_checkpoints=100,
+        report_to="tensorboard",
     )
 
 
@@ -61,11 +65,13 @@ def last_logged_step(run) -> int:
 
 
 def assert_resumes_to_the_uninterrupted_adapter(neox_dir, run, uninterrupted, from_step: int) -> str:
-    """Rerun the same command: it resumes at `from_step` and ends where the uninterrupted run ended, bit for bit."""
+    """Rerun the same command: it resumes at `from_step` and ends where the uninterrupted run ended, bit for bit.
+    TensorBoard holds what metrics.jsonl holds: every step once, none of the killed run's past its checkpoint."""
     resumed = launch(run_args(neox_dir, run))
     assert f"at step {from_step}" in resumed.stdout, resumed.stdout[-3000:]
     assert_equal_tensors(adapter_tensors(run / "adapter"), adapter_tensors(uninterrupted / "adapter"))
     assert losses(run) == losses(uninterrupted)
+    assert tensorboard_scalars(run) == as_tensorboard(read_metrics(run))
     tags = sorted(os.listdir(run / "checkpoints"))
     assert tags == sorted(os.listdir(uninterrupted / "checkpoints"))
     return resumed.stderr
@@ -160,6 +166,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_at_its_last_checkpoint(p
     assert "more than 3 steps had NaN/Inf gradients (--max_skipped_steps)" in proc.stderr
     assert "last good checkpoint is" in proc.stderr and "step_00000002" in proc.stderr
     assert [r["skipped_steps"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    assert [r["grad_norm"] for r in read_metrics(tmp_path)] == [math.inf] * 3  # DeepSpeed's norm of a skipped step
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert not (tmp_path / "adapter").exists()
 

@@ -15,6 +15,7 @@ from helpers import (
     REPO,
     ZERO3,
     adapter_tensors,
+    as_tensorboard,
     assert_close_tensors,
     assert_equal_tensors,
     ds_config_file,
@@ -23,6 +24,7 @@ from helpers import (
     read_reports,
     reference_lora,
     run_cli,
+    tensorboard_scalars,
     train_args,
 )
 
@@ -49,20 +51,23 @@ STEPS = 8
 ATOL = 3e-5
 
 
-def reference(model_dir, targets, steps: int) -> dict:
+def reference(model_dir, targets, steps: int, grad_norms: list | None = None) -> dict:
     """COMMON's training of `model_dir` for `steps` steps, in one process with plain PyTorch."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    tok = load_tokenizer(str(model_dir))
     return reference_lora(
-        model, load_tokenizer(str(model_dir)), targets, steps=range(steps), world=2, micro=4, accum=2, warmup=2, seed=7
+        model, tok, targets, steps=range(steps), world=2, micro=4, accum=2, warmup=2, seed=7, grad_norms=grad_norms
     )
 
 
 @pytest.fixture(scope="module")
 def neox_run(neox_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("neox_run")
-    done = launch(train_args(neox_dir, out, max_steps=STEPS, save_every=4, eval_every=4, **COMMON))
+    done = launch(
+        train_args(neox_dir, out, max_steps=STEPS, save_every=4, eval_every=4, report_to="tensorboard", **COMMON)
+    )
     (out / "shm_leftovers.json").write_text(json.dumps(done.shm_leftovers))
     return out
 
@@ -72,10 +77,13 @@ def test_a_cpu_run_leaves_no_shared_memory_behind(neox_run):
     assert json.loads((neox_run / "shm_leftovers.json").read_text()) == []
 
 
-def test_zero3_two_ranks_match_single_process_reference(neox_run, neox_dir):
+def test_zero3_two_ranks_match_single_process_reference_and_its_gradient_norms(neox_run, neox_dir):
     ours = adapter_tensors(neox_run / "adapter")
-    ref = reference(neox_dir, ["query_key_value"], STEPS)
+    grad_norms = []
+    ref = reference(neox_dir, ["query_key_value"], STEPS, grad_norms)
     assert_close_tensors(ours, ref, rtol=1e-4, atol=ATOL)
+    # metrics.jsonl's grad_norm: each step's global norm before clipping, as one process computes it.
+    assert [r["grad_norm"] for r in read_metrics(neox_run)] == pytest.approx(grad_norms, rel=1e-5)
     moved = max((ref[n] - v).abs().max().item() for n, v in ours.items() if n.endswith("lora_B.weight"))
     assert moved < 1e-4
     assert max(v.abs().max().item() for n, v in ours.items() if n.endswith("lora_B.weight")) > 1e-3
@@ -85,13 +93,23 @@ def test_loss_falls_and_metrics_are_logged(neox_run):
     records = read_metrics(neox_run)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     for r in records:
-        assert set(r) >= {"step", "loss", "lr", "tokens", "tokens_per_s", "peak_mem_gib"}
+        assert set(r) >= {"step", "loss", "grad_norm", "lr", "tokens", "tokens_per_s", "peak_mem_gib"}
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_gib"] > 0
     first, last = records[0]["loss"], records[-1]["loss"]
     assert last < first - 0.2, (first, last)
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     assert len(evals) == 2 and evals[1] < evals[0]
     assert records[-1]["lr"] == 0.0
+
+
+def test_tensorboard_event_files_hold_the_metrics_records(neox_run):
+    """--report_to tensorboard: every number of metrics.jsonl at its step, read by TensorBoard's own reader."""
+    records = read_metrics(neox_run)
+    scalars = tensorboard_scalars(neox_run)
+    assert scalars == as_tensorboard(records)
+    assert [step for step, _ in scalars["train/grad_norm"]] == list(range(1, STEPS + 1))
+    assert [step for step, _ in scalars["eval/loss"]] == [4, 8]
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "train/peak_mem_gib", "train/skipped_steps"} <= set(scalars)
 
 
 def test_checkpoint_holds_lora_state_only(neox_run, neox_dir):
@@ -172,7 +190,7 @@ def test_zero3_variants_train_to_the_same_adapter(neox_run, neox_dir, tmp_path, 
 
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(neox_dir, tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    args = dict(max_steps=6, lora_dropout=0.1, save_every=100, **COMMON)
+    args = dict(max_steps=6, lora_dropout=0.1, save_every=100, report_to="tensorboard", **COMMON)
     launch(train_args(neox_dir, whole, **args))
     halted = launch(train_args(neox_dir, parts, halt_at_step=3, **args))
     assert (parts / "checkpoints" / "latest").read_text().strip() == "step_00000003"
@@ -182,6 +200,9 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(neox_dir, tmp_path):
     assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
     assert_equal_tensors(adapter_tensors(parts / "adapter"), adapter_tensors(whole / "adapter"))
     assert [r["step"] for r in read_metrics(parts)] == [1, 2, 3, 4, 5, 6]
+    # The halted run (stopped as a preemption stops) closed its event file; the resumed run wrote a second one.
+    assert tensorboard_scalars(parts) == as_tensorboard(read_metrics(parts))
+    assert len(list((parts / "tensorboard").glob("events.out.tfevents.*"))) == 2
 
 
 def test_llama_with_sentencepiece_tokenizer_matches_reference(llama_dir, tmp_path):

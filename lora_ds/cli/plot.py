@@ -1,10 +1,11 @@
-"""Plot a run's training curves (loss, lr, tokens/s, peak memory) from its metrics.jsonl.
+"""Plot a run's training curves (loss, gradient norm, lr, tokens/s, peak memory) from its metrics.jsonl.
 
     lora-ds plot runs/demo                      # figures in runs/demo/plots/
     lora-ds plot runs/wikisql --out figs/wikisql
 
-Writes loss.png (eval_loss as points where it was logged), lr.png, tokens_per_s.png and peak_mem.png; for
-a resumed run the later record of a repeated step is used.
+Writes loss.png (eval_loss as points where it was logged), grad_norm.png, lr.png, tokens_per_s.png and
+peak_mem.png (a curve that no record holds is left out); for a resumed run the later record of a repeated step
+is used.
 """
 
 from __future__ import annotations
