@@ -201,9 +201,9 @@ def _check_order(loc: Loc, messages: list[dict], layout: Turns) -> None:
         due = "user" if (i - start) % 2 == 0 else "assistant"
         if messages[i]["role"] != due:
             raise BadRecord(
-                f"{loc}: field '{layout.key}[{i}].{layout.role}' is {called[messages[i]['role']]!r} where a "
-                f"{called[due]!r} turn is due: turns go ({called['system']},) {called['user']}, "
-                f"{called['assistant']}, {called['user']}, {called['assistant']}, ..."
+                f"{loc}: field '{layout.key}[{i}].{layout.role}' is {called[messages[i]['role']]!r} where "
+                f"{called[due]!r} is due: turns go ({called['system']},) {called['user']}, {called['assistant']}, "
+                f"{called['user']}, {called['assistant']}, ..."
             )
     if len(messages) - start < 2:
         raise BadRecord(f"{loc}: field '{layout.key}' has no {called['assistant']!r} turn: nothing to train on")
