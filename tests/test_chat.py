@@ -108,6 +108,13 @@ def replies(messages: list[dict], template: str = "chatml") -> list[str]:
     ]
 
 
+def with_template(toks, tmp_path, jinja: str) -> str:
+    out = tmp_path / "tokenizer"
+    shutil.copytree(toks["own"], out)
+    (out / "chat_template.jinja").write_text(jinja)
+    return str(out)
+
+
 def dir_digest(path) -> dict[str, str]:
     return {name: hashlib.sha256((Path(path) / name).read_bytes()).hexdigest() for name in sorted(os.listdir(path))}
 
@@ -179,6 +186,42 @@ def test_the_loss_covers_each_assistant_turn_and_its_end_of_turn_token(template,
         assert [tok.decode(run) for run in runs] == replies(messages, template)
         assert sum(map(len, runs)) == len(row["input_ids"]) - row["labels"].count(IGNORE_INDEX)
     assert manifest["template"]["chat_template"] == template and manifest["template"]["jinja"] == jinja
+
+
+# The shape of two of today's templates (their tool-call branches left out): Qwen2.5's default system turn, and
+# Llama 3.1's system header with today's date, which prep fixes so that the same input gives the same bytes.
+QWEN25_STYLE = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    "<|im_end|>\\n' }}{%- endif %}{%- for message in messages %}{%- if (message.role == 'user') or "
+    "(message.role == 'system' and not loop.first) or (message.role == 'assistant' and not message.tool_calls) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+LLAMA31_STYLE = (
+    "{{- bos_token }}{%- if not date_string is defined %}{%- set date_string = strftime_now('%d %b %Y') %}"
+    "{%- endif %}{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}{{- 'Cutting Knowledge Date: December 2023\\n' }}"
+    "{{- 'Today Date: ' + date_string + '\\n\\n' }}{{- system_message }}{{- '<|eot_id|>' }}"
+    "{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
+    "message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    "jinja, end", [(QWEN25_STYLE, "chatml"), (LLAMA31_STYLE, "llama3")], ids=["qwen2.5", "llama3.1"]
+)
+def test_templates_in_the_style_of_todays_models_train_on_their_assistant_turns(jinja, end, sources, toks, tmp_path):
+    tokenizer = with_template(toks, tmp_path, jinja)
+    prep(sources["chat-messages-jsonl"], tokenizer, tmp_path / "out")
+    tok = hf(tokenizer)
+    for row, messages in zip(load(tmp_path / "out"), expected_messages("chat-messages-jsonl")):
+        rendered = tok.apply_chat_template(messages, tokenize=False, date_string=chat.FIXED_DATE)
+        assert tok.decode(row["input_ids"]) == rendered.rstrip()
+        assert [tok.decode(run) for run in trained_runs(row)] == replies(messages, end)
+    assert (f"Today Date: {chat.FIXED_DATE}\n" in tok.decode(row["input_ids"])) == (jinja == LLAMA31_STYLE)
 
 
 def test_a_tokenizer_without_a_template_takes_a_built_in_one(sources, toks, tmp_path):
@@ -397,13 +440,6 @@ NO_END_OF_TURN = (
     "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
 )
-
-
-def with_template(toks, tmp_path, jinja: str) -> str:
-    out = tmp_path / "tokenizer"
-    shutil.copytree(toks["own"], out)
-    (out / "chat_template.jinja").write_text(jinja)
-    return str(out)
 
 
 def test_a_template_that_refuses_a_conversation_names_the_record_and_skip_bad_skips_it(sources, toks, tmp_path):
