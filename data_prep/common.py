@@ -327,7 +327,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         required=True,
         metavar="PATH",
-        help="the downloaded file(s), all of one format (told from the name and content)",
+        help="the downloaded file(s), all of one format (told from the name and content); chat also takes "
+        "datasets' save_to_disk dirs",
     )
     parser.add_argument(
         "--tokenizer",

@@ -14,13 +14,16 @@ Rendered by the tokenizer's own chat template (`chat_template` in its config or 
 transformers' chat-template renderer (what `apply_chat_template` runs), or by the built-in --template: chatml,
 llama3 (Meta's Llama 3 Instruct template) or alpaca (Stanford Alpaca's prompt, one instruction/response block per
 exchange, EOS ending each response); --template overrides the tokenizer's own. The built-ins start with the
-tokenizer's BOS when it starts sequences with one.
+tokenizer's BOS when it starts sequences with one. A template that writes today's date (Llama 3.1's) is given a
+fixed one (FIXED_DATE), so that the same input gives the same bytes. The manifest records the template's text.
 
 The loss covers every assistant turn through its end-of-turn token (whitespace the template writes after that
 token belongs to what follows) and nothing of the system and user turns nor of the template's headers. The
 turns are found by rendering the conversation up to each assistant turn (with the generation prompt) and through
 it: each rendering must begin with the one before, and each assistant turn must end with a special token of the
-tokenizer; a template that breaks either is refused, naming the record.
+tokenizer; a template that breaks either is refused, naming the record. An overlong conversation loses tokens
+from the left (its BOS kept), never from its last assistant turn; one whose last assistant turn alone does not fit
+is dropped.
 """
 
 from __future__ import annotations
@@ -308,8 +311,6 @@ def chat_template(tok, name: str | None = None) -> ChatTemplate:
     """The template a run renders with: the built-in `name`, else the tokenizer's own."""
     specials = tuple(sorted(tok.special_tokens))
     if name is not None:
-        if name not in BUILTIN:
-            raise UserError(f"--template {name}: choose one of {', '.join(BUILTIN)}")
         missing = [t for t in BUILTIN[name].tokens if t not in tok.special_tokens]
         if missing:
             raise UserError(

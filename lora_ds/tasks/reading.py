@@ -1,7 +1,8 @@
 """Reading the files users download into raw records, each with where it is (file:line, or Parquet row).
 
-What every task's readers share: JSON lines, one JSON list, CSV/TSV, Parquet, and the checks of a record's
-fields. A reader yields `(Loc, dict or BadRecord)`; a problem with the whole file is a UserError.
+What every task's readers share: JSON lines, one JSON list, CSV/TSV, Parquet, `datasets` save_to_disk dirs, and
+the checks of a record's fields. A reader yields `(Loc, dict or BadRecord)`; a problem with the whole file is a
+UserError.
 """
 
 from __future__ import annotations
