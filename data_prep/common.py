@@ -1,7 +1,8 @@
 """The data-prep pipeline, the same for every task: read and render (the task's module), encode, pack, save.
 
 A prepared dir is one split saved with `datasets.Dataset.save_to_disk` (one shard) plus manifest.json.
-Its columns: input_ids, labels (-100 over the context, so the loss covers the target and EOS only),
+Its columns: input_ids, labels (-100 over the context, so the loss covers the target and EOS only; for chat
+data every assistant turn with its end-of-turn token),
 position_ids (0 at the first token of every example: in a packed row they mark where examples start),
 id (for a packed row, its examples' ids joined by ",") and length. The manifest records the task,
 split, template, tokenizer, settings, counts, token-length statistics and every source file's sha256.
@@ -9,7 +10,8 @@ The same input gives a byte-identical dir, whatever --num_proc.
 
 The task's module (lora_ds/tasks/<task>.py) tells each file's format and reads it: `(Loc, record)` per
 example, the record None for one the source itself marks unusable (MNLI's "-" gold label) or the
-`BadRecord` describing what is wrong.
+`BadRecord` describing what is wrong. Records are rendered and encoded after the tokenizer is loaded (chat data
+is rendered by the tokenizer's chat template), in --num_proc worker processes.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from dataclasses import dataclass
 from lora_ds.config import flag_spellings
 from lora_ds.errors import UserError
 from lora_ds.fsutil import sha256_file
-from lora_ds.tasks import get_task
+from lora_ds.tasks import CHAT, get_task
+from lora_ds.tasks.chat import BUILTIN
 from lora_ds.tasks.reading import BadRecord
 
 MANIFEST = "manifest.json"
@@ -41,33 +44,58 @@ _CHUNK = 256  # examples per job sent to a worker
 
 # ---- encoding, packing, saving ---------------------------------------------------------------------
 
-_worker_tokenizer = None
+
+class Encoder:
+    """An example's row from its record: rendered by the task's template, or by the run's chat template, and
+    encoded (lora_ds.data); in every worker process the same."""
+
+    def __init__(self, task_name: str, tok, template: str | None, max_len: int, truncate: bool):
+        self.task, self.tok, self.max_len, self.truncate = get_task(task_name), tok, max_len, truncate
+        self.chat = self.task.chat_template(tok, template) if task_name == CHAT else None
+
+    @property
+    def template(self) -> dict:
+        """The template, as the manifest records it."""
+        return self.chat.record if self.chat else self.task.TEMPLATE
+
+    def __call__(self, example: tuple) -> tuple:
+        """(row, truncated) of a (Loc, record); the row None for one too long, the BadRecord for a conversation the
+        chat template refuses."""
+        from lora_ds.data import encode_pair, encode_turns
+
+        loc, record = example
+        if self.chat is None:
+            return encode_pair(self.tok, *self.task.render(record), self.max_len, self.truncate)
+        try:
+            turns = self.chat.turns(loc, record["messages"])
+        except BadRecord as e:
+            return e, False
+        return encode_turns(self.tok, turns, self.max_len, self.truncate)
 
 
-def _init_worker(tokenizer_path: str) -> None:
-    global _worker_tokenizer  # one tokenizer per worker process, loaded once
+_worker_encoder = None
+
+
+def _init_worker(task: str, tokenizer_path: str, template: str | None, max_len: int, truncate: bool) -> None:
+    global _worker_encoder  # one per worker process, its tokenizer loaded once
     from lora_ds.tokenizer import load_tokenizer
 
-    _worker_tokenizer = load_tokenizer(tokenizer_path)
+    _worker_encoder = Encoder(task, load_tokenizer(tokenizer_path), template, max_len, truncate)
 
 
-def _encode_chunk(job):
-    from lora_ds.data import encode_pair
-
-    pairs, max_len, truncate = job
-    return [encode_pair(_worker_tokenizer, prompt, completion, max_len, truncate) for prompt, completion in pairs]
+def _encode_chunk(examples: list) -> list:
+    return [_worker_encoder(example) for example in examples]
 
 
-def encode_all(tok, tokenizer_path: str, pairs: list, max_len: int, truncate: bool, num_proc: int) -> list:
-    """`encode_pair` of every (prompt, completion), in order; with num_proc > 1 in a process pool."""
-    from lora_ds.data import encode_pair
-
-    if num_proc == 1:
-        return [encode_pair(tok, prompt, completion, max_len, truncate) for prompt, completion in pairs]
+def encode_all(encoder: Encoder, s: Settings, examples: list) -> list:
+    """`encoder` of every (Loc, record), in order; with --num_proc > 1 in a process pool."""
+    if s.num_proc == 1:
+        return [encoder(example) for example in examples]
     import multiprocessing
 
-    jobs = [(pairs[i : i + _CHUNK], max_len, truncate) for i in range(0, len(pairs), _CHUNK)]
-    with multiprocessing.get_context().Pool(num_proc, _init_worker, (tokenizer_path,)) as pool:
+    jobs = [examples[i : i + _CHUNK] for i in range(0, len(examples), _CHUNK)]
+    init = (s.task, s.tokenizer, s.template, s.max_len, not s.drop_overlong)
+    with multiprocessing.get_context().Pool(s.num_proc, _init_worker, init) as pool:
         return [result for chunk in pool.imap(_encode_chunk, jobs) for result in chunk]
 
 
@@ -131,8 +159,13 @@ class Settings:
     num_proc: int = 1
     skip_bad: bool = False
     drop_overlong: bool = False
+    template: str | None = None
 
     def __post_init__(self):
+        if self.template is not None and self.task != CHAT:
+            raise UserError(f"--template {self.template}: only `prep chat` takes a template; {self.task} has its own")
+        if self.template is not None and self.template not in BUILTIN:
+            raise UserError(f"--template {self.template}: choose one of {', '.join(BUILTIN)}")
         if not re.fullmatch(r"\w+(\.\w+)*", self.split):
             raise UserError(f"--split {self.split!r}: use letters, digits and _ (e.g. train, dev_matched)")
         if self.pack is not None and self.pack < 2:
@@ -156,8 +189,10 @@ def _detect_sources(task, paths: list[str]) -> tuple[str, list[str]]:
     """The one format of all `paths` and every file they read; mixed formats are an error."""
     formats, files = {}, []
     for path in paths:
-        if not os.path.isfile(path):
-            raise UserError(f"--src {path}: no such file")
+        if not os.path.exists(path):
+            raise UserError(f"--src {path}: no such file or directory")
+        if os.path.isdir(path) and task.NAME != CHAT:
+            raise UserError(f"--src {path}: a directory; pass the files it holds")
         fmt, read = task.detect(path)
         formats[path] = fmt
         files += [f for f in read if f not in files]
@@ -175,37 +210,42 @@ def _check_out(out: str) -> None:
         raise UserError(f"--out {out}: exists and is not a prepared dir; choose another --out or remove it")
 
 
-def _read_examples(s: Settings, task, fmt: str, counts: dict) -> tuple[list, list, list]:
-    """(ids, (prompt, completion) pairs, skipped-record messages) of every usable record of --src."""
-    ids, pairs, skipped = [], [], []
+def _skip(s: Settings, bad: BadRecord, counts: dict, skipped: list) -> None:
+    """A malformed record: fatal, or with --skip_bad counted and listed."""
+    if not s.skip_bad:
+        raise UserError(f"{bad}; {FIX}") from bad
+    counts["skipped"] += 1
+    if len(skipped) < MAX_SKIPPED_LISTED:
+        skipped.append(str(bad))
+
+
+def _read_examples(s: Settings, task, fmt: str, counts: dict, skipped: list) -> list:
+    """(Loc, record) of every usable record of --src."""
+    examples = []
     for path in s.src:
-        for _, record in task.read(path, fmt):
+        for loc, record in task.read(path, fmt):
             counts["read"] += 1
             if isinstance(record, BadRecord):
-                if not s.skip_bad:
-                    raise UserError(f"{record}; {FIX}") from record
-                counts["skipped"] += 1
-                if len(skipped) < MAX_SKIPPED_LISTED:
-                    skipped.append(str(record))
+                _skip(s, record, counts, skipped)
             elif record is None:
                 counts["filtered"] += 1
             else:
-                ids.append(record["id"])
-                pairs.append(task.render(record))
-    return ids, pairs, skipped
+                examples.append((loc, record))
+    return examples
 
 
-def _encode_examples(s: Settings, tok, ids: list, pairs: list, counts: dict) -> list[dict]:
+def _encode_examples(s: Settings, encoder: Encoder, examples: list, counts: dict, skipped: list) -> list[dict]:
     """The rows of the examples that fit --max_len (after truncation, unless --drop_overlong)."""
     rows = []
-    for ex_id, (row, truncated) in zip(
-        ids, encode_all(tok, s.tokenizer, pairs, s.max_len, not s.drop_overlong, s.num_proc)
-    ):
+    for (_, record), (row, truncated) in zip(examples, encode_all(encoder, s, examples)):
+        if isinstance(row, BadRecord):
+            _skip(s, row, counts, skipped)
+            continue
         if row is None:
             counts["dropped"] += 1
             continue
         counts["truncated"] += truncated
-        row.update(id=ex_id, length=len(row["input_ids"]))
+        row.update(id=record["id"], length=len(row["input_ids"]))
         rows.append(row)
     if not rows:
         raise UserError(
@@ -234,17 +274,19 @@ def prepare(s: Settings) -> tuple[dict, float]:
     _check_out(s.out)
     fmt, files = _detect_sources(task, s.src)
     counts = dict.fromkeys(("read", "filtered", "skipped", "dropped", "truncated", "kept", "rows"), 0)
+    skipped = []
     start = time.perf_counter()
-    ids, pairs, skipped = _read_examples(s, task, fmt, counts)
+    examples = _read_examples(s, task, fmt, counts, skipped)
 
     # Loaded only now, so bad input fails fast. Loading it and importing `datasets` are fixed start-up
     # costs, kept out of the throughput.
     loading = time.perf_counter()
     tok = load_tokenizer(s.tokenizer)
+    encoder = Encoder(s.task, tok, s.template, s.max_len, not s.drop_overlong)
     importlib.import_module("datasets")
     start += time.perf_counter() - loading
 
-    rows = _encode_examples(s, tok, ids, pairs, counts)
+    rows = _encode_examples(s, encoder, examples, counts, skipped)
     counts["kept"] = len(rows)
     lengths = [r["length"] for r in rows]
     if s.pack:
@@ -256,7 +298,7 @@ def prepare(s: Settings) -> tuple[dict, float]:
         "split": s.split,
         "source_format": fmt,
         "sources": [{"path": f, "sha256": sha256_file(f)} for f in files],
-        "template": task.TEMPLATE,
+        "template": encoder.template,
         "tokenizer": tokenizer_record(tok),
         "max_len": s.max_len,
         "overlong": "drop" if s.drop_overlong else "truncate context",
@@ -285,7 +327,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         required=True,
         metavar="PATH",
-        help="the downloaded file(s), all of one format (told from the name and content)",
+        help="the downloaded file(s), all of one format (told from the name and content); chat also takes "
+        "datasets' save_to_disk dirs",
     )
     parser.add_argument(
         "--tokenizer",
@@ -318,6 +361,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         *flag_spellings("--num_proc"), type=int, default=1, metavar="K", help="tokenizer processes (default: 1)"
     )
     parser.add_argument(
+        "--template",
+        choices=BUILTIN,
+        default=None,
+        help="chat only: render with this built-in chat template instead of the tokenizer's own",
+    )
+    parser.add_argument(
         *flag_spellings("--skip_bad"),
         action="store_true",
         help="skip malformed records (counted in the manifest) instead of stopping at the first",
@@ -337,14 +386,16 @@ def run(task: str, args: argparse.Namespace) -> int:
         num_proc=args.num_proc,
         skip_bad=args.skip_bad,
         drop_overlong=args.drop_overlong,
+        template=args.template,
     )
     manifest, seconds = prepare(settings)
     c, stats = manifest["counts"], manifest["length_stats"]
+    template = f" (chat template: {manifest['template']['chat_template']})" if task == CHAT else ""
     print(
-        f"{task} {args.split}: read {c['read']}, kept {c['kept']} ({c['truncated']} truncated, {c['dropped']} "
-        f"dropped, {c['skipped']} skipped, {c['filtered']} filtered) -> {c['rows']} rows in {args.out}; "
-        f"tokens/example mean {stats['mean']} p99 {stats['p99']} max {stats['max']}; "
-        f"{seconds:.2f} s, {c['read'] / seconds:.0f} examples/s"
+        f"{task} {args.split}{template}: read {c['read']}, kept {c['kept']} ({c['truncated']} truncated, "
+        f"{c['dropped']} dropped, {c['skipped']} skipped, {c['filtered']} filtered) -> {c['rows']} rows in "
+        f"{args.out}; tokens/example mean {stats['mean']} p99 {stats['p99']} max {stats['max']}; "
+        f"{seconds:.2f} s, {c['read'] / seconds:.0f} examples/s, {stats['total'] / seconds:.0f} tokens/s"
     )
     return 0
 

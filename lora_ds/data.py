@@ -1,4 +1,4 @@
-"""Training data: encoding (prompt, completion) pairs, reading prepared dirs and JSONL, batching.
+"""Training data: encoding examples (prompt/completion pairs, chat turns), reading prepared dirs and JSONL, batching.
 
 A prepared directory (written by `lora-ds prep`, data_prep/) is a `datasets` Arrow dataset saved with
 `save_to_disk` plus `manifest.json`. Its rows have `input_ids`, `labels` (-100 over the context) and
@@ -17,30 +17,43 @@ IGNORE_INDEX = -100
 FLEX_BLOCK = 128  # FlexAttention's block size
 
 
-def encode_pair(tok, prompt: str, completion: str, max_len: int | None = None, truncate: bool = True):
-    """Ids and labels of one example: [BOS] prompt completion EOS, loss on completion + EOS only.
+def encode_spans(spans: list[tuple[list[int], bool]], max_len: int | None = None, truncate: bool = True, keep: int = 0):
+    """Ids and labels of one example made of token spans `[(ids, trained)]`: the loss covers the trained spans only.
 
-    An overlong example loses context tokens from the left (never target tokens); with `truncate`
-    False, or when the target alone does not fit, None is returned (the example is dropped).
+    The last span is the target (a completion, or a conversation's last assistant turn) and is never cut: an
+    overlong example loses tokens from the left of what precedes it, after its first `keep` (a BOS, which stays).
+    With `truncate` False, or when the target alone does not fit, None is returned (the example is dropped).
     Returns (row, truncated) where row has input_ids, labels, position_ids.
     """
-    prompt_ids = tok.encode(prompt)
-    context = tok.with_bos(prompt_ids)
-    target = tok.encode(completion) + [tok.eos_token_id]
+    if not spans or not spans[-1][1]:
+        raise ValueError("an example ends with a trained span")
+    ids = [t for span, _ in spans for t in span]
+    labels = [t if trained else IGNORE_INDEX for span, trained in spans for t in span]
+    target = len(ids) - len(spans[-1][0])  # where the last span starts
     truncated = False
-    if max_len is not None and len(context) + len(target) > max_len:
-        room = max_len - len(target)
-        if not truncate or room < 1:
+    if max_len is not None and len(ids) > max_len:
+        room = max_len - (len(ids) - target)  # for what precedes the target
+        if not truncate or room < max(keep, 1):
             return None, False
-        context = tok.with_bos(prompt_ids, room)
+        cut = target - (room - keep)  # ids[keep:cut] are dropped
+        ids, labels = ids[:keep] + ids[cut:], labels[:keep] + labels[cut:]
         truncated = True
-    ids = context + target
-    row = {
-        "input_ids": ids,
-        "labels": [IGNORE_INDEX] * len(context) + target,
-        "position_ids": list(range(len(ids))),
-    }
-    return row, truncated
+    return {"input_ids": ids, "labels": labels, "position_ids": list(range(len(ids)))}, truncated
+
+
+def encode_pair(tok, prompt: str, completion: str, max_len: int | None = None, truncate: bool = True):
+    """Ids and labels of one example: [BOS] prompt completion EOS, loss on completion + EOS only (`encode_spans`)."""
+    bos = tok.with_bos([])
+    spans = [(bos, False), (tok.encode(prompt), False), (tok.encode(completion) + [tok.eos_token_id], True)]
+    return encode_spans(spans, max_len, truncate, keep=len(bos))
+
+
+def encode_turns(tok, turns: list[tuple[str, bool]], max_len: int | None = None, truncate: bool = True):
+    """Ids and labels of a conversation as its chat template wrote it, `[(text, trained)]` ending with an assistant
+    turn: the template writes BOS and end-of-turn tokens itself (`Tokenizer.encode_special`). See `encode_spans`."""
+    spans = [(tok.encode_special(text), trained) for text, trained in turns]
+    starts_with_bos = tok.bos_token_id is not None and spans[0][0][:1] == [tok.bos_token_id]
+    return encode_spans(spans, max_len, truncate, keep=int(starts_with_bos))
 
 
 def read_jsonl_pairs(path: str, tok, max_len: int) -> list[dict]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from lora_ds.errors import UserError
 from lora_ds.fsutil import sha256_file
@@ -30,10 +31,20 @@ class Tokenizer:
     add_bos: bool
     source: str
     identity: str
+    # What chat templates need: the tokens written out in text that stand for one id, the strings templates call
+    # bos_token, eos_token..., the tokenizer's own template (Jinja, or a dict of named ones) if it has one.
+    special_tokens: dict[str, int] = field(default_factory=dict)
+    special_tokens_map: dict[str, str] = field(default_factory=dict)
+    chat_template: str | dict | None = None
+    encode_special_fn: object = None
 
     def encode(self, text: str) -> list[int]:
-        """Ids of `text` with no special tokens."""
+        """Ids of `text` with no special tokens added."""
         return self.encode_fn(text)
+
+    def encode_special(self, text: str) -> list[int]:
+        """Ids of `text` as a chat template writes it: each of `special_tokens` written out in it is its id."""
+        return (self.encode_special_fn or self.encode_fn)(text)
 
     def with_bos(self, ids: list[int], max_len: int | None = None) -> list[int]:
         """[BOS] ids when this tokenizer starts a sequence with BOS: how every context (training, generation,
@@ -56,6 +67,8 @@ def _from_sentencepiece(model_file: str) -> Tokenizer:
         raise UserError(f"{model_file}: the SentencePiece model defines no EOS piece; retrain it with eos_id set")
     bos = sp.bos_id() if sp.bos_id() >= 0 else None
     pad = sp.pad_id() if sp.pad_id() >= 0 else eos
+    specials = {sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.is_control(i)}
+    names = {"bos_token": bos, "eos_token": eos, "unk_token": sp.unk_id(), "pad_token": sp.pad_id()}
     return Tokenizer(
         encode_fn=lambda text: sp.encode(text),
         decode_fn=lambda ids: sp.decode(ids),
@@ -66,7 +79,28 @@ def _from_sentencepiece(model_file: str) -> Tokenizer:
         add_bos=bos is not None,
         source=model_file,
         identity=f"sentencepiece:{sha256_file(model_file)}",
+        special_tokens=specials,
+        special_tokens_map={name: sp.id_to_piece(i) for name, i in names.items() if i is not None and i >= 0},
+        encode_special_fn=_split_at(specials, sp.encode),
     )
+
+
+def _split_at(specials: dict[str, int], encode):
+    """`encode`, with each of `specials` written out in the text taken as its id (SentencePiece's own encoding
+    reads control pieces such as `</s>` as plain text)."""
+    if not specials:
+        return encode
+    pattern = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+
+    def encode_special(text: str) -> list[int]:
+        ids, start = [], 0
+        for match in pattern.finditer(text):
+            ids += encode(text[start : match.start()]) if match.start() > start else []
+            ids.append(specials[match.group()])
+            start = match.end()
+        return ids + (encode(text[start:]) if start < len(text) else [])
+
+    return encode_special
 
 
 def _from_hf(directory: str) -> Tokenizer:
@@ -92,6 +126,10 @@ def _from_hf(directory: str) -> Tokenizer:
         add_bos=add_bos,
         source=directory,
         identity=f"hf:{digest.hexdigest()}",
+        # transformers reads every added token written out in text as its id
+        special_tokens={t.content: i for i, t in tok.added_tokens_decoder.items()},
+        special_tokens_map={k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)},
+        chat_template=tok.chat_template,
     )
 
 

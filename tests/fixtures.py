@@ -5,6 +5,7 @@
     train_bpe_tokenizer(texts, out)  train_sentencepiece_model(texts, out / "tokenizer.model")
     write_fixture("wikisql-original", tmp_path)   # -> [tmp_path/train.jsonl] (+ train.tables.jsonl beside it)
     write_wikisql(tmp_path)  write_mnli(tmp_path)  write_samsum(tmp_path)   # small eval sets, known answers
+    write_fixture("chat-sharegpt-jsonl", tmp_path)  save_chat_tokenizer(out)   # chat data; a ChatML tokenizer
     python tests/fixtures.py OUT --records 5000   # every download-format set at that size, plus both tokenizers
 
 The download-format sets are seeded and synthetic but keep what makes the real files awkward: headers and
@@ -125,6 +126,30 @@ def train_sentencepiece_model(texts: list[str], out_file: Path, vocab_size: int 
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_bytes(model.getvalue())
     return out_file
+
+
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+# The common ChatML template, with transformers' {% generation %} marks around what an assistant says (so that
+# apply_chat_template's assistant mask can be compared with prep's labels).
+CHATML_GENERATION = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{{ '\\n' }}{% else %}{{ message['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def save_chat_tokenizer(out_dir: Path, chat_template: str | None = CHATML_GENERATION) -> Path:
+    """A byte-level BPE (`train_bpe_tokenizer`) of the tasks' and the chat fixtures' text, with CHAT_TOKENS added
+    as special tokens and `chat_template` as its own."""
+    from transformers import AutoTokenizer
+
+    texts = tokenizer_texts() + [m["content"] for r in chat_data(40) for m in r["messages"]]
+    tok = AutoTokenizer.from_pretrained(str(train_bpe_tokenizer(texts, out_dir)))
+    tok.add_special_tokens({"additional_special_tokens": list(CHAT_TOKENS)})
+    tok.chat_template = chat_template
+    tok.save_pretrained(str(out_dir))
+    return Path(out_dir)
 
 
 # ---- task files in the real download layouts (data prep, task readers) -------------------------------------
@@ -364,6 +389,75 @@ def samsum_data(n: int, seed: int = 2) -> list[dict]:
     return out
 
 
+# Chat
+
+
+def chat_data(n: int, seed: int = 3) -> list[dict]:
+    """{id, messages}: a system turn in one of three conversations, then one to four exchanges; contents hold
+    quotes, \\r\\n and \\n, emoji, markup, tabs and trailing spaces."""
+    rng = random.Random(seed)
+    extras = ['she said "maybe"', "line one\nline two", "a,\r\nb", "lol 😂", "<b>bold</b> & co", "tab\tand ", "Zoë's"]
+    out = []
+    for i in range(n):
+        messages = [{"role": "system", "content": "You are a helpful assistant."}] if i % 3 == 0 else []
+        for k in range(rng.randint(1, 4)):
+            question = f"{_sentence(rng, 10)[:-1]}?" if k % 2 else f"{_sentence(rng)} {rng.choice(extras)}"
+            answer = _sentence(rng, 14) + (f" {rng.choice(extras)}" if rng.random() < 0.3 else "")
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        out.append({"id": f"c{i}", "messages": messages})
+    return out
+
+
+SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+def sharegpt(record: dict) -> dict:
+    """A `chat_data` record in ShareGPT's layout."""
+    turns = [{"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]} for m in record["messages"]]
+    return {"id": record["id"], "conversations": turns}
+
+
+def instruction_data(n: int, seed: int = 4) -> list[dict]:
+    """Alpaca records: the input empty in one of two, absent in one of five; a system field in one of four."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        record = {"instruction": f"Rewrite: {_sentence(rng)}", "input": _sentence(rng, 12) if i % 2 else ""}
+        record["output"] = _sentence(rng, 14)
+        if i % 5 == 4:
+            del record["input"]
+        if i % 4 == 1:
+            record["system"] = "Answer in English."
+        out.append(record)
+    return out
+
+
+def _write_chat(name: str, directory: Path, n: int) -> list[Path]:
+    layout, _, container = name.removeprefix("chat-").rpartition("-")
+    if layout == "messages":
+        records = chat_data(n)
+    elif layout == "sharegpt":
+        records = [sharegpt(r) for r in chat_data(n)]
+    else:
+        records = instruction_data(n)
+        if layout == "prompt-completion":
+            records = [{"prompt": r["instruction"], "completion": r["output"]} for r in records]
+    if container == "saved":
+        from datasets import Dataset
+
+        Dataset.from_list(records).save_to_disk(str(directory / "train"))
+        return [directory / "train"]
+    if container == "parquet":  # every column in every row: null where a record lacks the field
+        columns = dict.fromkeys(key for r in records for key in r)
+        rows = [{key: r.get(key) for key in columns} for r in records]
+        return [_write_parquet(directory / "train-00000-of-00001.parquet", rows)]
+    if container == "json":
+        path = directory / "train.json"
+        path.write_text(json.dumps(records, indent=2, ensure_ascii=False), encoding="utf-8")
+        return [path]
+    return [_write_lines(directory / "train.jsonl", records)]
+
+
 # Writing the sets
 
 
@@ -376,7 +470,7 @@ def _write_parquet(path: Path, rows: list[dict], schema=None) -> Path:
 
 
 def write_fixture(name: str, directory: Path, n: int = 40) -> list[Path]:
-    """Write fixture set `name` (one of FIXTURES) with about `n` records; returns the --src paths."""
+    """Write fixture set `name` (of FIXTURES or CHAT_FIXTURES) with about `n` records; returns the --src paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if name == "wikisql-original":
@@ -412,6 +506,8 @@ def write_fixture(name: str, directory: Path, n: int = 40) -> list[Path]:
         return [_write_parquet(directory / "train-00000-of-00001.parquet", samsum_data(n))]
     if name == "samsum-hf-jsonl":
         return [_write_lines(directory / "train.jsonl", samsum_data(n))]
+    if name in CHAT_FIXTURES:
+        return _write_chat(name, directory, n)
     raise ValueError(f"unknown fixture {name!r}")
 
 
@@ -428,6 +524,16 @@ FIXTURES = {  # fixture set -> task
     "samsum-csv": "samsum",
     "samsum-hf-parquet": "samsum",
     "samsum-hf-jsonl": "samsum",
+}
+CHAT_FIXTURES = {  # chat data: fixture set -> layout (chat-LAYOUT-CONTAINER)
+    "chat-messages-jsonl": "messages",
+    "chat-messages-parquet": "messages",
+    "chat-messages-saved": "messages",
+    "chat-sharegpt-json": "sharegpt",
+    "chat-sharegpt-jsonl": "sharegpt",
+    "chat-alpaca-json": "alpaca",
+    "chat-alpaca-parquet": "alpaca",
+    "chat-prompt-completion-jsonl": "prompt_completion",
 }
 
 
@@ -548,7 +654,7 @@ def tokenizer_texts(n: int = 40) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Write every fixture set at a given size, plus both test tokenizers, for measuring prep by hand."""
+    """Write every fixture set at a given size, plus the test tokenizers, for measuring prep by hand."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -557,7 +663,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     train_bpe_tokenizer(tokenizer_texts(), args.out / "bpe")
     train_sentencepiece_model(tokenizer_texts(), args.out / "sp" / "tokenizer.model")
-    for name, task in FIXTURES.items():
+    save_chat_tokenizer(args.out / "chat-tokenizer")
+    for name, task in {**FIXTURES, **dict.fromkeys(CHAT_FIXTURES, "chat")}.items():
         src = write_fixture(name, args.out / name, args.records)
         print(f"{task} {' '.join(map(str, src))}")
 

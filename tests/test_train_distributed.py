@@ -234,19 +234,42 @@ def test_zero3_partitions_base_and_optimizes_only_lora(neox_dir, tmp_path):
         assert report["step0_max_abs_diff"] == 0.0
 
 
-def test_training_reads_a_packed_prepared_dir_in_bf16(neox_dir, tmp_path):
-    """lora-ds prep output (packed rows, block-causal masks) trains on 2 ranks in bf16."""
-    src = write_fixture("samsum-corpus", tmp_path / "raw", n=60)
-    prepared = tmp_path / "prepared"
-    prep = run_cli(
-        "prep", "samsum", "--src", *src, "--tokenizer", neox_dir, "--out", prepared, "--pack", "256", "--max-len", "256"
-    )
-    assert prep.returncode == 0, prep.stderr
-    manifest = json.loads((prepared / "manifest.json").read_text())
-    assert manifest["pack"] == 256
+def test_training_reads_packed_prepared_dirs_of_chat_and_of_a_task_in_bf16(neox_dir, tmp_path):
+    """lora-ds prep output (packed rows, block-causal masks) trains on 2 ranks in bf16: multi-turn chat data
+    (the alpaca template, as the tiny model's tokenizer has none) to train on, SAMSum to evaluate on."""
+    prepared = {"chat": tmp_path / "chat", "samsum": tmp_path / "samsum"}
+    for task, fixture in (("chat", "chat-sharegpt-jsonl"), ("samsum", "samsum-corpus")):
+        src = write_fixture(fixture, tmp_path / fixture, n=60)
+        template = ["--template", "alpaca"] if task == "chat" else []
+        prep = run_cli(
+            "prep",
+            task,
+            "--src",
+            *src,
+            "--tokenizer",
+            neox_dir,
+            "--out",
+            prepared[task],
+            "--pack",
+            "256",
+            "--max-len",
+            "256",
+            *template,
+        )
+        assert prep.returncode == 0, prep.stderr
+        assert json.loads((prepared[task] / "manifest.json").read_text())["pack"] == 256
     out = tmp_path / "run"
     launch(
-        train_args(neox_dir, out, data=prepared, eval_data=prepared, max_steps=2, micro_batch=1, dtype="bf16", lora_r=4)
+        train_args(
+            neox_dir,
+            out,
+            data=prepared["chat"],
+            eval_data=prepared["samsum"],
+            max_steps=2,
+            micro_batch=1,
+            dtype="bf16",
+            lora_r=4,
+        )
     )
     records = read_metrics(out)
     assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)

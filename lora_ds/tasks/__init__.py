@@ -1,4 +1,4 @@
-"""The paper's tasks, one module each: all that data prep and evaluation know of a task is in its module.
+"""The tasks, one module each: all that data prep and evaluation know of a task is in its module.
 
 A task module defines these names (data prep and evaluation use no others; tests/test_tasks.py checks them):
 
@@ -20,17 +20,23 @@ A task module defines these names (data prep and evaluation use no others; tests
     OFFICIAL              the task's official evaluator's predictions format (WikiSQL), or None
 
 Adding a task is a module with these names and its line in TASKS.
+
+CHAT (chat.py) is chat and instruction data, prepared for training only: it has NAME, detect and read as above (a
+record is {id, messages}), and in place of TEMPLATE and render `chat_template(tokenizer, name)`, the run's
+template (the tokenizer's own or a built-in), whose `turns(loc, messages)` are the texts trained on and not.
 """
 
 from __future__ import annotations
 
 import importlib
 
-TASKS = ("wikisql", "mnli", "samsum")
+TASKS = ("wikisql", "mnli", "samsum")  # the paper's: prepared, evaluated and scored
+CHAT = "chat"
+PREP_TASKS = (*TASKS, CHAT)
 
 
 def get_task(name: str):
-    """The module of task `name` (one of TASKS)."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    """The module of task `name` (one of PREP_TASKS)."""
+    if name not in PREP_TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(PREP_TASKS)}")
     return importlib.import_module(f"lora_ds.tasks.{name}")

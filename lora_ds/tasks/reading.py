@@ -1,7 +1,8 @@
 """Reading the files users download into raw records, each with where it is (file:line, or Parquet row).
 
-What every task's readers share: JSON lines, one JSON list, CSV/TSV, Parquet, and the checks of a record's
-fields. A reader yields `(Loc, dict or BadRecord)`; a problem with the whole file is a UserError.
+What every task's readers share: JSON lines, one JSON list, CSV/TSV, Parquet, `datasets` save_to_disk dirs, and
+the checks of a record's fields. A reader yields `(Loc, dict or BadRecord)`; a problem with the whole file is a
+UserError.
 """
 
 from __future__ import annotations
@@ -104,6 +105,12 @@ def read_json_array(path: str):
         raise UserError(f"{path}: text after the closing ']' of the list; fix the file")
 
 
+def first_char(path: str) -> str:
+    """The first character of a text file past a BOM and white space ("[" for a JSON list)."""
+    with open(path, "rb") as f:
+        return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")[:1].decode("ascii", "replace")
+
+
 def read_text(path: str) -> str:
     with open(path, "rb") as f:
         data = f.read()
@@ -172,6 +179,33 @@ def read_parquet(path: str):
     n = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
         for row in batch.to_pylist():
+            n += 1
+            yield Loc(path, n, "row"), row
+
+
+def saved_dataset(path: str):
+    """The `datasets.Dataset` a `save_to_disk` dir holds (one split)."""
+    from datasets import Dataset, load_from_disk
+
+    try:
+        dataset = load_from_disk(path)
+    except FileNotFoundError as e:
+        raise UserError(f"--src {path}: a directory, but not one written by datasets' save_to_disk ({e})") from e
+    if not isinstance(dataset, Dataset):
+        raise UserError(f"--src {path}: holds the splits {', '.join(dataset)}; pass one split's dir ({path}/NAME)")
+    return dataset
+
+
+def saved_dataset_files(path: str) -> list[str]:
+    """The files of a `save_to_disk` dir (its Arrow shards, dataset_info.json, state.json)."""
+    return sorted(os.path.join(path, f) for f in os.listdir(path) if os.path.isfile(os.path.join(path, f)))
+
+
+def read_saved_dataset(path: str):
+    """(Loc, dict) per row of a `save_to_disk` dir, counted as rows like Parquet's."""
+    n = 0
+    for table in saved_dataset(path).with_format("arrow").iter(batch_size=1024):
+        for row in table.to_pylist():
             n += 1
             yield Loc(path, n, "row"), row
 

@@ -77,11 +77,6 @@ def parse(prediction: str, record: dict) -> str:
 # ---- reading the downloaded files ------------------------------------------------------------------
 
 
-def _first_char(path: str) -> str:
-    with open(path, "rb") as f:
-        return f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")[:1].decode("ascii", "replace")
-
-
 def detect(path: str) -> tuple[str, list[str]]:
     """(format, files read) of a SAMSum file."""
     name = os.path.basename(path)
@@ -92,7 +87,7 @@ def detect(path: str) -> tuple[str, list[str]]:
     if name.endswith(".parquet"):
         reading.check_columns(path, reading.parquet_columns(path), COLUMNS, EXPECTED)
         return HF, [path]
-    if name.endswith(".json") and _first_char(path) == "[":
+    if name.endswith(".json") and reading.first_char(path) == "[":
         return CORPUS, [path]
     if name.endswith((".jsonl", ".json")):
         loc, first = reading.first_jsonl_record(path)
