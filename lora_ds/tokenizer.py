@@ -30,6 +30,9 @@ class Tokenizer:
     add_bos: bool
     source: str
     identity: str
+    # messages -> the conversation's text with the generation prompt, by the tokenizer's own chat template; None
+    # when it has none (SentencePiece files never do).
+    render_chat: object = None
 
     def encode(self, text: str) -> list[int]:
         """Ids of `text` with no special tokens."""
@@ -44,7 +47,8 @@ class Tokenizer:
         return bos + ids
 
     def decode(self, ids) -> str:
-        return self.decode_fn([int(i) for i in ids])
+        """Text of `ids` (or of one id: transformers' streamers decode single ids too)."""
+        return self.decode_fn([int(ids)] if isinstance(ids, int) else [int(i) for i in ids])
 
 
 def _from_sentencepiece(model_file: str) -> Tokenizer:
@@ -92,6 +96,11 @@ def _from_hf(directory: str) -> Tokenizer:
         add_bos=add_bos,
         source=directory,
         identity=f"hf:{digest.hexdigest()}",
+        render_chat=(
+            (lambda messages: tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+            if tok.chat_template
+            else None
+        ),
     )
 
 
