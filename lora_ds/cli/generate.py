@@ -124,27 +124,13 @@ def _read_prompts(args, tok):
     return prompts, encode_prompts(tok, prompts, system=args.system, use_template=not args.no_template, max_len=limit)
 
 
-def _batch(args, model, tok, prompts, encoded, device, rank: int, world: int, zero3: bool, start: float) -> None:
-    """--prompt or --prompts: every rank generates its batches; rank 0 writes or prints the completions."""
+def _write(args, tok, prompts, completions, how: str) -> None:
+    """The completion of --prompt on stdout, or the JSON lines of each prompt and its completion to --out (else
+    stdout); `how` says how they were made."""
     import json
-    import time
 
     from lora_ds.fsutil import write_text
-    from lora_ds.generate import generate_ids
 
-    completions = generate_ids(
-        model,
-        tok,
-        encoded,
-        **_decoding(args, tok),
-        batch_size=args.batch_size,
-        device=device,
-        rank=rank,
-        world=world,
-        progress=not args.no_progress and args.prompts is not None,
-    )
-    if rank != 0:
-        return
     records = [{**p.record(), "completion": tok.decode(ids)} for p, ids in zip(prompts, completions)]
     if args.prompts is None and not args.out:
         print(records[0]["completion"])
@@ -154,10 +140,7 @@ def _batch(args, model, tok, prompts, encoded, device, rank: int, world: int, ze
         sys.stdout.write(lines)
         return
     write_text(args.out, lines)
-    print(
-        f"{len(records)} completions on {world} rank(s){' (ZeRO-3)' if zero3 else ''}, "
-        f"{'sampled' if args.temperature else 'greedy'}, {time.perf_counter() - start:.1f} s -> {args.out}"
-    )
+    print(f"{len(records)} completions {how} -> {args.out}")
 
 
 def _chat(args, model, tok, device) -> None:
@@ -212,6 +195,7 @@ def run(args) -> int:
     from lora_ds.cli.eval import model_tokenizer, ranks
     from lora_ds.dist import shutdown
     from lora_ds.eval_model import build_eval_model, read_lora
+    from lora_ds.generate import generate_ids
     from lora_ds.prompts import require_template
 
     start = time.perf_counter()
@@ -227,7 +211,21 @@ def run(args) -> int:
     if args.chat:
         _chat(args, model, tok, device)
     else:
-        _batch(args, model, tok, prompts, encoded, device, rank, world, ds_config is not None, start)
+        completions = generate_ids(
+            model,
+            tok,
+            encoded,
+            **_decoding(args, tok),
+            batch_size=args.batch_size,
+            device=device,
+            rank=rank,
+            world=world,
+            progress=not args.no_progress and args.prompts is not None,
+        )
+        if rank == 0:
+            zero3 = " (ZeRO-3)" if ds_config else ""
+            how = f"{'sampled' if args.temperature else 'greedy'}, {time.perf_counter() - start:.1f} s"
+            _write(args, tok, prompts, completions, f"on {world} rank(s){zero3}, {how}")
     del keepalive
     shutdown()
     return 0
