@@ -1,4 +1,4 @@
-"""Greedy/beam generation and completion scoring for evaluation: one process, or N ranks under ZeRO-3.
+"""Generation (greedy, beam or seeded sampling) and completion scoring: one process, or N ranks under ZeRO-3.
 
 Examples are cut into batches in input order and batch b runs on rank b mod N. A batch thus holds the same
 examples, padded the same way, whatever the number of ranks, so the predictions of a run on N ranks equal
@@ -10,11 +10,15 @@ a rank that has finished stepping until every rank has. The results of all ranks
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from lora_ds.data import IGNORE_INDEX, collate, encode_pair
 from lora_ds.errors import UserError
+from lora_ds.fsutil import read_json
 
 
 def rank_batches(num_examples: int, batch_size: int, rank: int, world: int) -> list[list[int] | None]:
@@ -28,6 +32,20 @@ def rank_batches(num_examples: int, batch_size: int, rank: int, world: int) -> l
 def prompt_ids(tok, prompt: str, max_len: int) -> list[int]:
     """[BOS] prompt, as `encode_pair` writes a training context, cut from the left as training contexts are."""
     return tok.with_bos(tok.encode(prompt), max_len)
+
+
+def stop_ids(tok, model_dir: str | None = None) -> list[int]:
+    """The ids a completion ends at: the tokenizer's EOS, and the eos ids of the model dir's generation_config.json
+    when the file was written for the model (a chat model's end of turn, Llama 3's <|eot_id|>), not derived by
+    transformers from config.json's defaults."""
+    ids = [tok.eos_token_id]
+    path = os.path.join(model_dir, "generation_config.json") if model_dir else ""
+    if os.path.isfile(path):
+        config = read_json(path)
+        if not config.get("_from_model_config"):
+            extra = config.get("eos_token_id")
+            ids += [extra] if isinstance(extra, int) else list(extra or [])
+    return list(dict.fromkeys(ids))
 
 
 def _gather(local: dict, world: int) -> dict:
@@ -57,54 +75,90 @@ def _progress(total: int, desc: str, rank: int, show: bool):
     return tqdm(total=total, desc=desc, disable=not show or rank != 0, dynamic_ncols=True)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling instead of greedy search. Batch b draws from torch's generator seeded with seed + b, so it draws
+    the same tokens whichever rank runs it, and a run on N ranks samples what one process samples."""
+
+    temperature: float
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int = 0
+
+
+def _generation_config(tok, stop_ids: list[int], max_new_tokens: int, num_beams: int, sampling: Sampling | None):
+    from transformers import GenerationConfig
+
+    # Sampling sets every value it uses: transformers fills unset ones from the model's generation_config.json
+    # and then its own defaults (top_k=50).
+    decoding = dict(do_sample=False)
+    if sampling is not None:
+        decoding = dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        eos_token_id=stop_ids,
+        pad_token_id=tok.pad_token_id,
+        use_cache=True,
+        **decoding,
+    )
+
+
 @torch.no_grad()
-def generate(
+def generate_ids(
     model,
     tok,
-    prompts: list[str],
+    encoded: list[list[int]],
     *,
     max_new_tokens: int,
+    stop_ids: list[int] | None = None,
     num_beams: int = 1,
+    sampling: Sampling | None = None,
     batch_size: int = 8,
-    max_prompt_len: int = 1024,
     device=None,
     rank: int = 0,
     world: int = 1,
     progress: bool = True,
     desc: str = "generate",
-) -> list[str]:
-    """The completion of each prompt (text after the prompt, up to EOS), greedy or beam search.
+    streamer=None,
+) -> list[list[int]]:
+    """The completion ids of each encoded prompt: the ids after the prompt, up to the first of `stop_ids` (default:
+    the tokenizer's EOS), greedy, beam search or `sampling`.
 
     `model` is a Hugging Face causal LM (under ZeRO-3: the engine's module). Collective when world > 1.
+    `streamer` (a transformers streamer) sees the tokens as they come, in one process with batch_size 1.
     """
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=num_beams,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        use_cache=True,
-    )
-    encoded = [prompt_ids(tok, p, max_prompt_len) for p in prompts]
+    stop_ids = stop_ids or [tok.eos_token_id]
+    config = _generation_config(tok, stop_ids, max_new_tokens, num_beams, sampling)
     results = {}
-    bar = _progress(len(prompts), desc, rank, progress)
-    for batch in rank_batches(len(prompts), batch_size, rank, world):
+    bar = _progress(len(encoded), desc, rank, progress)
+    for batch in rank_batches(len(encoded), batch_size, rank, world):
         ids, mask = _left_padded([encoded[i] for i in (batch or [0])], tok.pad_token_id)
+        if sampling is not None:
+            torch.manual_seed(sampling.seed + (batch[0] // batch_size if batch else 0))
         out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config, synced_gpus=world > 1
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            generation_config=config,
+            synced_gpus=world > 1,
+            streamer=streamer,
         )
         if batch is None:
             continue
         for i, row in zip(batch, out[:, ids.shape[1] :].tolist()):
-            if tok.eos_token_id in row:
-                row = row[: row.index(tok.eos_token_id)]
-            results[i] = tok.decode(row)
+            ends = [row.index(s) for s in stop_ids if s in row]
+            results[i] = row[: min(ends)] if ends else row
         bar.update(min(len(batch) * world, bar.total - bar.n))  # rank 0 shows all ranks' progress
     bar.close()
     results = _gather(results, world)
-    return [results[i] for i in range(len(prompts))]
+    return [results[i] for i in range(len(encoded))]
+
+
+def generate(model, tok, prompts: list[str], *, max_prompt_len: int = 1024, **kwargs) -> list[str]:
+    """The completion of each prompt (text after the prompt, up to EOS), encoded as training encodes a prompt;
+    `kwargs` as `generate_ids` takes them. Collective when world > 1."""
+    encoded = [prompt_ids(tok, p, max_prompt_len) for p in prompts]
+    return [tok.decode(ids) for ids in generate_ids(model, tok, encoded, **kwargs)]
 
 
 @torch.no_grad()

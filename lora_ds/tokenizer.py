@@ -55,7 +55,8 @@ class Tokenizer:
         return bos + ids
 
     def decode(self, ids) -> str:
-        return self.decode_fn([int(i) for i in ids])
+        """Text of `ids` (or of one id: transformers' streamers decode single ids too)."""
+        return self.decode_fn([int(ids)] if isinstance(ids, int) else [int(i) for i in ids])
 
 
 def _from_sentencepiece(model_file: str) -> Tokenizer:

@@ -223,12 +223,16 @@ def mpirun(args: list[str], np: int = 2, timeout: float = 120) -> subprocess.Com
     return proc
 
 
-def run_cli(*args, module: str = "lora_ds", timeout: float = 120) -> subprocess.CompletedProcess:
-    """`python -m MODULE ARGS` (the `lora-ds` command unless given) in a fresh process, from the repository."""
+def run_cli(
+    *args, module: str = "lora_ds", timeout: float = 120, stdin: str | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` (the `lora-ds` command unless given) in a fresh process, from the repository,
+    reading `stdin` (text piped in) when given."""
     return subprocess.run(
         [sys.executable, "-m", module, *map(str, args)],
         cwd=REPO,
         env=cpu_env(),
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=timeout,

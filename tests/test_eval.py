@@ -13,8 +13,6 @@ from helpers import as_tensorboard, flags, launch, read_metrics, tensorboard_sca
 
 from lora_ds.cli import main as cli
 
-EOS_LIKE = 102  # a token the tiny random model often generates
-
 
 def read_rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
@@ -22,49 +20,6 @@ def read_rows(out: Path) -> list[dict]:
 
 def eval_metrics(out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def base_dir(neox_dir, tmp_path_factory) -> Path:
-    """The tiny GPT-NeoX with EOS's output row made 1.05 × that of a token it often generates, so that
-    generations end at different lengths (as a trained model's do) and ranks finish at different steps."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(neox_dir, dtype=torch.float32)
-    with torch.no_grad():
-        head = model.get_output_embeddings().weight
-        head[0] = head[EOS_LIKE] * 1.05  # id 0 is the demo tokenizer's EOS
-    return save_model_dir(model, tmp_path_factory.mktemp("eos_neox"), tokenizer=neox_dir)
-
-
-@pytest.fixture(scope="module")
-def random_adapter(base_dir, tmp_path_factory) -> Path:
-    """A LoRA adapter (PEFT format) with random, non-zero A and B on the fused QKV projections: it changes the
-    model a lot, and its generations still end at different lengths."""
-    from transformers import AutoModelForCausalLM
-
-    from lora_ds.adapter import peft_config, write_adapter
-    from lora_ds.lora import inject_lora, lora_parameters
-
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    inject_lora(model, ["query_key_value"], 4, 8)
-    gen = torch.Generator().manual_seed(1)
-    tensors = {k: 0.5 * torch.randn(v.shape, generator=gen) for k, v in lora_parameters(model).items()}
-    out = tmp_path_factory.mktemp("adapter") / "adapter"
-    write_adapter(
-        str(out),
-        tensors,
-        peft_config(
-            r=4,
-            alpha=8,
-            dropout=0.0,
-            target_modules=["query_key_value"],
-            use_rslora=False,
-            fan_in_fan_out=False,
-            base_model=str(base_dir),
-        ),
-    )
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "merge": "merge",
     "eval": "eval",
     "score": "score",
+    "generate": "generate",
     "analyze": "analyze",
     "plot": "plot",
 }

@@ -49,7 +49,8 @@ def add_data_arguments(parser) -> None:
     )
 
 
-def add_arguments(parser) -> None:
+def add_model_arguments(parser) -> None:
+    """--model, --tokenizer, --adapter / --checkpoint, --dtype, --ds_config: shared with `lora-ds generate`."""
     parser.add_argument(
         "--model",
         required=True,
@@ -68,6 +69,16 @@ def add_arguments(parser) -> None:
         metavar="DIR",
         help="a training checkpoint to take the LoRA from: OUTPUT/checkpoints (its latest) or a tag",
     )
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype")
+    parser.add_argument(
+        *flag_spellings("--ds_config"),
+        default=None,
+        help=f"DeepSpeed config; default when launched on several ranks: {ZERO3_CONFIG}",
+    )
+
+
+def add_arguments(parser) -> None:
+    add_model_arguments(parser)
     add_data_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="where predictions.jsonl and metrics.json go")
     parser.add_argument(
@@ -98,12 +109,6 @@ def add_arguments(parser) -> None:
         metavar="N",
         help="prompt + generated tokens; longer prompts lose tokens from the left (default: 1024)",
     )
-    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="compute dtype")
-    parser.add_argument(
-        *flag_spellings("--ds_config"),
-        default=None,
-        help=f"DeepSpeed config; default when launched on several ranks: {ZERO3_CONFIG}",
-    )
     parser.add_argument(*flag_spellings("--no_progress"), action="store_true", help="no progress bar")
 
 
@@ -126,8 +131,17 @@ def _check(args) -> None:
         )
 
 
-def _ranks(args) -> tuple[int, int, dict | None]:
-    """(rank, world, ZeRO-3 config or None): one process, or every rank of a launcher (or --ds_config)."""
+def model_tokenizer(args):
+    """The tokenizer of --tokenizer, else of the --model dir (the demo's for a preset)."""
+    from lora_ds.tokenizer import load_tokenizer
+
+    is_preset = args.model.startswith("preset:")
+    return load_tokenizer(args.tokenizer or (os.path.join(DEMO_DIR, "tokenizer") if is_preset else args.model))
+
+
+def ranks(args) -> tuple[int, int, dict | None]:
+    """(rank, world, ZeRO-3 config or None): one process, or every rank of a launcher (or --ds_config); the
+    DeepSpeed micro-batch is --micro_batch."""
     from lora_ds.config import ModelConfig, RunConfig, TrainConfig, resolve_ds_config
     from lora_ds.dist import discover, init_distributed
 
@@ -172,16 +186,14 @@ def run(args) -> int:
     from lora_ds.dist import shutdown
     from lora_ds.eval_model import build_eval_model, read_lora
     from lora_ds.evaluation import format_table, load_eval_set, predict, score, write_outputs
-    from lora_ds.tokenizer import load_tokenizer
 
     start = time.perf_counter()
     _check(args)
     max_new_tokens = args.max_new_tokens or get_task(args.task).MAX_NEW_TOKENS
     evalset = load_eval_set(args.task, args.data, args.split, args.limit)
     lora = read_lora(args.adapter, args.checkpoint)
-    is_preset = args.model.startswith("preset:")
-    tok = load_tokenizer(args.tokenizer or (os.path.join(DEMO_DIR, "tokenizer") if is_preset else args.model))
-    rank, world, ds_config = _ranks(args)
+    tok = model_tokenizer(args)
+    rank, world, ds_config = ranks(args)
     model, device, keepalive = build_eval_model(args.model, tok, lora, args.dtype, ds_config)
     generated, constrained = predict(
         model,
