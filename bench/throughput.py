@@ -34,6 +34,7 @@ import shlex
 import statistics
 import tempfile
 import time
+import traceback
 
 import torch
 
@@ -302,6 +303,36 @@ class HookClock:
 GEMM_MARKERS = ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "ampere_", "cublas")
 
 
+class SyncClock:
+    """The host's waits for the GPU while active (stream, event and device synchronize; .item()), counted by the
+    three innermost frames that called them."""
+
+    def __enter__(self):
+        import collections
+
+        self.sites, self.saved = collections.Counter(), []
+        for owner, name in (
+            (torch.cuda.Stream, "synchronize"),
+            (torch.cuda.Event, "synchronize"),
+            (torch.cuda, "synchronize"),
+            (torch.Tensor, "item"),
+        ):
+            original = getattr(owner, name)
+            self.saved.append((owner, name, original))
+
+            def counted(*args, _original=original, **kwargs):
+                frames = traceback.extract_stack(limit=4)[:-1]
+                self.sites[" < ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in frames[::-1])] += 1
+                return _original(*args, **kwargs)
+
+            setattr(owner, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, original in self.saved:
+            setattr(owner, name, original)
+
+
 def profile_step(step, args) -> dict:
     """One extra step under torch.profiler and the hook clock: the GEMM share of CUDA time, the top non-GEMM
     kernels, host time in ZeRO-3 hooks. The table goes to --profile (a file)."""
@@ -310,7 +341,7 @@ def profile_step(step, args) -> dict:
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sync()
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
-    with HookClock() as hooks, profile(activities=activities, record_shapes=True) as prof:
+    with HookClock() as hooks, SyncClock() as syncs, profile(activities=activities, record_shapes=True) as prof:
         start = time.perf_counter()
         step()
         sync()
@@ -325,6 +356,10 @@ def profile_step(step, args) -> dict:
         f.write("\n\nBy input shape:\n")
         by_shape = prof.key_averages(group_by_input_shape=True)
         f.write(by_shape.table(sort_by="self_cuda_time_total", row_limit=40, max_shapes_column_width=120))
+        # Where the host waits for the GPU (each wait can leave it idle while the host catches up).
+        f.write("\n\nHost waits for the GPU (calls, where):\n")
+        for where, n in syncs.sites.most_common():
+            f.write(f"{n:5d}  {where}\n")
     return {
         "step_wall_s": wall,
         "cuda_time_s": total / 1e6,
@@ -334,6 +369,7 @@ def profile_step(step, args) -> dict:
         ],
         "zero3_hook_host_s": hooks.seconds,
         "zero3_hook_calls": hooks.calls,
+        "host_syncs": sum(syncs.sites.values()),
     }
 
 

@@ -15,7 +15,7 @@ from lora_ds.engine import build_engine
 from lora_ds.lora import inject_lora, lora_parameters
 from lora_ds.loss import defer_lm_head
 from lora_ds.model import attention_implementation, build_model, default_targets
-from lora_ds.zero import fetch_by_layer, zero3_enabled
+from lora_ds.zero import fetch_by_layer, skip_resident_fetch_sync, zero3_enabled
 
 
 @dataclass
@@ -48,8 +48,10 @@ def build_trainable(cfg, ds_config: dict | None, vocab_size: int | None = None, 
         fused.append("linear_cross_entropy")
     if cfg.model.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if ds_config and zero3_enabled(ds_config) and cfg.model.zero3_fetch == "layer":
-        fetch_by_layer(model)
+    if ds_config and zero3_enabled(ds_config):
+        skip_resident_fetch_sync()
+        if cfg.model.zero3_fetch == "layer":
+            fetch_by_layer(model)
     return Trainable(model, keepalive, targets, adapted, lora_parameters(model), fused, attention)
 
 

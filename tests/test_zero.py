@@ -1,0 +1,77 @@
+"""lora_ds/zero.py on DeepSpeed's own ZeRO-3 parameters, in a one-rank gloo group inside the test process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    import deepspeed
+    import torch.distributed as dist
+    from helpers import CPU_ENV, free_port
+
+    env = {**CPU_ENV, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        deepspeed.init_distributed("gloo")
+        yield
+        dist.destroy_process_group()
+
+
+class StreamClock:
+    """The accelerator's current stream, counting synchronize() calls; the accelerator reporting, as CUDA's does,
+    that it does not order work itself (the CPU accelerator does, so DeepSpeed never waits on it)."""
+
+    def __init__(self, monkeypatch):
+        from deepspeed.accelerator import get_accelerator
+
+        self.waits = 0
+        accelerator = get_accelerator()
+        monkeypatch.setattr(accelerator, "resolves_data_dependency", lambda: False)
+        monkeypatch.setattr(accelerator, "current_stream", lambda *a: self)
+
+    def synchronize(self):
+        self.waits += 1
+
+
+def partitioned_linears(n: int) -> list[torch.nn.Linear]:
+    import deepspeed
+
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        torch.manual_seed(0)
+        return [torch.nn.Linear(8, 8) for _ in range(n)]
+
+
+def fetch(weights, clock) -> int:
+    """Waits for the stream while DeepSpeed fetches `weights` (waiting twice, as two modules of one fetch do);
+    checks they hold their values, then partitions them again."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    expected = [w.ds_tensor.detach().clone().view(w.ds_shape) for w in weights]
+    before = clock.waits
+    handle = weights[0].all_gather_coalesced(weights)
+    handle.wait()
+    handle.wait()
+    for w, value in zip(weights, expected):
+        assert w.ds_status == ZeroParamStatus.AVAILABLE
+        assert torch.equal(w.data, value)
+        w.partition()
+    return clock.waits - before
+
+
+def test_a_world_of_one_fetches_a_resident_partition_without_waiting_for_the_stream(world_of_one, monkeypatch):
+    from deepspeed.runtime.zero.partition_parameters import NoGatherHandle
+
+    from lora_ds.zero import skip_resident_fetch_sync
+
+    one, many = [layer.weight for layer in partitioned_linears(1)], [layer.weight for layer in partitioned_linears(3)]
+    clock = StreamClock(monkeypatch)
+    if not getattr(NoGatherHandle, "_lora_ds_resident_aware", False):  # not yet patched in this process
+        assert fetch(one, clock) == fetch(many, clock) == 1  # DeepSpeed's own handles: a wait for the whole stream
+    skip_resident_fetch_sync()
+    assert fetch(one, clock) == fetch(many, clock) == 0
