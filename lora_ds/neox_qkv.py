@@ -20,14 +20,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate(x_ptr, cos_ptr, sin_ptr, d, valid, R: tl.constexpr, backward: tl.constexpr):
-    """One head's channels d (valid of them): x·cos ∓ partner·sin on the first R (partner: the same channel of the
-    other half), x itself beyond."""
+def _rotate(base, rows, cos_ptr, sin_ptr, d, mask, R: tl.constexpr, backward: tl.constexpr):
+    """Heads at `rows` of `base`, their channels d: x·cos ∓ partner·sin on the first R (partner: the same
+    channel of the other half), x itself beyond."""
     half = R // 2
     rotated = d < R
     partner = tl.where(d < half, d + half, d - half)
-    x = tl.load(x_ptr + d, mask=valid).to(tl.float32)
-    p = tl.load(x_ptr + partner, mask=rotated, other=0.0).to(tl.float32)
+    x = tl.load(base + rows + d, mask=mask).to(tl.float32)
+    p = tl.load(base + rows + partner, mask=mask & rotated, other=0.0).to(tl.float32)
     c = tl.load(cos_ptr + d, mask=rotated, other=1.0).to(tl.float32)
     # Forward: out[i] = x[i]·cos[i] - x[i+R/2]·sin[i] (first half), + x[i-R/2]·sin[i] (second half).
     # Backward is its transpose: dx[i] = g[i]·cos[i] + g[i+R/2]·sin[i+R/2] (first half), - g[i-R/2]·sin[i-R/2].
@@ -43,23 +43,24 @@ def _rotate(x_ptr, cos_ptr, sin_ptr, d, valid, R: tl.constexpr, backward: tl.con
 @triton.jit
 def _forward_kernel(
     qkv_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, S, H, cos_stride_b, cos_stride_s,
-    D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
+    D: tl.constexpr, R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    # int64: token·H·3D passes 2^31 at ~120k tokens a micro-batch (pythia widths).
-    token, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    # A program: one token, BLOCK_H of its heads. int64: token·H·3D passes 2^31 at ~120k tokens (pythia widths).
+    token = tl.program_id(0).to(tl.int64)
     b, s = token // S, token % S
-    d = tl.arange(0, BLOCK_D)
-    valid = d < D
-    src = qkv_ptr + (token * H + head) * 3 * D
-    dst = (token * H + head) * D
+    h = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H))[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < H) & (d < D)
+    src = qkv_ptr + token * H * 3 * D
+    dst = token * H * D + h * D + d
     cos = cos_ptr + b * cos_stride_b + s * cos_stride_s
     sin = sin_ptr + b * cos_stride_b + s * cos_stride_s
-    q = _rotate(src, cos, sin, d, valid, R, False)
-    k = _rotate(src + D, cos, sin, d, valid, R, False)
-    v = tl.load(src + 2 * D + d, mask=valid)
-    tl.store(q_ptr + dst + d, q.to(q_ptr.dtype.element_ty), mask=valid)
-    tl.store(k_ptr + dst + d, k.to(k_ptr.dtype.element_ty), mask=valid)
-    tl.store(v_ptr + dst + d, v, mask=valid)
+    q = _rotate(src, h * 3 * D, cos, sin, d, mask, R, False)
+    k = _rotate(src, h * 3 * D + D, cos, sin, d, mask, R, False)
+    v = tl.load(src + h * 3 * D + 2 * D + d, mask=mask)
+    tl.store(q_ptr + dst, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(k_ptr + dst, k.to(k_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptr + dst, v, mask=mask)
 
 
 @triton.jit
@@ -67,23 +68,23 @@ def _backward_kernel(
     dqkv_ptr, dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, S, H, cos_stride_b, cos_stride_s,
     dq_strides_b, dq_strides_h, dq_strides_s, dk_strides_b, dk_strides_h, dk_strides_s,
     dv_strides_b, dv_strides_h, dv_strides_s,
-    D: tl.constexpr, R: tl.constexpr, BLOCK_D: tl.constexpr,
+    D: tl.constexpr, R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    # int64: token·H·3D passes 2^31 at ~120k tokens a micro-batch (pythia widths).
-    token, head = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    token = tl.program_id(0).to(tl.int64)
     b, s = token // S, token % S
-    d = tl.arange(0, BLOCK_D)
-    valid = d < D
+    h = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H))[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (h < H) & (d < D)
     cos = cos_ptr + b * cos_stride_b + s * cos_stride_s
     sin = sin_ptr + b * cos_stride_b + s * cos_stride_s
     # The incoming gradients are [B, H, S, D] with whatever strides attention's backward gave them.
-    dq = dq_ptr + b * dq_strides_b + head * dq_strides_h + s * dq_strides_s
-    dk = dk_ptr + b * dk_strides_b + head * dk_strides_h + s * dk_strides_s
-    dv = dv_ptr + b * dv_strides_b + head * dv_strides_h + s * dv_strides_s
-    dst = dqkv_ptr + (token * H + head) * 3 * D
-    tl.store(dst + d, _rotate(dq, cos, sin, d, valid, R, True).to(dqkv_ptr.dtype.element_ty), mask=valid)
-    tl.store(dst + D + d, _rotate(dk, cos, sin, d, valid, R, True).to(dqkv_ptr.dtype.element_ty), mask=valid)
-    tl.store(dst + 2 * D + d, tl.load(dv + d, mask=valid), mask=valid)
+    dq = _rotate(dq_ptr + b * dq_strides_b + s * dq_strides_s, h * dq_strides_h, cos, sin, d, mask, R, True)
+    dk = _rotate(dk_ptr + b * dk_strides_b + s * dk_strides_s, h * dk_strides_h, cos, sin, d, mask, R, True)
+    dv = tl.load(dv_ptr + b * dv_strides_b + s * dv_strides_s + h * dv_strides_h + d, mask=mask)
+    dst = dqkv_ptr + token * H * 3 * D + h * 3 * D + d
+    tl.store(dst, dq.to(dqkv_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + D, dk.to(dqkv_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + 2 * D, dv, mask=mask)
 
 
 class _SplitRotate(torch.autograd.Function):
@@ -95,9 +96,8 @@ class _SplitRotate(torch.autograd.Function):
         qkv = qkv.contiguous()
         cos, sin = cos.expand(B, S, R), sin.expand(B, S, R)  # one row of positions for the batch: stride 0
         q, k, v = (qkv.new_empty(B, S, heads, D) for _ in range(3))
-        grid = (B * S, heads)
-        _forward_kernel[grid](
-            qkv, q, k, v, cos, sin, S, heads, cos.stride(0), cos.stride(1), D=D, R=R, BLOCK_D=_block(D)
+        _forward_kernel[_grid(B * S, heads, D)](
+            qkv, q, k, v, cos, sin, S, heads, cos.stride(0), cos.stride(1), D=D, R=R, **_blocks(heads, D)
         )
         ctx.save_for_backward(cos, sin)
         ctx.shape = (B, S, heads, D, R)
@@ -109,14 +109,21 @@ class _SplitRotate(torch.autograd.Function):
         B, S, heads, D, R = ctx.shape
         dqkv = dq.new_empty(B, S, 3 * heads * D)
         strides = [x for g in (dq, dk, dv) for x in g.stride()[:3]]
-        _backward_kernel[(B * S, heads)](
-            dqkv, dq, dk, dv, cos, sin, S, heads, cos.stride(0), cos.stride(1), *strides, D=D, R=R, BLOCK_D=_block(D)
-        )
+        _backward_kernel[_grid(B * S, heads, D)](
+            dqkv, dq, dk, dv, cos, sin, S, heads, cos.stride(0), cos.stride(1), *strides,
+            D=D, R=R, **_blocks(heads, D),
+        )  # fmt: skip
         return dqkv, None, None, None
 
 
-def _block(d: int) -> int:
-    return triton.next_power_of_2(d)
+def _blocks(heads: int, d: int) -> dict:
+    """A program's tile: all of a head's channels (a power of 2 wide) and enough heads for ~2k elements."""
+    block_d = triton.next_power_of_2(d)
+    return {"BLOCK_D": block_d, "BLOCK_H": min(triton.next_power_of_2(heads), max(1, 2048 // block_d))}
+
+
+def _grid(tokens: int, heads: int, d: int) -> tuple[int, int]:
+    return tokens, triton.cdiv(heads, _blocks(heads, d)["BLOCK_H"])
 
 
 def split_rotate(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int):

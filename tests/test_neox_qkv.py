@@ -38,13 +38,18 @@ def plain_split_rotate(qkv, cos, sin, heads):
 
 
 @pytest.mark.parametrize(
-    "head_dim, rotary_dim, packed",
-    [(16, 4, True), (12, 4, False), (8, 8, True)],
-    ids=["pythia-shaped (R = D/4)", "head not a power of 2 (gpt-neox-20b: 96)", "whole head rotated"],
+    "heads, head_dim, rotary_dim, packed",
+    [(3, 16, 4, True), (3, 12, 4, False), (3, 8, 8, True), (20, 128, 32, True)],
+    ids=[
+        "R = D/4 as pythia",
+        "head not a power of 2 (gpt-neox-20b: 96)",
+        "whole head rotated",
+        "heads in two tiles, the second part-full",
+    ],
 )
-def test_split_rotate_equals_transformers_forward_and_backward(head_dim, rotary_dim, packed):
+def test_split_rotate_equals_transformers_forward_and_backward(heads, head_dim, rotary_dim, packed):
     gen = torch.Generator().manual_seed(0)
-    batch, seq, heads = 2, 6, 3
+    batch, seq = 2, 6
     cos, sin = rotary(batch, seq, rotary_dim, packed, gen)
     qkv = torch.randn(batch, seq, 3 * heads * head_dim, generator=gen, requires_grad=True)
     ours = split_rotate(qkv, cos, sin, heads)
