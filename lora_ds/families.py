@@ -1,22 +1,10 @@
 """The model families lora_ds knows, by transformers `model_type`: default LoRA targets and the LM head's logit math.
 
-    family              model_type    default targets     after the head (h·Wᵀ)
-    GPT-NeoX, Pythia    gpt_neox      query_key_value     -
-    GPT-2               gpt2          c_attn              -
-    Llama 1-3           llama         q_proj, v_proj      -
-    Mistral             mistral       q_proj, v_proj      -
-    Qwen2, Qwen2.5      qwen2         q_proj, v_proj      -
-    Qwen3               qwen3         q_proj, v_proj      -
-    Gemma 2             gemma2        q_proj, v_proj      cap·tanh(z / cap), cap = final_logit_softcapping
-    Gemma 3 (text)      gemma3_text   q_proj, v_proj      the same, when final_logit_softcapping is set
-    Phi-3               phi3          qkv_proj            -
-    Cohere (Command R)  cohere        q_proj, v_proj      z · logit_scale
-    Granite             granite       q_proj, v_proj      z / logits_scaling
-
 The default targets are the paper's (the attention query and value projections), PEFT's defaults; a fused QKV
 projection (GPT-NeoX, GPT-2, Phi-3) is adapted whole, as PEFT does. The logit math is what the model's own forward
-applies to its head's output before its loss, so that the fused loss (lora_ds.loss) optimises the model's own
-objective; a model type not listed here trains on the model's own loss (full logits).
+applies to its head's output before its loss (Gemma 2's final soft-cap, Cohere's and Granite's logit scales), so
+that the fused loss (lora_ds.loss) optimises the model's own objective; a model type not listed here trains on the
+model's own loss, over full logits. The README lists the families.
 """
 
 from __future__ import annotations
