@@ -15,7 +15,7 @@ from lora_ds.engine import build_engine
 from lora_ds.families import default_targets
 from lora_ds.lora import expand_all_linear, inject_lora, lora_parameters
 from lora_ds.loss import defer_lm_head
-from lora_ds.model import build_model
+from lora_ds.model import build_model, has_sliding_window
 from lora_ds.zero import fetch_by_layer, zero3_enabled
 
 
@@ -31,8 +31,10 @@ class Trainable:
 
     @property
     def mask_from_positions(self) -> bool:
-        """Whether packed batches go without a dense mask (lora_ds.data.collate)."""
-        return self.attention == "flex_attention"
+        """Whether packed batches go without a dense mask (lora_ds.data.collate): transformers then builds each
+        layer's mask from the position ids, FlexAttention's block mask, and for sliding-window layers their window,
+        which one dense mask for every layer would lose."""
+        return self.attention == "flex_attention" or has_sliding_window(self.model.config)
 
 
 def build_trainable(cfg, ds_config: dict | None, vocab_size: int | None = None, packed: bool = False) -> Trainable:

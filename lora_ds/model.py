@@ -295,6 +295,15 @@ def attention_implementation(requested: str, config, packed: bool = False) -> st
     return fallback
 
 
+def has_sliding_window(config) -> bool:
+    """Whether some layer of a model of `config` attends within a sliding window (Mistral v0.1, Gemma 2/3, Phi-3,
+    Qwen2 with use_sliding_window): its `layer_types` say so, or, without them, its `sliding_window`."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return "sliding_attention" in layer_types
+    return getattr(config, "sliding_window", None) is not None
+
+
 _SAID: set[str] = set()
 
 

@@ -211,3 +211,22 @@ def test_all_linear_stands_alone_in_the_flag():
     with pytest.raises(UserError, match="--lora_targets .*all-linear stands alone"):
         parse_config(["--lora_targets", "all-linear,q_proj"])
     assert parse_config(["--lora_targets", "ALL-LINEAR"]).lora.target_spec() == ["ALL-LINEAR"]
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "gemma3"])
+def test_a_packed_example_longer_than_the_sliding_window_gets_its_logits_alone(name, tiny_dir):
+    """Packed rows of a model with sliding-window layers go without the one dense mask, which would let those layers
+    look past their window: transformers builds each layer's mask from the position ids."""
+    ours = trainable(tiny_dir(name))
+    window = ours.model.config.sliding_window
+    gen = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (window + 20, 20))
+    row = {"input_ids": first + second, "labels": first + second, "position_ids": [*range(window + 20), *range(20)]}
+    packed = collate([row], pad_id=0, mask_from_positions=ours.mask_from_positions)
+    assert ours.mask_from_positions and "attention_mask" not in packed
+    model = ours.model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[0]
+        for start, example in ((0, first), (len(first), second)):
+            alone = model(input_ids=torch.tensor([example])).logits[0]
+            torch.testing.assert_close(logits[start : start + len(example)], alone, rtol=1e-5, atol=1e-5)
