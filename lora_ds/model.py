@@ -16,7 +16,7 @@ from lora_ds.errors import UserError
 from lora_ds.hf_dir import read_model_dir
 
 # The shape of every tiny Llama-like preset: GQA (4 query heads, 2 KV heads), a SwiGLU/GeGLU MLP.
-_TINY = dict(
+TINY_SHAPE = dict(
     hidden_size=64,
     num_hidden_layers=2,
     num_attention_heads=4,
@@ -40,7 +40,7 @@ PRESETS = {
             rotary_pct=0.25,
         ),
     ),
-    "tiny-llama": ("llama", dict(_TINY)),
+    "tiny-llama": ("llama", dict(TINY_SHAPE)),
     "tiny-gpt2": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=1024, vocab_size=512)),
     # Today's families at the same tiny size, each keeping what sets it apart: Llama 3's rope scaling and (3.2's)
     # tied embeddings, Qwen2's q/k/v biases, Qwen3's q/k norms, sliding windows (Mistral, Gemma) short enough to
@@ -48,7 +48,7 @@ PRESETS = {
     "tiny-llama3": (
         "llama",
         dict(
-            _TINY,
+            TINY_SHAPE,
             rope_parameters=dict(
                 rope_type="llama3",
                 rope_theta=500000.0,
@@ -60,23 +60,23 @@ PRESETS = {
             tie_word_embeddings=True,
         ),
     ),
-    "tiny-qwen2": ("qwen2", dict(_TINY)),
-    "tiny-qwen3": ("qwen3", dict(_TINY, head_dim=16)),
-    "tiny-mistral": ("mistral", dict(_TINY, head_dim=16, sliding_window=32)),
-    "tiny-gemma2": ("gemma2", dict(_TINY, head_dim=16, query_pre_attn_scalar=16, sliding_window=32)),
+    "tiny-qwen2": ("qwen2", dict(TINY_SHAPE)),
+    "tiny-qwen3": ("qwen3", dict(TINY_SHAPE, head_dim=16)),
+    "tiny-mistral": ("mistral", dict(TINY_SHAPE, head_dim=16, sliding_window=32)),
+    "tiny-gemma2": ("gemma2", dict(TINY_SHAPE, head_dim=16, query_pre_attn_scalar=16, sliding_window=32)),
     "tiny-gemma3": (
         "gemma3_text",
         dict(
-            _TINY,
+            TINY_SHAPE,
             head_dim=16,
             query_pre_attn_scalar=16,
             sliding_window=32,
             layer_types=["sliding_attention", "full_attention"],
         ),
     ),
-    "tiny-phi3": ("phi3", dict(_TINY, pad_token_id=0)),
-    "tiny-cohere": ("cohere", dict(_TINY)),
-    "tiny-granite": ("granite", dict(_TINY, logits_scaling=8.0)),
+    "tiny-phi3": ("phi3", dict(TINY_SHAPE, pad_token_id=0, eos_token_id=2)),
+    "tiny-cohere": ("cohere", dict(TINY_SHAPE, eos_token_id=2)),
+    "tiny-granite": ("granite", dict(TINY_SHAPE, logits_scaling=8.0)),
     "pythia-1.4b": (
         "gpt_neox",
         dict(

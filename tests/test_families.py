@@ -172,10 +172,10 @@ def test_a_model_type_lora_ds_does_not_know_trains_on_its_own_loss(tmp_path):
     """No fused head for an unknown logit math: the loss is the model's `labels=` loss, over full logits."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lora_ds.model import _TINY
+    from lora_ds.model import TINY_SHAPE
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model("olmo2", **_TINY)
+    config = AutoConfig.for_model("olmo2", **TINY_SHAPE)
     assert config.model_type not in FAMILIES
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path / "base")
     ours = trainable(tmp_path / "base", lora_targets="q_proj,v_proj")
