@@ -124,6 +124,18 @@ def test_the_adapter_selects_what_peft_selects_and_gives_pefts_logits(name, targ
         torch.testing.assert_close(peft_model(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
         with peft_model.disable_adapter():
             assert (peft_model(input_ids=ids).logits - expected).abs().max() > 1e-4
+    if targets == "all-linear":  # the other readers of target_modules: the merge, and eval's merge into a live base
+        from lora_ds.eval_model import merge_lora, read_lora
+        from lora_ds.merge import merge_model_dir
+
+        report = merge_model_dir(str(base), str(tmp_path / "adapter"), str(tmp_path / "merged"), verify=True)
+        assert report["merged_modules"] == len(ours.adapted)
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+        live = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+        assert sorted(merge_lora(live, read_lora(str(tmp_path / "adapter"), None))) == sorted(ours.adapted)
+        with torch.no_grad():
+            for model in (merged, live):
+                torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", TINY)
