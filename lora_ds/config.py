@@ -117,7 +117,8 @@ class ModelConfig:
     attn_implementation: str = _f(
         "auto",
         "--attn_implementation",
-        "auto (FlexAttention for packed data on a GPU, else sdpa), sdpa, eager, flex_attention or flash_attention_2",
+        "auto (FlexAttention for packed data on a GPU, else sdpa; for an architecture without that one, FlexAttention "
+        "on a GPU or eager), sdpa, eager, flex_attention or flash_attention_2",
     )
     kernels: str = _f(
         "auto",
