@@ -56,6 +56,37 @@ FAMILIES = {
         ),
         ["q_proj", "v_proj"],
     ),
+    # GeGLU, (1 + w) RMSNorms, no SDPA (attention auto: FlexAttention) and the final soft-cap, small enough to act on
+    # the logits of random weights (the published 30 would not).
+    "gemma-2": (
+        "gemma2",
+        dict(
+            hidden_size=3584,
+            num_hidden_layers=2,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=256,
+            intermediate_size=14336,
+            vocab_size=256000,
+            query_pre_attn_scalar=256,
+            final_logit_softcapping=1.0,
+        ),
+        ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+    ),
+    # the fused qkv_proj and gate_up_proj (Liger's Phi-3 SwiGLU)
+    "phi-3": (
+        "phi3",
+        dict(
+            hidden_size=3072,
+            num_hidden_layers=2,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            intermediate_size=8192,
+            vocab_size=32064,
+            pad_token_id=32000,
+        ),
+        ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    ),
 }
 
 
@@ -76,10 +107,12 @@ def check(name: str, model_type: str, kwargs: dict, targets: list[str]) -> dict:
     from lora_ds.kernels import fuse
     from lora_ds.lora import inject_lora, lora_modules
     from lora_ds.loss import defer_lm_head
+    from lora_ds.model import attention_implementation
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **kwargs)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    attention = attention_implementation("auto", config)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attention)
     inject_lora(model, targets, 16, 32.0, seed=0)
     model.cuda()
     for _, layer in lora_modules(model):

@@ -12,9 +12,10 @@ from torch import nn
 
 from lora_ds import kernels
 from lora_ds.engine import build_engine
-from lora_ds.lora import inject_lora, lora_parameters
+from lora_ds.families import default_targets
+from lora_ds.lora import expand_all_linear, inject_lora, lora_parameters
 from lora_ds.loss import defer_lm_head
-from lora_ds.model import attention_implementation, build_model, default_targets
+from lora_ds.model import build_model, has_sliding_window
 from lora_ds.zero import fetch_by_layer, skip_resident_fetch_sync, zero3_enabled
 
 
@@ -22,7 +23,7 @@ from lora_ds.zero import fetch_by_layer, skip_resident_fetch_sync, zero3_enabled
 class Trainable:
     model: nn.Module
     keepalive: object  # transformers' HfDeepSpeedConfig: must outlive the engine
-    targets: list[str] | str
+    targets: list[str] | str  # what --lora_targets selects, all-linear expanded (the adapter's target_modules)
     adapted: list[str]  # names of the LoRA-wrapped modules
     lora: dict  # {"<module>.lora_A.weight": Parameter, ...}
     fused: list[str]  # fused kernel paths (lora_ds.kernels), [] on the plain path
@@ -30,17 +31,20 @@ class Trainable:
 
     @property
     def mask_from_positions(self) -> bool:
-        """Whether packed batches go without a dense mask (lora_ds.data.collate)."""
-        return self.attention == "flex_attention"
+        """Whether packed batches go without a dense mask (lora_ds.data.collate): transformers then builds each
+        layer's mask from the position ids, FlexAttention's block mask, and for sliding-window layers their window,
+        which one dense mask for every layer would lose."""
+        return self.attention == "flex_attention" or has_sliding_window(self.model.config)
 
 
 def build_trainable(cfg, ds_config: dict | None, vocab_size: int | None = None, packed: bool = False) -> Trainable:
     """The base of `cfg.model` with `cfg.lora`'s adapters, ready for `build_engine`; `packed`: the rows are."""
-    attention = attention_implementation(cfg.model.attn_implementation, packed)
-    model, keepalive = build_model(cfg.model.name, cfg.model.dtype, ds_config, attention, vocab_size=vocab_size)
+    model, keepalive = build_model(
+        cfg.model.name, cfg.model.dtype, ds_config, cfg.model.attn_implementation, vocab_size, packed
+    )
     liger = kernels.use_liger(cfg.model.kernels)
     fused = kernels.fuse(model) if liger else []
-    targets = cfg.lora.target_spec() or default_targets(model)
+    targets = expand_all_linear(model, cfg.lora.target_spec() or default_targets(model))
     adapted = inject_lora(
         model, targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.rslora, seed=cfg.train.seed
     )
@@ -52,6 +56,7 @@ def build_trainable(cfg, ds_config: dict | None, vocab_size: int | None = None, 
         skip_resident_fetch_sync()
         if cfg.model.zero3_fetch == "layer":
             fetch_by_layer(model)
+    attention = model.config._attn_implementation
     return Trainable(model, keepalive, targets, adapted, lora_parameters(model), fused, attention)
 
 

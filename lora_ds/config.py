@@ -117,7 +117,8 @@ class ModelConfig:
     attn_implementation: str = _f(
         "auto",
         "--attn_implementation",
-        "auto (FlexAttention for packed data on a GPU, else sdpa), sdpa, eager, flex_attention or flash_attention_2",
+        "auto (FlexAttention for packed data on a GPU, else sdpa; for an architecture without that one, FlexAttention "
+        "on a GPU or eager), sdpa, eager, flex_attention or flash_attention_2",
     )
     kernels: str = _f(
         "auto",
@@ -148,8 +149,9 @@ class LoraConfig:
     targets: list[str] | str | None = _f(
         None,
         "--lora_targets",
-        "module names (comma-separated, PEFT's suffix rule) or a regex (re:PATTERN, whole name); "
-        "default: the architecture's attention query and value projections",
+        "module names (comma-separated, PEFT's suffix rule), a regex (re:PATTERN, whole name) or all-linear "
+        "(every Linear but the output head, as PEFT); default: the family's attention query and value "
+        "projections (lora_ds/families.py)",
     )
     rslora: bool = _f(False, "--rslora", "rank-stabilized scale s = alpha / sqrt(r)")
 
@@ -160,6 +162,9 @@ class LoraConfig:
         _require(self, "dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)")
         if isinstance(self.targets, str) and not self.targets.startswith("re:"):
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        if isinstance(self.targets, list) and len(self.targets) > 1:
+            alone = "all-linear" not in map(str.lower, self.targets)
+            _require(self, "targets", alone, "all-linear stands alone, not beside module names")
 
     def target_spec(self):
         """A list of names, or the regex string (without its `re:` prefix)."""

@@ -213,9 +213,9 @@ def collate(rows: list[dict], pad_id: int, mask_dtype=None, mask_from_positions:
     """Right-pad rows into tensors: input_ids, labels, position_ids, attention_mask.
 
     Packed rows (position ids restarting at 0) get a 4-D block-causal mask, so attention never
-    crosses an example boundary. With `mask_from_positions` (FlexAttention) they get no mask at all:
-    transformers then builds a block-sparse mask from the position ids (a padding token, at position 0,
-    is an example of its own), and no dense [B, 1, L, L] mask exists.
+    crosses an example boundary. With `mask_from_positions` (FlexAttention, and models with sliding-window
+    layers: lora_ds.build.Trainable) they get no mask at all: transformers then builds each layer's mask from the
+    position ids (a padding token, at position 0, is an example of its own), and no dense [B, 1, L, L] mask exists.
     """
     import torch
 

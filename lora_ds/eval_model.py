@@ -76,7 +76,7 @@ def merge_lora(model, lora: LoRAWeights) -> list[str]:
 
 
 def build_eval_model(
-    name: str, tok, lora: LoRAWeights | None, dtype: str, ds_config: dict | None, attn_implementation: str = "sdpa"
+    name: str, tok, lora: LoRAWeights | None, dtype: str, ds_config: dict | None, attn_implementation: str = "auto"
 ):
     """(model for generation, its device, keepalive): plain in this process, or the module of a ZeRO-3
     inference engine when `ds_config` is given (collective then). `keepalive` must outlive the model."""

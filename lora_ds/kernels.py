@@ -87,9 +87,15 @@ def _fuse_gpt_neox(model) -> list[str]:
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int, math
 ) -> torch.Tensor:
-    """Liger's fused LM-head cross-entropy: sum over targets of CE(hidden·Wᵀ, label), no full logits."""
+    """Liger's fused LM-head cross-entropy: sum over targets of CE(z, label), no full logits, with z the logits after
+    `math` (lora_ds.families.LogitMath): its scale folded into the hidden states (s·h·Wᵀ = (s·h)·Wᵀ), its
+    soft-cap by Liger's own `softcap`."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-    return liger_fused_linear_cross_entropy(hidden, weight, labels, ignore_index=ignore_index, reduction="sum")
+    if math.scale != 1.0:
+        hidden = hidden * math.scale
+    return liger_fused_linear_cross_entropy(
+        hidden, weight, labels, ignore_index=ignore_index, reduction="sum", softcap=math.softcap
+    )

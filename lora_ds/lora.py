@@ -18,14 +18,8 @@ from torch import nn
 
 from lora_ds.config import FieldError, LoraConfig
 
-# The paper adapts the query and value projections. Fused QKV layers are adapted whole, as PEFT does.
-DEFAULT_TARGETS = {
-    "gpt_neox": ["query_key_value"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-}
+# PEFT's shorthand for every Linear/Conv1D module but the output head.
+ALL_LINEAR = "all-linear"
 
 
 def lora_scale(r: int, alpha: float, rslora: bool = False) -> float:
@@ -185,13 +179,26 @@ def is_target(name: str, targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def expand_all_linear(model: nn.Module, targets):
+    """`targets`, with PEFT's `all-linear` (alone, any case) replaced by the modules it selects: every Linear/Conv1D
+    but the output head. They are named by their last component (q_proj, ...), as LLaMA-Factory's `all` is, when
+    those names select exactly these modules; else (a head whose last name an inner layer shares) by full name.
+    Either way the adapter config lists names that PEFT matches as we do, not the shorthand."""
+    if isinstance(targets, str) or [t.lower() for t in targets] != [ALL_LINEAR]:
+        return targets
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = [n for n, m in model.named_modules() if _is_linear(m) and m is not head]
+    short = sorted({n.rsplit(".", 1)[-1] for n in names})
+    return short if match_targets(model, short) == names else names
+
+
 def match_targets(model: nn.Module, targets) -> list[str]:
     """Names of Linear/Conv1D modules selected by `targets` (`is_target`)."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if (isinstance(module, nn.Linear) or _is_conv1d(module)) and is_target(name, targets)
-    ]
+    return [name for name, module in model.named_modules() if _is_linear(module) and is_target(name, targets)]
 
 
 def inject_lora(
@@ -207,9 +214,7 @@ def inject_lora(
     LoraConfig(r=r, alpha=alpha, dropout=dropout)
     names = match_targets(model, targets)
     if not names:
-        linear = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)}
-        )
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
         raise FieldError(
             "lora.targets",
             targets,

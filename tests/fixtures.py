@@ -28,19 +28,20 @@ from pathlib import Path
 # ---- tiny models -------------------------------------------------------------------------------------------
 
 
-def tiny_model(model_type: str, attn_implementation: str = "sdpa", **overrides):
-    """A random-weight model of the shape of lora_ds's tiny preset of `model_type` (seed 0, fp32), `overrides`
-    changing its config."""
+def tiny_model(family: str, attn_implementation: str = "auto", **overrides):
+    """A random-weight model of lora_ds's tiny preset of `family` (tiny-<family>, underscores as hyphens: "gpt_neox",
+    "llama3", "gemma2", ...) (seed 0, fp32), `overrides` changing its config. auto: the attention the trainer picks
+    for unpacked rows on this machine."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lora_ds.model import PRESETS
+    from lora_ds.model import PRESETS, attention_implementation
 
     torch.manual_seed(0)
-    kwargs = dict(PRESETS[f"tiny-{model_type.replace('_', '-')}"][1], **overrides)
-    return AutoModelForCausalLM.from_config(
-        AutoConfig.for_model(model_type, **kwargs), dtype=torch.float32, attn_implementation=attn_implementation
-    )
+    model_type, kwargs = PRESETS[f"tiny-{family.replace('_', '-')}"]
+    config = AutoConfig.for_model(model_type, **dict(kwargs, **overrides))
+    attention = attention_implementation(attn_implementation, config)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attention)
 
 
 def save_model_dir(model, out: Path, tokenizer: Path | None = None) -> Path:
@@ -54,9 +55,9 @@ def save_model_dir(model, out: Path, tokenizer: Path | None = None) -> Path:
     return Path(out)
 
 
-def save_tiny(model_type: str, vocab_size: int, out: Path, tokenizer: Path | None = None, **overrides) -> Path:
+def save_tiny(family: str, vocab_size: int, out: Path, tokenizer: Path | None = None, **overrides) -> Path:
     """A tiny random-weight HF model dir (`tiny_model`'s) with `vocab_size` tokens; see `save_model_dir`."""
-    return save_model_dir(tiny_model(model_type, vocab_size=vocab_size, **overrides), out, tokenizer)
+    return save_model_dir(tiny_model(family, vocab_size=vocab_size, **overrides), out, tokenizer)
 
 
 def demo_texts() -> list[str]:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import write_fixture
+from fixtures import save_tiny, write_fixture
 from helpers import (
+    DEMO_TOKENIZER,
     EVAL_DATA,
     PROGRAMS,
     REPO,
@@ -51,11 +52,11 @@ STEPS = 8
 ATOL = 3e-5
 
 
-def reference(model_dir, targets, steps: int, grad_norms: list | None = None) -> dict:
+def reference(model_dir, targets, steps: int, grad_norms: list | None = None, attention: str = "sdpa") -> dict:
     """COMMON's training of `model_dir` for `steps` steps, in one process with plain PyTorch."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention)
     tok = load_tokenizer(str(model_dir))
     return reference_lora(
         model, tok, targets, steps=range(steps), world=2, micro=4, accum=2, warmup=2, seed=7, grad_norms=grad_norms
@@ -274,3 +275,64 @@ def test_training_reads_packed_prepared_dirs_of_chat_and_of_a_task_in_bf16(neox_
     records = read_metrics(out)
     assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
     assert math.isfinite(records[-1]["eval_loss"]) and (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+# Today's families on their tiny presets, each with its default targets, Phi-3 with all-linear (every Linear but the
+# output head, its fused qkv_proj and gate_up_proj among them), Gemma's soft-cap small enough to act (test_families).
+FAMILY_RUNS = {
+    "llama3": dict(),
+    "qwen2": dict(),
+    "qwen3": dict(),
+    "mistral": dict(),
+    "gemma2": dict(final_logit_softcapping=0.5),
+    "gemma3": dict(final_logit_softcapping=0.5),
+    "phi3": dict(lora_targets="all-linear"),
+}
+FAMILY_STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def family_runs(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """{family: (its tiny model dir, its run's --output_dir)}: FAMILY_STEPS steps of each on 2 ranks, one launch."""
+    root = tmp_path_factory.mktemp("families")
+    runs, argvs = {}, []
+    for name, settings in FAMILY_RUNS.items():
+        overrides = {k: v for k, v in settings.items() if k != "lora_targets"}
+        model_dir = save_tiny(name, 512, root / f"{name}_base", tokenizer=DEMO_TOKENIZER, **overrides)
+        runs[name] = (model_dir, root / name)
+        flags = dict(COMMON, eval_data="", lora_targets=settings.get("lora_targets"))
+        argvs.append(train_args(model_dir, root / name, max_steps=FAMILY_STEPS, **flags))
+    (root / "runs.json").write_text(json.dumps(argvs))
+    launch(["--runs", root / "runs.json"], program=PROGRAMS / "train_families.py")
+    return runs
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_RUNS))
+def test_each_family_trains_on_two_ranks_to_the_reference_and_loads_in_peft(family_runs, name):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lora_ds.lora import inject_lora, lora_parameters
+
+    model_dir, out = family_runs[name]
+    targets = json.loads((out / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    resolved = json.loads((out / "run_config.json").read_text())["resolved"]
+    assert resolved["lora_targets"] == targets and "lm_head" not in targets
+    assert resolved["attn_implementation"] == ("eager" if name == "gemma2" else "sdpa")
+    ours = adapter_tensors(out / "adapter")
+    assert_close_tensors(
+        ours, reference(model_dir, targets, FAMILY_STEPS, attention=resolved["attn_implementation"]), 1e-4, ATOL
+    )
+    assert max(v.abs().max().item() for n, v in ours.items() if n.endswith("lora_B.weight")) > 1e-3
+
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out / "adapter").eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    inject_lora(model, targets, 4, 8)
+    params = lora_parameters(model)
+    with torch.no_grad():
+        for param_name, value in ours.items():
+            params[param_name].copy_(value)
+        torch.testing.assert_close(
+            peft_model(input_ids=ids).logits, model.eval()(input_ids=ids).logits, rtol=0, atol=1e-5
+        )
