@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 
 from lora_ds.config import DEMO_DIR, flag_spellings
+from lora_ds.errors import UserError
 from lora_ds.tasks import TASKS, get_task
 
 ZERO3_CONFIG = os.path.join(os.path.dirname(os.path.dirname(DEMO_DIR)), "ds_configs", "zero3.json")
@@ -92,6 +93,11 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         *flag_spellings("--num_beams"), type=int, default=1, metavar="K", help="beam width; 1 is greedy (default)"
     )
+    add_batch_arguments(parser, max_len=1024)
+
+
+def add_batch_arguments(parser, max_len: int) -> None:
+    """--micro_batch, --max_len, --no_progress: shared with `lora-ds generate`."""
     # train's --micro_batch: sequences per rank per forward, and the DeepSpeed micro-batch under ZeRO-3.
     parser.add_argument(
         *flag_spellings("--micro_batch"),
@@ -105,25 +111,28 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         *flag_spellings("--max_len"),
         type=int,
-        default=1024,
+        default=max_len,
         metavar="N",
-        help="prompt + generated tokens; longer prompts lose tokens from the left (default: 1024)",
+        help=f"prompt + generated tokens; longer prompts lose tokens from the left (default: {max_len})",
     )
     parser.add_argument(*flag_spellings("--no_progress"), action="store_true", help="no progress bar")
 
 
-def _check(args) -> None:
-    from lora_ds.errors import UserError
+def check_at_least(*limits) -> None:
+    """Refuse a flag below its least value: (flag, value or None, least) each."""
+    for flag, value, least in limits:
+        if value is not None and value < least:
+            raise UserError(f"{flag} {value}: must be at least {least}")
 
-    for flag, value, least in (
+
+def _check(args) -> None:
+    check_at_least(
         ("--limit", args.limit, 1),
         ("--num_beams", args.num_beams, 1),
         ("--micro_batch", args.batch_size, 1),
         ("--max_new_tokens", args.max_new_tokens, 1),
         ("--max_len", args.max_len, 2),
-    ):
-        if value is not None and value < least:
-            raise UserError(f"{flag} {value}: must be at least {least}")
+    )
     if args.max_new_tokens is not None and args.max_new_tokens >= args.max_len:
         raise UserError(
             f"--max_new_tokens {args.max_new_tokens} leaves no room for the prompt in --max_len "

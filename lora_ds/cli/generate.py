@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 
-from lora_ds.cli.eval import add_model_arguments
+from lora_ds.cli.eval import add_batch_arguments, add_model_arguments, check_at_least
 from lora_ds.config import flag_spellings
 from lora_ds.tasks.chat import BUILTIN
 
@@ -57,38 +57,20 @@ def add_arguments(parser) -> None:
         *flag_spellings("--top_k"), type=int, default=0, metavar="K", help="sample from the K likeliest (0: off)"
     )
     parser.add_argument("--seed", type=int, default=0, help="the sampling seed (default: 0)")
-    parser.add_argument(
-        *flag_spellings("--micro_batch"),
-        "--batch-size",
-        dest="batch_size",
-        type=int,
-        default=8,
-        metavar="B",
-        help="prompts per forward pass per rank (default: 8)",
-    )
-    parser.add_argument(
-        *flag_spellings("--max_len"),
-        type=int,
-        default=4096,
-        metavar="N",
-        help="prompt + generated tokens; longer prompts lose tokens from the left (default: 4096)",
-    )
-    parser.add_argument(*flag_spellings("--no_progress"), action="store_true", help="no progress bar")
+    add_batch_arguments(parser, max_len=4096)
 
 
 def _check(args) -> None:
     from lora_ds.dist import discover
     from lora_ds.errors import UserError
 
-    for flag, value, least in (
+    check_at_least(
         ("--max_new_tokens", args.max_new_tokens, 1),
         ("--max_len", args.max_len, 2),
         ("--micro_batch", args.batch_size, 1),
         ("--temperature", args.temperature, 0),
         ("--top_k", args.top_k, 0),
-    ):
-        if value < least:
-            raise UserError(f"{flag} {value}: must be at least {least}")
+    )
     if args.max_new_tokens >= args.max_len:
         raise UserError(
             f"--max_new_tokens {args.max_new_tokens} leaves no room for the prompt in --max_len {args.max_len}"
