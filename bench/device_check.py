@@ -1,6 +1,6 @@
 """Each fused path against the plain one on the GPU: loss and LoRA gradients at step 0, bf16.
 
-    python bench/device_check.py OUT.jsonl        # one JSON line per model family, and one for packing
+    python bench/device_check.py OUT.jsonl [NAME...]   # a JSON line per model family (NAMEs only), one for packing
 
 A model of each family (a few layers of the real width, random weights, LoRA B drawn non-zero so that every
 factor gets a gradient) computes the loss of one batch and its LoRA gradients on the plain path, then again
@@ -240,17 +240,22 @@ def check_packing() -> dict:
     return result
 
 
-def main(out: str) -> int:
+def main(out: str, names: list[str]) -> int:
+    """Each check of `names` (all without), its line appended to `out` as soon as it is done."""
     ok = True
+    checks = [*FAMILIES.items(), ("packing", (None, None, None))]
     with open(out, "a") as f:
-        for name, (model_type, kwargs, targets) in [*FAMILIES.items(), ("packing", (None, None, None))]:
+        for name, (model_type, kwargs, targets) in checks:
+            if names and name not in names:
+                continue
             result = check_packing() if name == "packing" else check(name, model_type, kwargs, targets)
             ok &= result["ok"]
             print("CHECK " + json.dumps(result), flush=True)
             f.write(json.dumps(result) + "\n")
+            f.flush()
             torch.cuda.empty_cache()
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], sys.argv[2:]))
