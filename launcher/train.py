@@ -116,6 +116,8 @@ class Recipe:
             dropout=cfg.lora.dropout,
             target_modules=self.trainable.targets,
             use_rslora=cfg.lora.rslora,
+            rank_pattern=cfg.lora.rank_pattern,
+            alpha_pattern=cfg.lora.alpha_pattern,
             base_model=cfg.model.name,
             fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in model.modules()),
         )

@@ -18,7 +18,7 @@ import torch
 from lora_ds.dtypes import torch_dtype
 from lora_ds.errors import UserError
 from lora_ds.fsutil import atomic_dir, read_json, write_json
-from lora_ds.lora import is_target, lora_scale
+from lora_ds.lora import is_target, lora_scale, pattern_value
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -42,7 +42,16 @@ class LoRAWeights:
 
 
 def peft_config(
-    *, r: int, alpha: float, dropout: float, target_modules, use_rslora: bool, fan_in_fan_out: bool, base_model: str
+    *,
+    r: int,
+    alpha: float,
+    dropout: float,
+    target_modules,
+    use_rslora: bool,
+    fan_in_fan_out: bool,
+    base_model: str,
+    rank_pattern: dict | None = None,
+    alpha_pattern: dict | None = None,
 ) -> dict:
     """The adapter_config.json PEFT reads (LoraConfig fields)."""
     return {
@@ -60,11 +69,39 @@ def peft_config(
         "init_lora_weights": True,
         "modules_to_save": None,
         "use_dora": False,
+        "rank_pattern": dict(rank_pattern or {}),
+        "alpha_pattern": dict(alpha_pattern or {}),
     }
 
 
-def scaling(config: dict) -> float:
-    return lora_scale(config["r"], config["lora_alpha"], bool(config.get("use_rslora")))
+def module_rank(config: dict, module: str | None = None) -> int:
+    """The rank of `module` (PEFT's rank_pattern rule, lora_ds.lora.pattern_value); `r` for None."""
+    return config["r"] if module is None else pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+
+
+def scaling(config: dict, module: str | None = None) -> float:
+    """s of `module` (its own rank and alpha, as PEFT's rank_pattern / alpha_pattern give them); None: of `r`."""
+    alpha = config["lora_alpha"]
+    if module is not None:
+        alpha = pattern_value(config.get("alpha_pattern") or {}, module, alpha)
+    return lora_scale(module_rank(config, module), alpha, bool(config.get("use_rslora")))
+
+
+def inject_adapter(model, config: dict, targets=None) -> list[str]:
+    """Wrap `model`'s modules selected by `targets` (default: the config's target_modules) in LoRA layers of the
+    ranks and scales `config` gives them (no dropout: for merge and eval). Returns the adapted names."""
+    from lora_ds.lora import inject_lora
+
+    return inject_lora(
+        model,
+        config["target_modules"] if targets is None else targets,
+        config["r"],
+        float(config["lora_alpha"]),
+        0.0,
+        bool(config.get("use_rslora")),
+        rank_pattern=config.get("rank_pattern") or None,
+        alpha_pattern=config.get("alpha_pattern") or None,
+    )
 
 
 def adapted_modules(tensors: dict) -> list[str]:
@@ -96,6 +133,13 @@ def check_config(config: dict, path: str) -> dict:
         isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)
     ):
         raise UserError(f"{path}: field 'target_modules' must be a list of module names or a regex, got {targets!r}")
+    for field, kinds in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+        patterns = config.get(field) or {}
+        bad = [f"{k}={v!r}" for k, v in patterns.items() if isinstance(v, bool) or not isinstance(v, kinds) or v <= 0]
+        if not isinstance(patterns, dict) or bad:
+            raise UserError(
+                f"{path}: field {field!r} must map module regexes to positive values, got {bad or patterns}"
+            )
     return config
 
 
@@ -103,11 +147,12 @@ def _check_module(tensors: dict, module: str, config: dict, source: str) -> None
     A, B = tensors.get(module + LORA_A), tensors.get(module + LORA_B)
     if A is None or B is None:
         raise UserError(f"{source}: {module} has only one of lora_A / lora_B; the adapter is incomplete")
-    r = config["r"]
+    r = module_rank(config, module)
     if A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] != r:
+        patterned = " (its rank_pattern)" if r != config["r"] else ""
         raise UserError(
             f"{source}: {module} has lora_A {list(A.shape)} and lora_B {list(B.shape)}, but "
-            f"{CONFIG_FILE} says r = {r}; the config belongs to another run"
+            f"{CONFIG_FILE}{patterned} says r = {r}; the config belongs to another run"
         )
     if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
         raise UserError(f"{source}: {module} holds NaN/Inf (the run diverged); use an earlier checkpoint")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_ds.adapter import adapted_modules, factors, read_adapter, scaling
+from lora_ds.adapter import adapted_modules, factors, module_rank, read_adapter, scaling
 from lora_ds.errors import UserError
 from lora_ds.fsutil import atomic_dir, write_json
 from lora_ds.hf_dir import read_model_dir
@@ -131,7 +131,7 @@ def load_adapter(path: str, progress: bool = False) -> Adapter:
     spectra, shapes = {}, {}
     for module in tqdm(adapted_modules(tensors), desc=f"spectra r={config['r']}", disable=not progress):
         A, B = factors(tensors, module)
-        spectra[module] = spectrum(A, B, scale)
+        spectra[module] = spectrum(A, B, scaling(config, module))
         shapes[module] = [B.shape[0], A.shape[1]]
     return Adapter(os.path.abspath(path), config, scale, spectra, shapes)
 
@@ -256,7 +256,7 @@ def analyze(adapter_dirs: list[str], out_dir: str, base_dir: str | None = None, 
                         "another base"
                     )
                 record["modules"][module]["amplification"] = amplification(
-                    weight, adapter.spectra[module], int(adapter.config["r"])
+                    weight, adapter.spectra[module], module_rank(adapter.config, module)
                 )
             record["base"] = os.path.abspath(base_dir)
         record["summary"] = _adapter_summary(record["modules"])

@@ -45,8 +45,9 @@ def build_trainable(cfg, ds_config: dict | None, vocab_size: int | None = None, 
     liger = kernels.use_liger(cfg.model.kernels)
     fused = kernels.fuse(model) if liger else []
     targets = expand_all_linear(model, cfg.lora.target_spec() or default_targets(model))
+    lc = cfg.lora
     adapted = inject_lora(
-        model, targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.rslora, seed=cfg.train.seed
+        model, targets, lc.r, lc.alpha, lc.dropout, lc.rslora, cfg.train.seed, lc.rank_pattern, lc.alpha_pattern
     )
     if defer_lm_head(model, fused=liger) is not None and liger:
         fused.append("linear_cross_entropy")
@@ -63,5 +64,5 @@ def build_trainable(cfg, ds_config: dict | None, vocab_size: int | None = None, 
 def build(cfg, ds_config: dict, total_steps: int, vocab_size: int | None = None, packed: bool = False):
     """(Trainable, DeepSpeed engine) of `cfg`."""
     trainable = build_trainable(cfg, ds_config, vocab_size, packed)
-    engine = build_engine(trainable.model, list(trainable.lora.values()), cfg, ds_config, total_steps)
+    engine = build_engine(trainable.model, trainable.lora, cfg, ds_config, total_steps)
     return trainable, engine

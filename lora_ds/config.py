@@ -53,6 +53,8 @@ def _describe(hint) -> str:
         return " or ".join(_describe(member) for member in typing.get_args(hint))
     if typing.get_origin(hint) is list:
         return f"a list ({_describe(typing.get_args(hint)[0])} each)"
+    if typing.get_origin(hint) is dict:
+        return f"a mapping NAME=VALUE,... (each VALUE {_describe(typing.get_args(hint)[1])})"
     return _DESCRIBED[hint]
 
 
@@ -73,12 +75,26 @@ def convert(value, hint, key: str):
     elif origin is list:
         if isinstance(value, list):
             return [convert(item, typing.get_args(hint)[0], key) for item in value]
+    elif origin is dict:
+        if isinstance(value, str):
+            value = _mapping_text(value, key)
+        if isinstance(value, dict):
+            key_hint, value_hint = typing.get_args(hint)
+            return {convert(k, key_hint, key): convert(v, value_hint, key) for k, v in value.items()}
     elif isinstance(value, str) and hint in (int, float):
         with contextlib.suppress(ValueError):
             return hint(value)
     elif isinstance(value, _ACCEPTED[hint]) and isinstance(value, bool) == (hint is bool):
         return float(value) if hint is float else value
     raise FieldError(key, value, f"expected {_describe(hint)}")
+
+
+def _mapping_text(text: str, key: str) -> dict:
+    """`NAME=VALUE,NAME=VALUE` (a flag's text of a mapping field) as a dict, in its order."""
+    pairs = [item.partition("=") for item in text.split(",") if item.strip()]
+    if any(not sep or not name.strip() for name, sep, _ in pairs):
+        raise FieldError(key, text, "expected NAME=VALUE pairs, comma-separated")
+    return {name.strip(): value.strip() for name, _, value in pairs}
 
 
 def _typed(cfg) -> None:
@@ -154,6 +170,19 @@ class LoraConfig:
         "projections (lora_ds/families.py)",
     )
     rslora: bool = _f(False, "--rslora", "rank-stabilized scale s = alpha / sqrt(r)")
+    rank_pattern: dict[str, int] | None = _f(
+        None,
+        "--lora_rank_pattern",
+        "per-module ranks, NAME=R,... (a config file: a mapping), PEFT's rank_pattern: NAME is a regex matched "
+        "against the end of a module name (e.g. layers\\.[0-3]\\.attention\\.query_key_value=64); the first "
+        "key that matches wins; other modules get --lora_r",
+    )
+    alpha_pattern: dict[str, float] | None = _f(
+        None,
+        "--lora_alpha_pattern",
+        "per-module alphas, NAME=A,..., PEFT's alpha_pattern (matched as --lora_rank_pattern); other modules get "
+        "--lora_alpha; s = alpha / r with the module's own r",
+    )
 
     def __post_init__(self):
         _typed(self)
@@ -162,9 +191,25 @@ class LoraConfig:
         _require(self, "dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)")
         if isinstance(self.targets, str) and not self.targets.startswith("re:"):
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        self._patterns()
         if isinstance(self.targets, list) and len(self.targets) > 1:
             alone = "all-linear" not in map(str.lower, self.targets)
             _require(self, "targets", alone, "all-linear stands alone, not beside module names")
+
+    def _patterns(self) -> None:
+        import re
+
+        self.rank_pattern, self.alpha_pattern = self.rank_pattern or {}, self.alpha_pattern or {}
+        for name, patterns in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            for key, value in patterns.items():
+                try:
+                    re.compile(key)
+                except re.error as e:
+                    raise FieldError(_key(self, name), key, f"not a regular expression ({e})") from e
+                # PEFT refuses a rank below 1 when it builds the layer; a non-positive alpha is refused as --lora_alpha.
+                if value <= 0:
+                    what = "rank" if name == "rank_pattern" else "alpha"
+                    raise FieldError(_key(self, name), f"{key}={value}", f"the {what} must be positive")
 
     def target_spec(self):
         """A list of names, or the regex string (without its `re:` prefix)."""
@@ -220,6 +265,12 @@ class TrainConfig:
     output_dir: str = _f("runs/demo", "--output_dir", "where checkpoints, metrics and the adapter go")
     ds_config: str = _f("ds_configs/zero3.json", "--ds_config", "DeepSpeed config (JSON); 'auto' values are filled")
     lr: float = _f(2e-4, "--lr", "peak learning rate (AdamW)")
+    loraplus_lr_ratio: float | None = _f(
+        None,
+        "--loraplus_lr_ratio",
+        "LoRA+ (Hayou et al. 2024, PEFT's create_loraplus_optimizer): lora_B learns at --lr × this ratio, lora_A at "
+        "--lr (the paper suggests 16); default: off, one lr for both",
+    )
     weight_decay: float = _f(0.1, "--weight_decay", "AdamW weight decay on the LoRA factors")
     warmup: int = _f(0, "--warmup", "linear warm-up steps; then linear decay to 0 at the last step")
     max_steps: int = _f(0, "--max_steps", "optimizer steps; 0: derive from --epochs")
@@ -261,6 +312,8 @@ class TrainConfig:
             _require(self, name, getattr(self, name) >= 0, "must not be negative")
         _require(self, "keep_checkpoints", self.keep_checkpoints >= 1, "keep at least 1")
         _require(self, "lr", self.lr > 0, "must be positive")
+        ratio = self.loraplus_lr_ratio
+        _require(self, "loraplus_lr_ratio", ratio is None or ratio > 0, "must be positive (B's lr is lr × ratio)")
         _require(self, "epochs", self.max_steps > 0 or self.epochs > 0, "must be positive when max_steps is 0")
         self._trackers()
 

@@ -20,8 +20,21 @@ class WarmupLinear:
         return max(0.0, (self.total - step) / max(1, self.total - self.warmup))
 
 
+def param_groups(lora: dict, lr: float, loraplus_lr_ratio: float | None) -> list[dict]:
+    """The optimizer's parameter groups of the LoRA factors `lora` ({"<module>.lora_A.weight": param, ...}):
+    one group, or with LoRA+ the A factors at `lr` and the B factors at `lr` × ratio, as PEFT's
+    `create_loraplus_optimizer` groups them (its embedding group is empty here: embeddings are never adapted).
+    The schedule's multiplier scales each group's own lr."""
+    if loraplus_lr_ratio is None:
+        return [{"params": list(lora.values()), "lr": lr}]
+    a = [p for name, p in lora.items() if name.endswith(".lora_A.weight")]
+    b = [p for name, p in lora.items() if name.endswith(".lora_B.weight")]
+    return [{"params": a, "lr": lr}, {"params": b, "lr": lr * loraplus_lr_ratio}]
+
+
 def build_optimizer(params, lr: float, weight_decay: float, ds_config: dict):
-    """AdamW (the paper's optimizer). DeepSpeed's CPU Adam when ZeRO offloads the optimizer state."""
+    """AdamW (the paper's optimizer) over `params` (tensors or param groups). DeepSpeed's CPU Adam when ZeRO
+    offloads the optimizer state."""
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     if offload in ("cpu", "nvme"):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -31,13 +44,14 @@ def build_optimizer(params, lr: float, weight_decay: float, ds_config: dict):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused, foreach=not fused)
 
 
-def build_engine(model, lora_params: list, cfg, ds_config: dict, total_steps: int):
-    """deepspeed.initialize with only the LoRA params given to the optimizer."""
+def build_engine(model, lora: dict, cfg, ds_config: dict, total_steps: int):
+    """deepspeed.initialize with only the LoRA params `lora` ({name: param}) given to the optimizer."""
     import deepspeed
 
-    optimizer = build_optimizer(lora_params, cfg.train.lr, cfg.train.weight_decay, ds_config)
+    groups = param_groups(lora, cfg.train.lr, cfg.train.loraplus_lr_ratio)
+    optimizer = build_optimizer(groups, cfg.train.lr, cfg.train.weight_decay, ds_config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupLinear(cfg.train.warmup, total_steps))
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=lora_params, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        model=model, model_parameters=groups, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     return engine

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from lora_ds.adapter import LoRAWeights
+from lora_ds.adapter import LoRAWeights, inject_adapter
 from lora_ds.errors import UserError
 
 DEFAULT_SEED = 42  # TrainConfig's default seed: the base a preset run trained on when no run config says
@@ -43,11 +43,10 @@ def base_seed(lora: LoRAWeights | None) -> int:
 def merge_lora(model, lora: LoRAWeights) -> list[str]:
     """Merge `lora` into `model`'s base weights and unwrap the LoRA layers. Collective under ZeRO-3 (every
     rank must call it, before the engine is built). Returns the merged module names."""
-    from lora_ds.lora import inject_lora, lora_modules
+    from lora_ds.lora import lora_modules
     from lora_ds.merge import merge_live
 
-    cfg = lora.config
-    inject_lora(model, cfg["target_modules"], cfg["r"], float(cfg["lora_alpha"]), 0.0, bool(cfg.get("use_rslora")))
+    inject_adapter(model, lora.config)
     modules = lora_modules(model)
     expected = {f"{name}.lora_{part}.weight" for name, _ in modules for part in "AB"}
     if expected != set(lora.tensors):

@@ -27,6 +27,20 @@ def lora_scale(r: int, alpha: float, rslora: bool = False) -> float:
     return alpha / (math.sqrt(r) if rslora else r)
 
 
+def pattern_value(patterns: dict, name: str, default):
+    """PEFT's `get_pattern_key`: the value of the first key of `patterns` (a regex) that matches a whole trailing
+    run of `name`'s dotted components (`(.*\\.)?(KEY)$`), else `default`."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return patterns[key]
+    return patterns.get(name, default)
+
+
+def unmatched_keys(patterns: dict, names) -> list[str]:
+    """The keys of `patterns` that select none of `names` (PEFT warns of these; we refuse them)."""
+    return [key for key in patterns if not any(re.match(rf"(.*\.)?({key})$", n) for n in names)]
+
+
 def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, fan_in_fan_out: bool) -> torch.Tensor:
     """s·B·A in fp32, laid out like the base weight ((in, out) for GPT-2's Conv1D)."""
     delta = (lora_B.float() @ lora_A.float()) * scale
@@ -202,16 +216,25 @@ def match_targets(model: nn.Module, targets) -> list[str]:
 
 
 def inject_lora(
-    model: nn.Module, targets, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False, seed: int | None = None
+    model: nn.Module,
+    targets,
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+    rslora: bool = False,
+    seed: int | None = None,
+    rank_pattern: dict | None = None,
+    alpha_pattern: dict | None = None,
 ) -> list[str]:
     """Freeze `model` and wrap each target module in a LoRALinear. Returns the adapted module names.
 
-    With `seed`, the factors are drawn from a generator seeded with it, so every rank (and a
-    single-process reference) gets identical initial adapters whatever RNG the base build consumed.
+    A module's rank and alpha are `rank_pattern`'s / `alpha_pattern`'s value for it (`pattern_value`, PEFT's
+    rule), else `r` / `alpha`. With `seed`, the factors are drawn from a generator seeded with it, so every rank
+    (and a single-process reference) gets identical initial adapters whatever RNG the base build consumed.
     """
     # The training config's checks, naming the field (lora.r, ...) rather than a flag: merge and eval pass
     # values read from adapter_config.json.
-    LoraConfig(r=r, alpha=alpha, dropout=dropout)
+    lora = LoraConfig(r=r, alpha=alpha, dropout=dropout, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     names = match_targets(model, targets)
     if not names:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
@@ -220,6 +243,15 @@ def inject_lora(
             targets,
             f"matches no Linear/Conv1D module of this model; its linear module names are: {', '.join(linear)}",
         )
+    for field in ("rank_pattern", "alpha_pattern"):
+        unmatched = unmatched_keys(getattr(lora, field), names)
+        if unmatched:
+            raise FieldError(
+                f"lora.{field}",
+                unmatched[0],
+                f"selects none of the {len(names)} adapted modules (a key is a regex matched against the end of a "
+                f"module name, e.g. {names[0]} or layers\\.0\\..*)",
+            )
     for p in model.parameters():
         p.requires_grad_(False)
     fork = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
@@ -230,5 +262,7 @@ def inject_lora(
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             base = getattr(parent, child)
-            setattr(parent, child, LoRALinear(base, r, alpha, dropout, rslora))
+            module_r = pattern_value(lora.rank_pattern, name, r)
+            module_alpha = pattern_value(lora.alpha_pattern, name, alpha)
+            setattr(parent, child, LoRALinear(base, module_r, module_alpha, dropout, rslora))
     return names

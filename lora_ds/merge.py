@@ -146,7 +146,6 @@ def plan_merge(base_dir: str, adapter_dir: str, dtype: str | None = None) -> Pla
 
 def _write_shard(plan: Plan, shard: Shard, dst: str) -> int:
     """Write the merged counterpart of `shard` to `dst`, one tensor at a time. Returns its data bytes."""
-    scale = scaling(plan.config)
     fan_in_fan_out = bool(plan.config.get("fan_in_fan_out"))
     order = sorted(shard.tensors, key=lambda k: shard.tensors[k]["data_offsets"][0])
     header, offset = {}, 0
@@ -178,7 +177,14 @@ def _write_shard(plan: Plan, shard: Shard, dst: str) -> int:
                     block = block.to(FLOATS[out_dtype])
                 else:
                     block = _merged_rows(
-                        block, rows, plan, module, scale, fan_in_fan_out, FLOATS[out_dtype], f"{shard.path}: {key}"
+                        block,
+                        rows,
+                        plan,
+                        module,
+                        scaling(plan.config, module),
+                        fan_in_fan_out,
+                        FLOATS[out_dtype],
+                        f"{shard.path}: {key}",
                     )
                 _write_all(dst_fd, _tensor_bytes(block))
     finally:
@@ -280,7 +286,7 @@ def merge_model_dir(
         "shards": len(plan.base.shards),
         "tensors": sum(len(s.tensors) for s in plan.base.shards),
         "merged_modules": len(plan.targets),
-        "scaling": scaling(plan.config),
+        "scaling": scaling(plan.config),  # of modules no rank_pattern / alpha_pattern key selects
     }
     with atomic_dir(out_dir) as tmp:
         total = 0
@@ -342,14 +348,13 @@ def verify_merge(plan: Plan, merged_dir: str, tolerance: float | None = None) ->
     """
     from transformers import AutoModelForCausalLM
 
-    from lora_ds.lora import inject_lora, lora_parameters
+    from lora_ds.adapter import inject_adapter
+    from lora_ds.lora import lora_parameters
 
     model = AutoModelForCausalLM.from_pretrained(plan.base.path, dtype=torch.float32).eval()
     prompts = _prompt_ids(plan.base.path, model.get_input_embeddings().num_embeddings)
     base_logits = _logits(model, prompts)
-    config = plan.config
-    modules = sorted(set(plan.targets.values()))
-    inject_lora(model, modules, config["r"], config["lora_alpha"], 0.0, bool(config.get("use_rslora")))
+    inject_adapter(model, plan.config, sorted(set(plan.targets.values())))
     params = lora_parameters(model)
     with torch.no_grad():
         for name, value in plan.tensors.items():

@@ -367,12 +367,16 @@ def reference_lora(
     max_len: int = 128,
     tag_dir: Path | None = None,
     grad_norms: list | None = None,
+    rank_pattern: dict | None = None,
+    alpha_pattern: dict | None = None,
+    loraplus_lr_ratio: float | None = None,
 ) -> dict:
     """The LoRA of `model` after the trainer's steps `steps` on `world` ranks, in one process with plain PyTorch
     (no DeepSpeed): the same rows per step and rank (StepSampler), loss scaling, clipping at 1.0, AdamW (weight
     decay 0.1) and warm-up/decay schedule over `steps.stop` steps. It starts from `tag_dir`'s consolidated state
     (fp32 params, Adam moments and step, scheduler) when given, else from the LoRA init of `seed`. `grad_norms`,
-    when given, gets each step's gradient norm before clipping."""
+    when given, gets each step's gradient norm before clipping. `rank_pattern` / `alpha_pattern`: PEFT's, and
+    `loraplus_lr_ratio`: LoRA+ as PEFT's create_loraplus_optimizer groups it (B at lr × ratio)."""
     import torch
     from torch.optim.lr_scheduler import LambdaLR
 
@@ -383,9 +387,15 @@ def reference_lora(
     from lora_ds.loss import lm_loss
 
     rows = load_rows(str(data), tok, max_len)
-    inject_lora(model, targets, r, alpha, 0.0, seed=seed)
+    inject_lora(model, targets, r, alpha, 0.0, seed=seed, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     params = lora_parameters(model)
-    opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.1)
+    groups = [{"params": list(params.values()), "lr": lr}]
+    if loraplus_lr_ratio is not None:
+        groups = [
+            {"params": [p for n, p in params.items() if "lora_A" in n], "lr": lr},
+            {"params": [p for n, p in params.items() if "lora_B" in n], "lr": lr * loraplus_lr_ratio},
+        ]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.1)
     sched = LambdaLR(opt, WarmupLinear(warmup, steps.stop))
     if tag_dir is not None:
         saved, _, adam_step = read_zero3_state(str(tag_dir), moments=True)
@@ -398,7 +408,8 @@ def reference_lora(
                     "exp_avg_sq": saved[name]["exp_avg_sq"].clone(),
                 }
         sched.load_state_dict(read_model_states(str(tag_dir))["lr_scheduler"])
-        opt.param_groups[0]["lr"] = sched.get_last_lr()[0]
+        for group, group_lr in zip(opt.param_groups, sched.get_last_lr()):
+            group["lr"] = group_lr
     sampler = StepSampler(len(rows), micro, accum, world, seed)
     for step in steps:
         opt.zero_grad()

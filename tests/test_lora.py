@@ -243,6 +243,15 @@ BAD_ADAPTERS = {
         r"holds non-LoRA tensors \(e.g. lm_head.weight\)",
     ),
     "nan": (_edit_weights(_nan), r"model.layers.0.q holds NaN/Inf"),
+    "other rank_pattern": (
+        lambda p: small_adapter(p, rank_pattern={r"layers\.1\.q": 3}),
+        r"model.layers.1.q has lora_A \[2, 6\] and lora_B \[5, 2\], but adapter_config.json \(its rank_pattern\) "
+        r"says r = 3",
+    ),
+    "rank_pattern 0": (
+        lambda p: small_adapter(p, rank_pattern={"q": 0}),
+        r"adapter_config.json: field 'rank_pattern' must map module regexes to positive values, got \['q=0'\]",
+    ),
 }
 
 
@@ -325,3 +334,147 @@ def test_the_layer_and_the_adapter_config_agree_on_the_scale():
     for rslora in (False, True):
         layer = LoRALinear(nn.Linear(12, 10), r=3, alpha=6, rslora=rslora)
         assert scaling({"r": 3, "lora_alpha": 6, "use_rslora": rslora}) == layer.scaling
+
+
+# ---------------------------------------------------------------- rank / alpha patterns and LoRA+, PEFT the oracle
+
+QV = ["q_proj", "v_proj"]
+# case -> (model type, targets, rank_pattern, alpha_pattern, rslora)
+PATTERNS = {
+    "rank and alpha": ("llama", QV, {r"layers\.0\.self_attn\.q_proj": 6, "v_proj": 2}, {"q_proj": 3.0}, False),
+    "first key wins": ("llama", QV, {"q_proj": 2, r"layers\.0\..*": 6}, {}, False),
+    "alpha alone uses r": ("llama", QV, {}, {r"layers\.1\.self_attn\.v_proj": 32.0}, False),
+    "a suffix of dotted names": ("llama", QV, {"self_attn.q_proj": 5}, {}, False),
+    "anchored at the start": ("llama", QV, {r"^model\.layers\.1\.self_attn\.q_proj": 3}, {}, False),
+    "rslora": ("llama", QV, {"v_proj": 16}, {"v_proj": 4.0}, True),
+    "fused qkv": ("gpt_neox", ["query_key_value"], {r"layers\.1\.attention\.query_key_value": 8}, {}, False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PATTERNS))
+def test_rank_and_alpha_patterns_give_each_module_the_rank_and_scale_peft_gives_it(case):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    model_type, targets, rank_pattern, alpha_pattern, rslora = PATTERNS[case]
+    ours, theirs = tiny(model_type), tiny(model_type)
+    inject_lora(ours, targets, 4, 8, rslora=rslora, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    config = PeftLoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=targets,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        use_rslora=rslora,
+    )
+    peft_model = get_peft_model(theirs, config)
+    expected = {
+        name.removeprefix("base_model.model."): (m.r["default"], m.scaling["default"])
+        for name, m in peft_model.named_modules()
+        if hasattr(m, "lora_A") and "default" in m.lora_A
+    }
+    got = {name: (m.r, m.scaling) for name, m in lora_modules(ours)}
+    assert got == expected
+    assert len({r for r, _ in got.values()}) > 1 or alpha_pattern  # the case really varies the modules
+    for name, param in lora_parameters(ours).items():
+        assert param.shape == peft_model.get_parameter(f"base_model.model.{name[: -len('weight')]}default.weight").shape
+
+
+@pytest.mark.parametrize(
+    "patterns,message",
+    [
+        (dict(rank_pattern={"q_proj": 0}), r"lora.rank_pattern q_proj=0: the rank must be positive"),
+        (dict(alpha_pattern={"q_proj": -1.0}), r"lora.alpha_pattern q_proj=-1.0: the alpha must be positive"),
+        (dict(rank_pattern={"k_proj": 8}), r"lora.rank_pattern k_proj: selects none of the 4 adapted modules"),
+        (dict(alpha_pattern={"proj": 8.0}), r"lora.alpha_pattern proj: selects none"),  # names end in q_proj
+        (dict(rank_pattern={"q_proj(": 8}), r"lora.rank_pattern q_proj\(: not a regular expression"),
+        (dict(rank_pattern={"q_proj": 2.5}), r"lora.rank_pattern .*: expected a mapping NAME=VALUE"),
+    ],
+)
+def test_bad_patterns_are_refused_naming_the_field(patterns, message):
+    """PEFT refuses a rank below 1 (when it builds the layer) and warns of a key that selects nothing; we refuse
+    both before training, and a non-positive alpha as --lora_alpha is."""
+    with pytest.raises(UserError, match=message):
+        inject_lora(tiny("llama"), QV, 4, 8, **patterns)
+
+
+def test_pattern_flags_parse_in_order_and_name_the_flag():
+    from lora_ds.config import FieldError, as_flag_error, parse_config
+
+    cfg = parse_config(["--lora_rank_pattern", r"layers\.0\..*=16, q_proj=2", "--lora-alpha-pattern", "v_proj=4"])
+    assert list(cfg.lora.rank_pattern.items()) == [(r"layers\.0\..*", 16), ("q_proj", 2)]
+    assert cfg.lora.alpha_pattern == {"v_proj": 4.0} and parse_config([]).lora.rank_pattern == {}
+    with pytest.raises(UserError, match=r"^--lora_rank_pattern q_proj=0: the rank must be positive"):
+        parse_config(["--lora_rank_pattern", "q_proj=0"])
+    with pytest.raises(UserError, match=r"^--loraplus_lr_ratio 0.0: must be positive"):
+        parse_config(["--loraplus_lr_ratio", "0"])
+    with pytest.raises(FieldError) as raised:
+        inject_lora(tiny("llama"), QV, 4, 8, rank_pattern={"k_proj": 8})
+    assert str(as_flag_error(raised.value)).startswith("--lora_rank_pattern k_proj: selects none")
+
+
+def test_patterned_adapter_round_trips_through_peft_with_our_logits(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    patterns = dict(rank_pattern={r"layers\.0\.self_attn\.q_proj": 6, "v_proj": 2}, alpha_pattern={"q_proj": 3.0})
+    model = tiny("llama")
+    model.save_pretrained(tmp_path / "base")
+    inject_lora(model, QV, 4, 8, seed=1, **patterns)
+    params = lora_parameters(model)
+    with torch.no_grad():
+        for name, p in params.items():
+            if name.endswith("lora_B.weight"):
+                p.normal_(std=0.1)
+    config = peft_config(
+        r=4, alpha=8, dropout=0.0, target_modules=QV, use_rslora=False, fan_in_fan_out=False, base_model="b", **patterns
+    )
+    write_adapter(str(tmp_path / "adapter"), params, config)
+    written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (written["rank_pattern"], written["alpha_pattern"]) == (patterns["rank_pattern"], patterns["alpha_pattern"])
+    assert read_adapter(str(tmp_path / "adapter"))[0] == config
+    ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(0))
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    torch.testing.assert_close(model.eval()(input_ids=ids).logits, peft_model(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_loraplus_trains_as_peft_create_loraplus_optimizer_and_the_schedule_scales_both_groups():
+    """Our param groups (B at lr × ratio) in build_optimizer's AdamW take the same steps as PEFT's LoRA+ optimizer
+    from the same init; the warm-up/decay multiplier scales each group's own lr."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from peft.optimizers import create_loraplus_optimizer
+
+    from lora_ds.engine import WarmupLinear, build_optimizer, param_groups
+
+    lr, ratio, wd = 1e-2, 16.0, 0.1
+    ours, theirs = tiny("llama"), tiny("llama")
+    theirs.load_state_dict(ours.state_dict())
+    inject_lora(ours, QV, 4, 8, seed=3, rank_pattern={"v_proj": 2})
+    peft_model = get_peft_model(
+        theirs, PeftLoraConfig(r=4, lora_alpha=8, target_modules=QV, rank_pattern={"v_proj": 2})
+    )
+    params = lora_parameters(ours)
+    with torch.no_grad():
+        for name, p in params.items():
+            peft_model.get_parameter(f"base_model.model.{name[: -len('weight')]}default.weight").copy_(p)
+    opt = build_optimizer(param_groups(params, lr, ratio), lr, wd, {})
+    oracle = create_loraplus_optimizer(
+        peft_model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio, loraplus_weight_decay=wd
+    )
+    assert [g["lr"] for g in opt.param_groups] == [lr, lr * ratio]
+    assert sorted(g["lr"] for g in oracle.param_groups if g["params"]) == [lr, lr * ratio]
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, WarmupLinear(1, 4)) for o in (opt, oracle)]
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        for model, o, sched in ((ours, opt, scheds[0]), (peft_model, oracle, scheds[1])):
+            o.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            o.step()
+            sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [lr * WarmupLinear(1, 4)(3), lr * ratio * WarmupLinear(1, 4)(3)]
+    for name, p in params.items():
+        peft_p = peft_model.get_parameter(f"base_model.model.{name[: -len('weight')]}default.weight")
+        torch.testing.assert_close(p, peft_p, rtol=0, atol=1e-6, msg=name)
+    assert max(p.abs().max().item() for n, p in params.items() if "lora_B" in n) > 1e-2

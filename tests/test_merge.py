@@ -33,10 +33,12 @@ def base_model(model_dir: Path):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-def make_adapter(model_dir: Path, targets, out: Path, seed: int = 1, **config_overrides):
-    """An adapter made by our inject_lora with a random (non-zero) B, and our model's logits with it."""
+def make_adapter(model_dir: Path, targets, out: Path, seed: int = 1, patterns: dict | None = None, **config_overrides):
+    """An adapter made by our inject_lora with a random (non-zero) B, and our model's logits with it;
+    `patterns`: its rank_pattern / alpha_pattern."""
+    patterns = patterns or {}
     model = base_model(model_dir)
-    inject_lora(model, targets, r=4, alpha=8, seed=seed)
+    inject_lora(model, targets, r=4, alpha=8, seed=seed, **patterns)
     params = lora_parameters(model)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -52,6 +54,7 @@ def make_adapter(model_dir: Path, targets, out: Path, seed: int = 1, **config_ov
         use_rslora=False,
         fan_in_fan_out=fan_in_fan_out,
         base_model=str(model_dir),
+        **patterns,
     )
     write_adapter(str(out), params, {**config, **config_overrides})
     with torch.no_grad():
