@@ -82,6 +82,8 @@ class Recipe:
         self.rows = load_rows(cfg.data.path, self.tok, cfg.data.max_len)
         self.eval_rows = load_rows(cfg.data.eval_path, self.tok, cfg.data.max_len) if cfg.data.eval_path else None
         self.tag = checkpoint.resolve_tag(self.ckpt_root, cfg.train.resume)
+        if self.tag is not None:
+            checkpoint.check_resumable(os.path.join(self.ckpt_root, self.tag), cfg.to_dict(), RunConfig().to_dict())
         kernels.use_liger(cfg.model.kernels)  # --kernels liger where Liger cannot run is refused here
         check_installed(cfg.train.report_to)
 

@@ -12,6 +12,7 @@ start fresh, and each step's rows are dealt out as micro × accum × M; keep mic
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import warnings
@@ -134,6 +135,31 @@ def resolve_tag(root: str, requested: str) -> str | None:
             stacklevel=2,
         )
     return tag
+
+
+# What a tag's tensors and optimizer groups are shaped by: a resume with other values would fail inside DeepSpeed
+# (ranks) or silently keep the checkpoint's param groups and their lrs (LoRA+).
+FIXED_ON_RESUME = (("lora", "r"), ("lora", "rank_pattern"), ("train", "loraplus_lr_ratio"))
+
+
+def check_resumable(tag_dir: str, run: dict, defaults: dict) -> None:
+    """Refuse to resume `tag_dir` under `run` (a RunConfig's dict) when a FIXED_ON_RESUME setting differs from the
+    tag's run_config.json (a key it lacks has its value of `defaults`, an older version's)."""
+    from lora_ds.config import SECTION_TYPES
+    from lora_ds.fsutil import read_json
+
+    path = os.path.join(tag_dir, "run_config.json")
+    if not os.path.isfile(path):
+        return
+    saved = read_json(path)
+    for section, key in FIXED_ON_RESUME:
+        then = saved.get(section, {}).get(key, defaults[section][key])
+        if then != run[section][key]:
+            flag = next(f.metadata["flag"] for f in dataclasses.fields(SECTION_TYPES[section]) if f.name == key)
+            raise UserError(
+                f"--resume: {tag_dir} was trained with {flag} {then!r}, this run gives {run[section][key]!r}; "
+                "pass the same value to resume, or --resume never (or another --output_dir) to start over"
+            )
 
 
 def _load_resharded(engine, root: str, tag: str) -> None:

@@ -177,9 +177,11 @@ class MetricsLog:
         ]
         norm = self._grad_norm(device)
         window = torch.stack(values if norm is None else [*values, norm])
+        lrs = self.engine.get_lr()
         record = {
             "step": step,
-            "lr": self.engine.get_lr()[0],
+            "lr": lrs[0],
+            **({"lr_B": lrs[1]} if len(lrs) > 1 else {}),  # LoRA+: the lora_B group's
             "peak_mem_gib": peak_memory_gib(),
             "skipped_steps": self.engine.skipped_steps,
             **extra,

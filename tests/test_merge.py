@@ -23,7 +23,9 @@ from lora_ds.merge import INDEX_FILE, RECORD_FILE, merge_model_dir, merged_for_e
 
 TARGETS = {"gpt_neox": ["query_key_value"], "llama": ["q_proj", "v_proj"], "gpt2": ["c_attn", "c_proj"]}
 # Adapted modules per tiny model: 2 layers x targets (GPT-2's c_proj names both attn.c_proj and mlp.c_proj).
-N_MODULES = {"gpt_neox": 2, "llama": 4, "gpt2": 6}
+N_MODULES = {"gpt_neox": 2, "llama": 4, "gpt2": 6, "llama_patterns": 4}
+# Llama's adapter again, with per-module ranks and alphas (PEFT's rank_pattern / alpha_pattern).
+PATTERNS = dict(rank_pattern={r"layers\.0\.self_attn\.q_proj": 6, "v_proj": 2}, alpha_pattern={"q_proj": 3.0})
 VOCAB = 512
 
 
@@ -76,6 +78,11 @@ def tiny(tmp_path_factory):
         )
         adapter, logits = make_adapter(base, targets, root / f"{model_type}_adapter")
         out[model_type] = (base, adapter, logits)
+    llama = out["llama"][0]
+    out["llama_patterns"] = (
+        llama,
+        *make_adapter(llama, TARGETS["llama"], root / "patterned_adapter", patterns=PATTERNS),
+    )
     return out
 
 
@@ -86,12 +93,13 @@ def safetensors_state(model_dir: Path) -> dict:
     return state
 
 
-@pytest.mark.parametrize("model_type", sorted(TARGETS))
+@pytest.mark.parametrize("model_type", [*sorted(TARGETS), "llama_patterns"])
 def test_merge_equals_peft_merge_and_unload_and_gives_our_logits(tiny, model_type, tmp_path):
     from peft import PeftModel
 
     base, adapter, our_logits = tiny[model_type]
-    report = merge_model_dir(base, adapter, tmp_path / "merged")
+    report = merge_model_dir(base, adapter, tmp_path / "merged", verify=True)
+    assert report["verify"]["max_abs_diff"] < 1e-5
     assert report["merged_modules"] == N_MODULES[model_type]
 
     merged = safetensors_state(tmp_path / "merged")

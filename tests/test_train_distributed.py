@@ -20,6 +20,7 @@ from helpers import (
     assert_close_tensors,
     assert_equal_tensors,
     ds_config_file,
+    fork_trainer,
     launch,
     read_metrics,
     read_reports,
@@ -52,14 +53,27 @@ STEPS = 8
 ATOL = 3e-5
 
 
-def reference(model_dir, targets, steps: int, grad_norms: list | None = None, attention: str = "sdpa") -> dict:
-    """COMMON's training of `model_dir` for `steps` steps, in one process with plain PyTorch."""
+def reference(
+    model_dir, targets, steps: int, grad_norms: list | None = None, attention: str = "sdpa", **variant
+) -> dict:
+    """COMMON's training of `model_dir` for `steps` steps, in one process with plain PyTorch; `variant`: more
+    reference_lora settings."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention)
     tok = load_tokenizer(str(model_dir))
     return reference_lora(
-        model, tok, targets, steps=range(steps), world=2, micro=4, accum=2, warmup=2, seed=7, grad_norms=grad_norms
+        model,
+        tok,
+        targets,
+        steps=range(steps),
+        world=2,
+        micro=4,
+        accum=2,
+        warmup=2,
+        seed=7,
+        grad_norms=grad_norms,
+        **variant,
     )
 
 
@@ -204,6 +218,79 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(neox_dir, tmp_path):
     # The halted run (stopped as a preemption stops) closed its event file; the resumed run wrote a second one.
     assert tensorboard_scalars(parts) == as_tensorboard(read_metrics(parts))
     assert len(list((parts / "tensorboard").glob("events.out.tfevents.*"))) == 2
+
+
+# #17's variants in one run: layer 0's QKV at rank 8 (the rest at COMMON's 4), layer 1's alpha 2, LoRA+ (B at 4 × lr).
+RANK_PATTERN, ALPHA_PATTERN = {r"layers\.0\.attention\.query_key_value": 8}, {r"layers\.1\..*": 2.0}
+VARIANTS = dict(
+    lora_rank_pattern=",".join(f"{k}={v}" for k, v in RANK_PATTERN.items()),
+    lora_alpha_pattern=",".join(f"{k}={v}" for k, v in ALPHA_PATTERN.items()),
+    loraplus_lr_ratio=4,
+)
+
+
+def test_rank_alpha_patterns_and_loraplus_train_resume_bitwise_export_and_load_in_peft(neox_dir, tmp_path):
+    """Trained on 2 ranks, halted and resumed (bitwise the uninterrupted run, the single-process reference's
+    result), exported from the 2-rank checkpoint (the trainer's adapter), loaded by PEFT (our logits) and merged
+    (PEFT's merge_and_unload)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lora_ds.adapter import inject_adapter
+    from lora_ds.checkpoint_files import load_pt
+    from lora_ds.lora import lora_parameters
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    args = dict(COMMON, max_steps=6, save_every=100, **VARIANTS)
+    launch(train_args(neox_dir, whole, **args))
+    launch(train_args(neox_dir, parts, halt_at_step=3, **args))
+    resumed = launch(train_args(neox_dir, parts, **args))
+    assert "at step 3" in resumed.stdout
+    ours = adapter_tensors(whole / "adapter")
+    assert_equal_tensors(adapter_tensors(parts / "adapter"), ours)
+    A = "gpt_neox.layers.{}.attention.query_key_value.lora_A.weight"
+    assert (ours[A.format(0)].shape, ours[A.format(1)].shape) == ((8, 64), (4, 64))
+    patterns = dict(rank_pattern=RANK_PATTERN, alpha_pattern=ALPHA_PATTERN)
+    ref = reference(neox_dir, ["query_key_value"], 6, loraplus_lr_ratio=4.0, **patterns)
+    assert_close_tensors(ours, ref, rtol=1e-4, atol=ATOL)
+    plain = reference(neox_dir, ["query_key_value"], 6, **patterns)
+    assert max((plain[n] - v).abs().max().item() for n, v in ours.items()) > 1e-3  # LoRA+ changed the result
+    # The optimizer's two groups and their lrs, as the resumed run saved them at its end (the schedule's 0).
+    tag_dir = parts / "checkpoints" / "step_00000006"
+    optim = load_pt(str(tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt"))["optimizer_state_dict"]
+    assert len(optim["fp32_flat_groups"]) == 2
+    scheduler = load_pt(str(tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"))["lr_scheduler"]
+    assert scheduler["base_lrs"] == [1e-2, 4e-2]
+    records = read_metrics(parts)
+    assert [r["lr_B"] for r in records] == pytest.approx([4 * r["lr"] for r in records]) and records[0]["lr"] > 0
+    # Resuming with another ratio would keep the checkpoint's groups: refused before any rank starts.
+    code, output = fork_trainer(train_args(neox_dir, parts, **{**args, "loraplus_lr_ratio": 8}), tmp_path / "other.log")
+    assert code == 2 and "was trained with --loraplus_lr_ratio 4.0, this run gives 8.0" in output
+
+    exported = run_cli("export-adapter", "--checkpoint", parts / "checkpoints", "--out", tmp_path / "exported")
+    assert exported.returncode == 0, exported.stderr
+    assert_equal_tensors(adapter_tensors(tmp_path / "exported"), ours)
+    config = json.loads((tmp_path / "exported" / "adapter_config.json").read_text())
+    assert (config["rank_pattern"], config["alpha_pattern"], config["r"]) == (RANK_PATTERN, ALPHA_PATTERN, 4)
+
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(neox_dir, dtype=torch.float32), tmp_path / "exported"
+    ).eval()
+    model = AutoModelForCausalLM.from_pretrained(neox_dir, dtype=torch.float32).eval()
+    inject_adapter(model, config)
+    params = lora_parameters(model)
+    with torch.no_grad():
+        for name, value in ours.items():
+            params[name].copy_(value)
+        torch.testing.assert_close(model(input_ids=ids).logits, peft_model(input_ids=ids).logits, rtol=0, atol=1e-5)
+    merged = run_cli("merge", "--base", neox_dir, "--adapter", tmp_path / "exported", "--out", tmp_path / "merged")
+    assert merged.returncode == 0, merged.stderr
+    oracle = peft_model.merge_and_unload().state_dict()
+    state = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).state_dict()
+    assert sorted(state) == sorted(oracle)
+    for key, value in state.items():
+        torch.testing.assert_close(value, oracle[key], rtol=0, atol=1e-6, msg=key)
 
 
 def test_llama_with_sentencepiece_tokenizer_matches_reference(llama_dir, tmp_path):
