@@ -42,12 +42,16 @@ VOCAB = 512
 # world size -> (base model type, --lora_targets, --dtype, ZeRO-3 param persistence threshold, program flags).
 # Together: 1, 2 and 3 ranks; fp32 and bf16 (bf16_-prefixed optimizer files); padded partitions (3 ranks); frozen
 # fragments saved (2 ranks); GPT-2's Conv1D; the live merge with every weight partitioned (2) and with every
-# weight persisted (3).
+# weight persisted (3); #17's variants (3): layer 0 at rank 6 (RANK_PATTERN), LoRA+ (two param groups).
+RANK_PATTERN = {r"h\.0\.attn\.c_attn": 6}
+VARIANT = ["--lora_rank_pattern", f"{next(iter(RANK_PATTERN))}=6", "--loraplus_lr_ratio", "4"]
 RUNS = {
     1: ("gpt_neox", "query_key_value", "fp32", 0, []),
     2: ("gpt_neox", "query_key_value", "fp32", 0, ["--with_frozen", "--live_merge"]),
-    3: ("gpt2", "c_attn", "bf16", 10**9, ["--live_merge"]),
+    3: ("gpt2", "c_attn", "bf16", 10**9, ["--live_merge", *VARIANT]),
 }
+# LoRA params per run: two modules of 64 in, 192 out, at rank 4, or at 6 and 4.
+PARAMS = {1: 2 * R * (64 + 192), 2: 2 * R * (64 + 192), 3: (6 + R) * (64 + 192)}
 
 
 @dataclass
@@ -109,7 +113,7 @@ def test_export_equals_zero_to_fp32_and_the_live_engine_params(runs, world, tmp_
 
     ckpt = runs[world].ckpt
     report = export_adapter(str(ckpt), str(tmp_path / "adapter"))
-    assert report["world_size"] == world and report["modules"] == 2 and report["params"] == 2 * R * (64 + 192)
+    assert report["world_size"] == world and report["modules"] == 2 and report["params"] == PARAMS[world]
     _, ours = read_adapter(str(tmp_path / "adapter"))
     oracle = lora_keys_of_zero_to_fp32(ckpt)
     master, live = (load_file(runs[world].oracles / f"{name}.safetensors") for name in ("master", "live"))
@@ -119,6 +123,10 @@ def test_export_equals_zero_to_fp32_and_the_live_engine_params(runs, world, tmp_
         assert torch.equal(value, oracle[name]), name
         assert torch.equal(value, master[name]), name
         assert torch.equal(value.to(live[name].dtype), live[name]), name
+    from lora_ds.checkpoint_files import load_pt
+
+    optim = load_pt(str(ckpt / TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt"), mmap=True)["optimizer_state_dict"]
+    assert len(optim["fp32_flat_groups"]) == (2 if world == 3 else 1)  # LoRA+: A's group and B's
     trained_B = max(v.abs().max().item() for k, v in ours.items() if "lora_B" in k)
     assert trained_B > 1e-3  # two AdamW steps at lr 1e-2 moved B off its zero init
 
@@ -128,13 +136,15 @@ def test_exported_adapter_loads_in_peft_and_gives_our_logits(runs, world, tmp_pa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lora_ds.lora import inject_lora, lora_parameters
+    from lora_ds.adapter import inject_adapter
+    from lora_ds.lora import lora_parameters
 
     base, ckpt = runs[world].base, runs[world].ckpt
     model_type, targets, *_ = RUNS[world]
     export_adapter(str(ckpt), str(tmp_path / "adapter"))
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["target_modules"]) == (R, ALPHA, [targets])
+    assert config["rank_pattern"] == (RANK_PATTERN if world == 3 else {})
     assert config["fan_in_fan_out"] is (model_type == "gpt2") and config["base_model_name_or_path"] == str(base)
     assert json.loads((tmp_path / "adapter" / "run_config.json").read_text())["resolved"]["world_size"] == world
 
@@ -143,7 +153,7 @@ def test_exported_adapter_loads_in_peft_and_gives_our_logits(runs, world, tmp_pa
         AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), tmp_path / "adapter"
     ).eval()
     ours = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    inject_lora(ours, [targets], R, ALPHA)
+    inject_adapter(ours, config)
     params = lora_parameters(ours)
     _, tensors = read_adapter(str(tmp_path / "adapter"))
     with torch.no_grad():

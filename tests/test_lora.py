@@ -398,6 +398,21 @@ def test_bad_patterns_are_refused_naming_the_field(patterns, message):
         inject_lora(tiny("llama"), QV, 4, 8, **patterns)
 
 
+def test_pattern_and_loraplus_settings_are_config_file_keys(tmp_path):
+    from lora_ds.config import parse_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        'lora:\n  rank_pattern: {"layers\\\\.0\\\\..*": 16}\n  alpha_pattern: {v_proj: 4}\ntrain:\n  loraplus_lr_ratio: 16\n'
+    )
+    cfg = parse_config(["--config", str(path)])
+    assert (cfg.lora.rank_pattern, cfg.lora.alpha_pattern) == ({r"layers\.0\..*": 16}, {"v_proj": 4.0})
+    assert cfg.train.loraplus_lr_ratio == 16.0
+    path.write_text("lora:\n  rank_pattern: {q_proj: 0}\n")
+    with pytest.raises(UserError, match=r"^--lora_rank_pattern q_proj=0 \(lora.rank_pattern in .*run.yaml\): the rank"):
+        parse_config(["--config", str(path)])
+
+
 def test_pattern_flags_parse_in_order_and_name_the_flag():
     from lora_ds.config import FieldError, as_flag_error, parse_config
 
