@@ -125,7 +125,8 @@ def test_export_equals_zero_to_fp32_and_the_live_engine_params(runs, world, tmp_
         assert torch.equal(value.to(live[name].dtype), live[name]), name
     from lora_ds.checkpoint_files import load_pt
 
-    optim = load_pt(str(ckpt / TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt"), mmap=True)["optimizer_state_dict"]
+    [optim_file] = (ckpt / TAG).glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt")  # bf16_-prefixed in bf16
+    optim = load_pt(str(optim_file), mmap=True)["optimizer_state_dict"]
     assert len(optim["fp32_flat_groups"]) == (2 if world == 3 else 1)  # LoRA+: A's group and B's
     trained_B = max(v.abs().max().item() for k, v in ours.items() if "lora_B" in k)
     assert trained_B > 1e-3  # two AdamW steps at lr 1e-2 moved B off its zero init

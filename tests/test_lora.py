@@ -402,9 +402,8 @@ def test_pattern_and_loraplus_settings_are_config_file_keys(tmp_path):
     from lora_ds.config import parse_config
 
     path = tmp_path / "run.yaml"
-    path.write_text(
-        'lora:\n  rank_pattern: {"layers\\\\.0\\\\..*": 16}\n  alpha_pattern: {v_proj: 4}\ntrain:\n  loraplus_lr_ratio: 16\n'
-    )
+    lora = 'lora:\n  rank_pattern: {"layers\\\\.0\\\\..*": 16}\n  alpha_pattern: {v_proj: 4}\n'
+    path.write_text(lora + "train:\n  loraplus_lr_ratio: 16\n")
     cfg = parse_config(["--config", str(path)])
     assert (cfg.lora.rank_pattern, cfg.lora.alpha_pattern) == ({r"layers\.0\..*": 16}, {"v_proj": 4.0})
     assert cfg.train.loraplus_lr_ratio == 16.0
