@@ -116,6 +116,7 @@ class Recipe:
             dropout=cfg.lora.dropout,
             target_modules=self.trainable.targets,
             use_rslora=cfg.lora.rslora,
+            use_dora=cfg.lora.use_dora,
             base_model=cfg.model.name,
             fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in model.modules()),
         )

@@ -46,7 +46,14 @@ def build_trainable(cfg, ds_config: dict | None, vocab_size: int | None = None, 
     fused = kernels.fuse(model) if liger else []
     targets = expand_all_linear(model, cfg.lora.target_spec() or default_targets(model))
     adapted = inject_lora(
-        model, targets, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.rslora, seed=cfg.train.seed
+        model,
+        targets,
+        cfg.lora.r,
+        cfg.lora.alpha,
+        cfg.lora.dropout,
+        cfg.lora.rslora,
+        seed=cfg.train.seed,
+        use_dora=cfg.lora.use_dora,
     )
     if defer_lm_head(model, fused=liger) is not None and liger:
         fused.append("linear_cross_entropy")

@@ -154,6 +154,9 @@ class LoraConfig:
         "projections (lora_ds/families.py)",
     )
     rslora: bool = _f(False, "--rslora", "rank-stabilized scale s = alpha / sqrt(r)")
+    use_dora: bool = _f(
+        False, "--use_dora", "DoRA: a trainable magnitude per output feature rescales each row of W0 + s·B·A (PEFT's)"
+    )
 
     def __post_init__(self):
         _typed(self)
