@@ -120,6 +120,7 @@ class Recipe:
             use_rslora=cfg.lora.rslora,
             rank_pattern=cfg.lora.rank_pattern,
             alpha_pattern=cfg.lora.alpha_pattern,
+            use_dora=cfg.lora.use_dora,
             base_model=cfg.model.name,
             fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in model.modules()),
         )

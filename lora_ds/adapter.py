@@ -1,6 +1,7 @@
 """PEFT-format adapters (adapter_config.json + adapter_model.safetensors) and what makes one valid.
 
-Keys are `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`, as PEFT writes them, so
+Keys are `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` (and DoRA's `.lora_magnitude_vector`,
+with `use_dora: true` in the config), as PEFT writes them, so
 `peft.PeftModel.from_pretrained(base, dir)` loads what we write and we load what PEFT writes.
 
 `check_config` and `check_lora` are the one definition of a valid adapter: every reader and writer of LoRA
@@ -25,6 +26,8 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 RUN_CONFIG = "run_config.json"
 PEFT_PREFIX = "base_model.model."
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
+MAGNITUDE = ".lora_magnitude_vector"  # DoRA's m, one per output feature
+SUFFIXES = (LORA_A, LORA_B, MAGNITUDE)
 
 
 @dataclass
@@ -52,6 +55,7 @@ def peft_config(
     base_model: str,
     rank_pattern: dict | None = None,
     alpha_pattern: dict | None = None,
+    use_dora: bool = False,
 ) -> dict:
     """The adapter_config.json PEFT reads (LoraConfig fields)."""
     return {
@@ -68,7 +72,7 @@ def peft_config(
         "inference_mode": True,
         "init_lora_weights": True,
         "modules_to_save": None,
-        "use_dora": False,
+        "use_dora": use_dora,
         "rank_pattern": dict(rank_pattern or {}),
         "alpha_pattern": dict(alpha_pattern or {}),
     }
@@ -101,18 +105,18 @@ def inject_adapter(model, config: dict, targets=None) -> list[str]:
         bool(config.get("use_rslora")),
         rank_pattern=config.get("rank_pattern") or None,
         alpha_pattern=config.get("alpha_pattern") or None,
+        use_dora=bool(config.get("use_dora")),
     )
 
 
 def adapted_modules(tensors: dict) -> list[str]:
-    """The modules that `tensors` hold LoRA factors of, sorted."""
-    return sorted(
-        {
-            n[: -len(LORA_A)] if n.endswith(LORA_A) else n[: -len(LORA_B)]
-            for n in tensors
-            if n.endswith((LORA_A, LORA_B))
-        }
-    )
+    """The modules that `tensors` hold LoRA tensors of, sorted."""
+    return sorted({n[: -len(s)] for n in tensors for s in SUFFIXES if n.endswith(s)})
+
+
+def magnitude(tensors: dict, module: str) -> torch.Tensor | None:
+    """DoRA's magnitude vector (out,) of `module`; None for plain LoRA."""
+    return tensors.get(module + MAGNITUDE)
 
 
 def factors(tensors: dict, module: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,6 +144,8 @@ def check_config(config: dict, path: str) -> dict:
             raise UserError(
                 f"{path}: field {field!r} must map module regexes to positive values, got {bad or patterns}"
             )
+    if not isinstance(config.get("use_dora", False), bool):
+        raise UserError(f"{path}: field 'use_dora' must be true or false, got {config['use_dora']!r}")
     return config
 
 
@@ -154,7 +160,19 @@ def _check_module(tensors: dict, module: str, config: dict, source: str) -> None
             f"{source}: {module} has lora_A {list(A.shape)} and lora_B {list(B.shape)}, but "
             f"{CONFIG_FILE}{patterned} says r = {r}; the config belongs to another run"
         )
-    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+    m = magnitude(tensors, module)
+    if bool(config.get("use_dora")) != (m is not None):
+        have = "has a lora_magnitude_vector (DoRA)" if m is not None else "has no lora_magnitude_vector"
+        raise UserError(
+            f"{source}: {module} {have}, but {CONFIG_FILE} says use_dora = {bool(config.get('use_dora'))}; "
+            "the config belongs to another run"
+        )
+    if m is not None and list(m.shape) != [B.shape[0]]:
+        raise UserError(
+            f"{source}: {module} has lora_magnitude_vector {list(m.shape)}, but lora_B has {B.shape[0]} output "
+            "features; the adapter is corrupt"
+        )
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all() and (m is None or torch.isfinite(m).all())):
         raise UserError(f"{source}: {module} holds NaN/Inf (the run diverged); use an earlier checkpoint")
     if not is_target(module, config["target_modules"]):
         raise UserError(
@@ -167,7 +185,7 @@ def check_lora(tensors: dict, config: dict, source: str, adapted: list[str] | No
     """Check that `tensors` are complete, finite LoRA factors of the rank and target modules that `config`
     (checked by `check_config`) says, and of the modules `adapted` lists (a run config's). Returns the modules.
     Errors begin with `source`, the file or flag the tensors came from."""
-    other = sorted(n for n in tensors if not n.endswith((LORA_A, LORA_B)))
+    other = sorted(n for n in tensors if not n.endswith(SUFFIXES))
     if other:
         raise UserError(f"{source}: holds non-LoRA tensors (e.g. {other[0]}), which a LoRA adapter cannot carry")
     modules = adapted_modules(tensors)
@@ -224,6 +242,10 @@ def read_adapter(adapter_dir: str) -> tuple[dict, dict]:
         name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         # PEFT may keep the adapter name in keys (".lora_A.default.weight"); files it saves drop it.
         name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+        # A DoRA magnitude from a live PEFT state dict ends ".lora_magnitude_vector.default.weight".
+        for alias in (MAGNITUDE + ".default.weight", MAGNITUDE + ".weight"):
+            if name.endswith(alias):
+                name = name[: -len(alias)] + MAGNITUDE
         tensors[name] = value
     check_lora(tensors, config, f"--adapter {adapter_dir}")
     return config, tensors

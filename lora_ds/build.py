@@ -47,7 +47,16 @@ def build_trainable(cfg, ds_config: dict | None, vocab_size: int | None = None, 
     targets = expand_all_linear(model, cfg.lora.target_spec() or default_targets(model))
     lc = cfg.lora
     adapted = inject_lora(
-        model, targets, lc.r, lc.alpha, lc.dropout, lc.rslora, cfg.train.seed, lc.rank_pattern, lc.alpha_pattern
+        model,
+        targets,
+        lc.r,
+        lc.alpha,
+        lc.dropout,
+        lc.rslora,
+        seed=cfg.train.seed,
+        rank_pattern=lc.rank_pattern,
+        alpha_pattern=lc.alpha_pattern,
+        use_dora=lc.use_dora,
     )
     if defer_lm_head(model, fused=liger) is not None and liger:
         fused.append("linear_cross_entropy")

@@ -183,6 +183,9 @@ class LoraConfig:
         "per-module alphas, NAME=A,..., PEFT's alpha_pattern (matched as --lora_rank_pattern); other modules get "
         "--lora_alpha; s = alpha / r with the module's own r",
     )
+    use_dora: bool = _f(
+        False, "--use_dora", "DoRA: a trainable magnitude per output feature rescales each row of W0 + s·B·A (PEFT's)"
+    )
 
     def __post_init__(self):
         _typed(self)

@@ -22,13 +22,15 @@ class WarmupLinear:
 
 def param_groups(lora: dict, lr: float, loraplus_lr_ratio: float | None) -> list[dict]:
     """The optimizer's parameter groups of the LoRA factors `lora` ({"<module>.lora_A.weight": param, ...}):
-    one group, or with LoRA+ the A factors at `lr` and the B factors at `lr` × ratio, as PEFT's
+    one group, or with LoRA+ the A factors at `lr` and the B factors (and DoRA's magnitudes) at `lr` × ratio, as PEFT's
     `create_loraplus_optimizer` groups them (its embedding group is empty here: embeddings are never adapted).
     The schedule's multiplier scales each group's own lr."""
     if loraplus_lr_ratio is None:
         return [{"params": list(lora.values()), "lr": lr}]
-    a = [p for name, p in lora.items() if name.endswith(".lora_A.weight")]
-    b = [p for name, p in lora.items() if name.endswith(".lora_B.weight")]
+    # PEFT's rule: lora_B and every vector (DoRA's magnitudes) learn at the ratio, the rest (lora_A) at lr.
+    fast = {name: "lora_B" in name or p.dim() == 1 for name, p in lora.items()}
+    a = [p for name, p in lora.items() if not fast[name]]
+    b = [p for name, p in lora.items() if fast[name]]
     return [{"params": a, "lr": lr}, {"params": b, "lr": lr * loraplus_lr_ratio}]
 
 

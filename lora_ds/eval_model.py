@@ -47,8 +47,10 @@ def merge_lora(model, lora: LoRAWeights) -> list[str]:
     from lora_ds.merge import merge_live
 
     inject_adapter(model, lora.config)
+    dora = bool(lora.config.get("use_dora"))
     modules = lora_modules(model)
     expected = {f"{name}.lora_{part}.weight" for name, _ in modules for part in "AB"}
+    expected |= {f"{name}.lora_magnitude_vector" for name, _ in modules if dora}
     if expected != set(lora.tensors):
         missing, unexpected = sorted(expected - set(lora.tensors)), sorted(set(lora.tensors) - expected)
         raise UserError(
@@ -56,22 +58,29 @@ def merge_lora(model, lora: LoRAWeights) -> list[str]:
             f"unexpected {unexpected[:3]}); pass the --model the adapter was trained on"
         )
     for name, module in modules:
-        for part, layer in (("A", module.lora_A), ("B", module.lora_B)):
-            value = lora.tensors[f"{name}.lora_{part}.weight"]
-            if value.shape != layer.weight.shape:
+        for key, param in _lora_tensors(name, module):
+            value = lora.tensors[key]
+            if value.shape != param.shape:
                 raise UserError(
-                    f"{lora.source}: {name}.lora_{part}.weight has shape {tuple(value.shape)}, this "
-                    f"model needs {tuple(layer.weight.shape)}; pass the --model the adapter was "
-                    "trained on"
+                    f"{lora.source}: {key} has shape {tuple(value.shape)}, this model needs "
+                    f"{tuple(param.shape)}; pass the --model the adapter was trained on"
                 )
-            # fp32 factors, so the merge is s·B·A of the trained fp32 weights, cast once into the base dtype.
-            layer.float()
+            # fp32 tensors, so the merge is that of the trained fp32 weights, cast once into the base dtype.
+            param.data = param.data.float()
             with torch.no_grad():
-                layer.weight.copy_(value)
+                param.copy_(value)
         merge_live(module)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base_layer)
     return [name for name, _ in modules]
+
+
+def _lora_tensors(name: str, module):
+    """(adapter key, Parameter) of each trainable tensor of one LoRA layer."""
+    pairs = [(f"{name}.lora_A.weight", module.lora_A.weight), (f"{name}.lora_B.weight", module.lora_B.weight)]
+    if module.use_dora:
+        pairs.append((f"{name}.lora_magnitude_vector", module.lora_magnitude_vector))
+    return pairs
 
 
 def build_eval_model(

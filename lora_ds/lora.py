@@ -5,6 +5,11 @@
 A is kaiming-uniform (as PEFT), B is zero, so a fresh adapter reproduces the base exactly. The layer
 wraps the base layer (`base_layer`, frozen) and names its factors `lora_A` / `lora_B` as PEFT does.
 Merging is explicit (`merge()` / `unmerge()`), computed in fp32 and cast once.
+
+DoRA (Liu et al. 2024, `use_dora`) adds a trainable magnitude m per output feature (`lora_magnitude_vector`,
+PEFT's name), initialised to the row norms of W0, and rescales each output row of the adapted weight:
+
+    h = m / ||W0 + s·B·A||_row · (W0 + s·B·A)·x     (the norm detached from the graph, as the paper and PEFT)
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from torch import nn
 
 from lora_ds.config import FieldError, LoraConfig
+from lora_ds.zero import gathered
 
 # PEFT's shorthand for every Linear/Conv1D module but the output head.
 ALL_LINEAR = "all-linear"
@@ -70,6 +76,42 @@ def merged_weight(
     return merged
 
 
+def weight_norm(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, fan_in_fan_out: bool
+) -> torch.Tensor:
+    """DoRA's ||W0 + s·B·A|| of each output feature (PEFT's `get_weight_norm`), in fp32, with no gradient."""
+    with torch.no_grad():
+        full = weight.float() + delta_weight(lora_A, lora_B, scale, fan_in_fan_out)
+        return torch.linalg.vector_norm(full, dim=0 if fan_in_fan_out else 1)
+
+
+def dora_factor(magnitude: torch.Tensor, norm: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """m / ||W0 + s·B·A|| in fp32, shaped to scale the rows (columns for (in, out) weights) of the weight."""
+    factor = magnitude.float() / norm
+    return factor.view(1, -1) if fan_in_fan_out else factor.view(-1, 1)
+
+
+def dora_merged_weight(
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scale: float,
+    fan_in_fan_out: bool,
+    dtype: torch.dtype | None = None,
+    norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """m / ||W0 + s·B·A|| · (W0 + s·B·A), row-wise in fp32, cast once and checked finite (PEFT's DoRA merge).
+    `norm`: the norms when `weight` holds only some input rows of an (in, out) weight (a block of a merge)."""
+    full = merged_weight(weight, lora_A, lora_B, scale, fan_in_fan_out, torch.float32)
+    if norm is None:
+        norm = torch.linalg.vector_norm(full, dim=0 if fan_in_fan_out else 1)
+    merged = full.mul_(dora_factor(magnitude, norm, fan_in_fan_out)).to(dtype or weight.dtype)
+    if merged.numel() and not all(math.isfinite(v.item()) for v in torch.aminmax(merged)):
+        raise FloatingPointError("DoRA merge produced non-finite weights")
+    return merged
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
@@ -103,7 +145,15 @@ class _LoRAAdd(torch.autograd.Function):
 class LoRALinear(nn.Module):
     """A frozen `nn.Linear` (or GPT-2 `Conv1D`) plus a trainable low-rank update."""
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        use_dora: bool = False,
+    ):
         super().__init__()
         if _is_conv1d(base_layer):
             in_features, out_features = (
@@ -126,6 +176,23 @@ class LoRALinear(nn.Module):
         self.reset_lora_parameters()
         self.lora_A.to(base_layer.weight.dtype)
         self.lora_B.to(base_layer.weight.dtype)
+        # DoRA's magnitude, set from the base weight by `init_magnitude` (which may need it gathered first).
+        self.lora_magnitude_vector = (
+            nn.Parameter(torch.ones(out_features, dtype=base_layer.weight.dtype)) if use_dora else None
+        )
+        self._merged_norm = None  # DoRA: the norm a merge divided by, which unmerge needs again
+
+    @property
+    def use_dora(self) -> bool:
+        return self.lora_magnitude_vector is not None
+
+    @torch.no_grad()
+    def init_magnitude(self) -> None:
+        """m <- ||W0 + s·B·A|| per output feature (PEFT's DoRA init). Needs the full base weight."""
+        norm = weight_norm(
+            self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out
+        )
+        self.lora_magnitude_vector.copy_(norm)
 
     def reset_lora_parameters(self) -> None:
         # PEFT's default init: A ~ kaiming_uniform(a=sqrt(5)), B = 0.
@@ -139,9 +206,30 @@ class LoRALinear(nn.Module):
         if self.lora_dropout is not None:
             x = self.lora_dropout(x)
         weight_A, weight_B = self.lora_A.weight, self.lora_B.weight
+        if self.use_dora:
+            return result + self._dora_update(x, result)
         return _LoRAAdd.apply(
             result, x.to(result.dtype), weight_A.to(result.dtype), weight_B.to(result.dtype), self.scaling
         )
+
+    def _dora_update(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """What DoRA adds to the base output, as PEFT's `DoraLinearLayer.forward`: (m/||W|| - 1)·W0·x + m/||W||·s·B·A·x,
+        where W0·x is the base output less its bias, or with dropout W0 applied to the dropped-out input (`x` here).
+        Plain autograd: correctness first; the fused `_LoRAAdd` path stays plain LoRA's."""
+        base = self.base_layer
+        # The base weight is available inside the forward of its ZeRO-3 fetch unit (a decoder layer); per-module
+        # fetching has released it after `base_layer`'s forward, so gather it (only then) for the norm.
+        with gathered([base.weight]):
+            norm = weight_norm(base.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out)
+        scale = (self.lora_magnitude_vector / norm.to(result.dtype)).to(result.dtype)
+        if self.lora_dropout is None or not self.training:
+            base_result = result
+        else:
+            base_result = base(x.to(result.dtype))
+        if getattr(base, "bias", None) is not None:
+            base_result = base_result - base.bias
+        lora_result = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))).to(result.dtype)
+        return (scale - 1) * base_result + scale * lora_result * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         return delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out)
@@ -163,9 +251,23 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def _add_delta(self, sign: int) -> None:
         weight = self.base_layer.weight
+        if self.use_dora:
+            weight.copy_(self._dora_merge(weight) if sign > 0 else self._dora_unmerge(weight))
+            return
         weight.copy_(
             merged_weight(weight, self.lora_A.weight, self.lora_B.weight, sign * self.scaling, self.fan_in_fan_out)
         )
+
+    def _dora_merge(self, weight: torch.Tensor) -> torch.Tensor:
+        A, B, m = self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector
+        self._merged_norm = weight_norm(weight, A, B, self.scaling, self.fan_in_fan_out)
+        return dora_merged_weight(weight, A, B, m, self.scaling, self.fan_in_fan_out, norm=self._merged_norm)
+
+    def _dora_unmerge(self, weight: torch.Tensor) -> torch.Tensor:
+        # PEFT's unmerge: W0 = W / (m/||W0 + s·B·A||) - s·B·A, with the norm the merge used.
+        factor = dora_factor(self.lora_magnitude_vector, self._merged_norm, self.fan_in_fan_out)
+        self._merged_norm = None
+        return (weight.float() / factor - self.delta_weight()).to(weight.dtype)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, fan_in_fan_out={self.fan_in_fan_out}"
@@ -182,6 +284,8 @@ def lora_parameters(model: nn.Module):
     for name, module in lora_modules(model):
         params[f"{name}.lora_A.weight"] = module.lora_A.weight
         params[f"{name}.lora_B.weight"] = module.lora_B.weight
+        if module.use_dora:
+            params[f"{name}.lora_magnitude_vector"] = module.lora_magnitude_vector
     return params
 
 
@@ -225,12 +329,15 @@ def inject_lora(
     seed: int | None = None,
     rank_pattern: dict | None = None,
     alpha_pattern: dict | None = None,
+    use_dora: bool = False,
 ) -> list[str]:
     """Freeze `model` and wrap each target module in a LoRALinear. Returns the adapted module names.
 
     A module's rank and alpha are `rank_pattern`'s / `alpha_pattern`'s value for it (`pattern_value`, PEFT's
     rule), else `r` / `alpha`. With `seed`, the factors are drawn from a generator seeded with it, so every rank
     (and a single-process reference) gets identical initial adapters whatever RNG the base build consumed.
+    With `use_dora`, each magnitude is set from its base weight, gathered one module at a time under ZeRO-3
+    (collective then: every rank must call it).
     """
     # The training config's checks, naming the field (lora.r, ...) rather than a flag: merge and eval pass
     # values read from adapter_config.json.
@@ -264,5 +371,9 @@ def inject_lora(
             base = getattr(parent, child)
             module_r = pattern_value(lora.rank_pattern, name, r)
             module_alpha = pattern_value(lora.alpha_pattern, name, alpha)
-            setattr(parent, child, LoRALinear(base, module_r, module_alpha, dropout, rslora))
+            layer = LoRALinear(base, module_r, module_alpha, dropout, rslora, use_dora)
+            if use_dora:
+                with gathered([base.weight]):
+                    layer.init_magnitude()
+            setattr(parent, child, layer)
     return names

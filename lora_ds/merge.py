@@ -1,4 +1,5 @@
-"""Merging LoRA into the base weights: W = W0 + s·B·A, computed in fp32 and cast once.
+"""Merging LoRA into the base weights: W = W0 + s·B·A (DoRA: m / ||W0 + s·B·A||_row · (W0 + s·B·A)), computed in
+fp32 and cast once.
 
     merge_model_dir(base, adapter, out)   HF model dir + PEFT adapter -> plain HF model dir
     merge_live(layer)                     one LoRA layer of a live model (ZeRO-3 or not) merged in place
@@ -25,12 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_ds.adapter import adapted_modules, factors, read_adapter, scaling
+from lora_ds.adapter import adapted_modules, factors, magnitude, read_adapter, scaling
 from lora_ds.dtypes import torch_dtype
 from lora_ds.errors import UserError
 from lora_ds.fsutil import atomic_dir, read_json, write_json
 from lora_ds.hf_dir import FLOATS, INDEX_FILE, ModelDir, Shard, read_model_dir
-from lora_ds.lora import merged_weight
+from lora_ds.lora import dora_merged_weight, merged_weight
 
 RECORD_FILE = "lora_merge.json"
 _FLOAT_NAME = {v: k for k, v in FLOATS.items()}
@@ -172,6 +173,10 @@ def _write_shard(plan: Plan, shard: Shard, dst: str) -> int:
                 _copy_range(src_fd, dst_fd, shard.data_start + start, end - start)
                 continue
             module = plan.targets.get(key)
+            scale = None if module is None else scaling(plan.config, module)
+            norm = None
+            if module is not None and fan_in_fan_out and magnitude(plan.tensors, module) is not None:
+                norm = _column_norms(src_fd, shard.data_start + start, info, plan, module, scale)
             for rows, block in _row_blocks(src_fd, shard.data_start + start, info):
                 if module is None:
                     block = block.to(FLOATS[out_dtype])
@@ -181,10 +186,11 @@ def _write_shard(plan: Plan, shard: Shard, dst: str) -> int:
                         rows,
                         plan,
                         module,
-                        scaling(plan.config, module),
+                        scale,
                         fan_in_fan_out,
                         FLOATS[out_dtype],
                         f"{shard.path}: {key}",
+                        norm,
                     )
                 _write_all(dst_fd, _tensor_bytes(block))
     finally:
@@ -213,14 +219,36 @@ def _row_blocks(fd: int, offset: int, info: dict):
         yield slice(r0, r1), block.view(dtype).view(r1 - r0, *shape[1:])
 
 
+def _column_norms(fd: int, offset: int, info: dict, plan: Plan, module: str, scale: float) -> torch.Tensor:
+    """DoRA's ||W0 + s·B·A|| per output feature of an (in, out) weight, whose blocks of rows hold only some
+    inputs: sums of squares accumulated in fp32 over one pass of the blocks."""
+    A, B = factors(plan.tensors, module)
+    squares = torch.zeros(info["shape"][1], dtype=torch.float32)
+    for rows, block in _row_blocks(fd, offset, info):
+        squares += merged_weight(block, A[:, rows], B, scale, True, torch.float32).square().sum(dim=0)
+    return squares.sqrt_()
+
+
 def _merged_rows(
-    block, rows: slice, plan: Plan, module: str, scale: float, fan_in_fan_out: bool, dtype: torch.dtype, where: str
+    block,
+    rows: slice,
+    plan: Plan,
+    module: str,
+    scale: float,
+    fan_in_fan_out: bool,
+    dtype: torch.dtype,
+    where: str,
+    norm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rows `rows` of the merged weight: the rows of s·B·A come from rows of B (or, with fan_in_fan_out,
-    the weight is (in, out) and they come from columns of A)."""
+    the weight is (in, out) and they come from columns of A). DoRA's factor is per output feature: from each
+    whole row of the block, or for (in, out) weights from `norm`, the column norms (`_column_norms`)."""
     A, B = factors(plan.tensors, module)
+    m = magnitude(plan.tensors, module)
     A, B = (A[:, rows], B) if fan_in_fan_out else (A, B[rows])
     try:
+        if m is not None:
+            return dora_merged_weight(block, A, B, m if fan_in_fan_out else m[rows], scale, fan_in_fan_out, dtype, norm)
         return merged_weight(block, A, B, scale, fan_in_fan_out, dtype)
     except FloatingPointError as e:
         raise UserError(
@@ -424,7 +452,8 @@ def merge_live(layer) -> None:
     merge), on the gathered weights under ZeRO-3: collective, every rank must call it."""
     from lora_ds.zero import gathered
 
-    with gathered([layer.base_layer.weight, layer.lora_A.weight, layer.lora_B.weight], modifier_rank=0):
+    params = [layer.base_layer.weight, layer.lora_A.weight, layer.lora_B.weight]
+    with gathered(params + ([layer.lora_magnitude_vector] if layer.use_dora else []), modifier_rank=0):
         layer.merge()
 
 

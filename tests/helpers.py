@@ -370,13 +370,15 @@ def reference_lora(
     rank_pattern: dict | None = None,
     alpha_pattern: dict | None = None,
     loraplus_lr_ratio: float | None = None,
+    use_dora: bool = False,
 ) -> dict:
     """The LoRA of `model` after the trainer's steps `steps` on `world` ranks, in one process with plain PyTorch
     (no DeepSpeed): the same rows per step and rank (StepSampler), loss scaling, clipping at 1.0, AdamW (weight
     decay 0.1) and warm-up/decay schedule over `steps.stop` steps. It starts from `tag_dir`'s consolidated state
     (fp32 params, Adam moments and step, scheduler) when given, else from the LoRA init of `seed`. `grad_norms`,
     when given, gets each step's gradient norm before clipping. `rank_pattern` / `alpha_pattern`: PEFT's, and
-    `loraplus_lr_ratio`: LoRA+ as PEFT's create_loraplus_optimizer groups it (B at lr × ratio)."""
+    `loraplus_lr_ratio`: LoRA+ as PEFT's create_loraplus_optimizer groups it (B, and DoRA's magnitudes, at
+    lr × ratio). `use_dora`: the model is PEFT's own DoRA (the oracle), started from our initial factors."""
     import torch
     from torch.optim.lr_scheduler import LambdaLR
 
@@ -387,13 +389,16 @@ def reference_lora(
     from lora_ds.loss import lm_loss
 
     rows = load_rows(str(data), tok, max_len)
-    inject_lora(model, targets, r, alpha, 0.0, seed=seed, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
-    params = lora_parameters(model)
+    if use_dora:
+        model, params = peft_dora(model, targets, r, alpha, seed)
+    else:
+        inject_lora(model, targets, r, alpha, 0.0, seed=seed, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+        params = lora_parameters(model)
     groups = [{"params": list(params.values()), "lr": lr}]
     if loraplus_lr_ratio is not None:
         groups = [
             {"params": [p for n, p in params.items() if "lora_A" in n], "lr": lr},
-            {"params": [p for n, p in params.items() if "lora_B" in n], "lr": lr * loraplus_lr_ratio},
+            {"params": [p for n, p in params.items() if "lora_A" not in n], "lr": lr * loraplus_lr_ratio},
         ]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.1)
     sched = LambdaLR(opt, WarmupLinear(warmup, steps.stop))
@@ -423,3 +428,33 @@ def reference_lora(
         opt.step()
         sched.step()
     return {k: v.detach().clone() for k, v in params.items()}
+
+
+def peft_dora(model, targets, r: int, alpha: float, seed: int):
+    """(PEFT's DoRA model of `model`, {our param name: its Parameter}), its lora_A set to what our `inject_lora`
+    draws with `seed` (its B is zero and its magnitude ||W0|| per row, as ours)."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lora_ds.lora import inject_lora, lora_parameters
+
+    ours = copy.deepcopy(model)
+    inject_lora(ours, targets, r, alpha, 0.0, seed=seed, use_dora=True)
+    initial = lora_parameters(ours)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), use_dora=True)
+    peft_model = get_peft_model(model, config)
+    params = {
+        name.removeprefix(PEFT_PREFIX)
+        .replace(".default", "")
+        .replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): p
+        for name, p in peft_model.named_parameters()
+        if p.requires_grad
+    }
+    assert sorted(params) == sorted(initial)
+    with torch.no_grad():
+        for name, p in params.items():
+            if name.endswith("lora_A.weight"):
+                p.copy_(initial[name])
+    return peft_model, params

@@ -42,16 +42,26 @@ VOCAB = 512
 # world size -> (base model type, --lora_targets, --dtype, ZeRO-3 param persistence threshold, program flags).
 # Together: 1, 2 and 3 ranks; fp32 and bf16 (bf16_-prefixed optimizer files); padded partitions (3 ranks); frozen
 # fragments saved (2 ranks); GPT-2's Conv1D; the live merge with every weight partitioned (2) and with every
-# weight persisted (3); #17's variants (3): layer 0 at rank 6 (RANK_PATTERN), LoRA+ (two param groups).
+# weight persisted (3); #17's variants (3: Conv1D, bf16, padded partitions): DoRA's magnitude vectors, layer 0 at
+# rank 6 (RANK_PATTERN), LoRA+ (two param groups: A's, and B's with the magnitudes, as PEFT groups them).
 RANK_PATTERN = {r"h\.0\.attn\.c_attn": 6}
-VARIANT = ["--lora_rank_pattern", f"{next(iter(RANK_PATTERN))}=6", "--loraplus_lr_ratio", "4"]
+VARIANT = ["--use_dora", "--lora_rank_pattern", f"{next(iter(RANK_PATTERN))}=6", "--loraplus_lr_ratio", "4"]
 RUNS = {
     1: ("gpt_neox", "query_key_value", "fp32", 0, []),
     2: ("gpt_neox", "query_key_value", "fp32", 0, ["--with_frozen", "--live_merge"]),
     3: ("gpt2", "c_attn", "bf16", 10**9, ["--live_merge", *VARIANT]),
 }
-# LoRA params per run: two modules of 64 in, 192 out, at rank 4, or at 6 and 4.
-PARAMS = {1: 2 * R * (64 + 192), 2: 2 * R * (64 + 192), 3: (6 + R) * (64 + 192)}
+# LoRA params per run: two modules of 64 in, 192 out, at rank 4, or at 6 and 4 with 192 magnitudes each.
+PARAMS = {1: 2 * R * (64 + 192), 2: 2 * R * (64 + 192), 3: (6 + R) * (64 + 192) + 2 * 192}
+
+
+def dora(world: int) -> bool:
+    return "--use_dora" in RUNS[world][4]
+
+
+def tensor_count(world: int) -> int:
+    """A, B (and DoRA's magnitude) of each of the two adapted modules."""
+    return 2 * (3 if dora(world) else 2)
 
 
 @dataclass
@@ -104,7 +114,9 @@ def lora_keys_of_zero_to_fp32(ckpt: Path) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=TAG, exclude_frozen_parameters=True)
-    return {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
+    return {
+        k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k or k.endswith(".lora_magnitude_vector")
+    }
 
 
 @pytest.mark.parametrize("world", sorted(RUNS))
@@ -117,7 +129,7 @@ def test_export_equals_zero_to_fp32_and_the_live_engine_params(runs, world, tmp_
     _, ours = read_adapter(str(tmp_path / "adapter"))
     oracle = lora_keys_of_zero_to_fp32(ckpt)
     master, live = (load_file(runs[world].oracles / f"{name}.safetensors") for name in ("master", "live"))
-    assert sorted(ours) == sorted(oracle) == sorted(master) == sorted(live) and len(ours) == 4
+    assert sorted(ours) == sorted(oracle) == sorted(master) == sorted(live) and len(ours) == tensor_count(world)
     for name, value in ours.items():
         assert value.dtype == torch.float32
         assert torch.equal(value, oracle[name]), name
@@ -147,6 +159,7 @@ def test_exported_adapter_loads_in_peft_and_gives_our_logits(runs, world, tmp_pa
     assert (config["r"], config["lora_alpha"], config["target_modules"]) == (R, ALPHA, [targets])
     assert config["rank_pattern"] == (RANK_PATTERN if world == 3 else {})
     assert config["fan_in_fan_out"] is (model_type == "gpt2") and config["base_model_name_or_path"] == str(base)
+    assert config["use_dora"] is dora(world)
     assert json.loads((tmp_path / "adapter" / "run_config.json").read_text())["resolved"]["world_size"] == world
 
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -287,7 +300,7 @@ def test_export_is_the_trainers_own_final_adapter_and_merges_into_its_base(runs,
     assert main(["export-adapter", "--checkpoint", str(run.ckpt), "--out", str(exported)]) == 0
     config, tensors = read_adapter(str(exported))
     trainer_config, trained = read_adapter(str(run.out / "adapter"))
-    assert config == trainer_config and len(trained) == 4
+    assert config == trainer_config and len(trained) == tensor_count(world)
     assert_equal_tensors(tensors, trained)
     assert (
         main(

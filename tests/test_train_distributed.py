@@ -293,6 +293,30 @@ def test_rank_alpha_patterns_and_loraplus_train_resume_bitwise_export_and_load_i
         torch.testing.assert_close(value, oracle[key], rtol=0, atol=1e-6, msg=key)
 
 
+def test_dora_trains_to_peft_s_dora_resumes_bitwise_and_exports_its_adapter(neox_dir, tmp_path):
+    """--use_dora on 2 ranks: PEFT's own DoRA in one process is the reference; a halted and resumed run equals the
+    uninterrupted one bit for bit; export-adapter of its 2-rank checkpoint is its own adapter."""
+    from lora_ds.consolidate import export_adapter
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    args = dict(max_steps=4, save_every=4, use_dora=True, **COMMON)
+    launch(train_args(neox_dir, whole, **args))
+    launch(train_args(neox_dir, parts, halt_at_step=2, **args))
+    assert "at step 2" in launch(train_args(neox_dir, parts, **args)).stdout
+    ours = adapter_tensors(whole / "adapter")
+    assert_equal_tensors(adapter_tensors(parts / "adapter"), ours)
+    assert json.loads((whole / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+    assert sum(n.endswith(".lora_magnitude_vector") for n in ours) == 2  # the tiny model's two layers
+    ref = reference(neox_dir, ["query_key_value"], 4, use_dora=True)
+    assert_close_tensors(ours, ref, rtol=1e-4, atol=ATOL)
+    moved = max((v - ref[n]).abs().max().item() for n, v in ours.items() if n.endswith("magnitude_vector"))
+    assert moved < 1e-4
+    init = reference(neox_dir, ["query_key_value"], 0, use_dora=True)
+    assert max((v - init[n]).abs().max().item() for n, v in ours.items() if n.endswith("magnitude_vector")) > 1e-3
+    export_adapter(str(whole / "checkpoints"), str(tmp_path / "exported"))
+    assert_equal_tensors(adapter_tensors(tmp_path / "exported"), ours)
+
+
 def test_llama_with_sentencepiece_tokenizer_matches_reference(llama_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
