@@ -453,9 +453,17 @@ def test_patterned_adapter_round_trips_through_peft_with_our_logits(tmp_path):
     torch.testing.assert_close(model.eval()(input_ids=ids).logits, peft_model(input_ids=ids).logits, rtol=0, atol=1e-5)
 
 
-def test_loraplus_trains_as_peft_create_loraplus_optimizer_and_the_schedule_scales_both_groups():
-    """Our param groups (B at lr × ratio) in build_optimizer's AdamW take the same steps as PEFT's LoRA+ optimizer
-    from the same init; the warm-up/decay multiplier scales each group's own lr."""
+def _peft_name(name: str) -> str:
+    """PEFT's parameter name of our LoRA parameter `name` (adapter "default")."""
+    if name.endswith(".lora_magnitude_vector"):
+        return f"base_model.model.{name}.default.weight"
+    return f"base_model.model.{name[: -len('weight')]}default.weight"
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_loraplus_trains_as_peft_create_loraplus_optimizer_and_the_schedule_scales_both_groups(use_dora):
+    """Our param groups (B, and DoRA's magnitudes, at lr × ratio) in build_optimizer's AdamW take the same steps as
+    PEFT's LoRA+ optimizer from the same init; the warm-up/decay multiplier scales each group's own lr."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
     from peft.optimizers import create_loraplus_optimizer
@@ -465,20 +473,21 @@ def test_loraplus_trains_as_peft_create_loraplus_optimizer_and_the_schedule_scal
     lr, ratio, wd = 1e-2, 16.0, 0.1
     ours, theirs = tiny("llama"), tiny("llama")
     theirs.load_state_dict(ours.state_dict())
-    inject_lora(ours, QV, 4, 8, seed=3, rank_pattern={"v_proj": 2})
-    peft_model = get_peft_model(
-        theirs, PeftLoraConfig(r=4, lora_alpha=8, target_modules=QV, rank_pattern={"v_proj": 2})
-    )
+    inject_lora(ours, QV, 4, 8, seed=3, rank_pattern={"v_proj": 2}, use_dora=use_dora)
+    config = PeftLoraConfig(r=4, lora_alpha=8, target_modules=QV, rank_pattern={"v_proj": 2}, use_dora=use_dora)
+    peft_model = get_peft_model(theirs, config)
     params = lora_parameters(ours)
+    assert len(params) == 4 * (3 if use_dora else 2)
     with torch.no_grad():
         for name, p in params.items():
-            peft_model.get_parameter(f"base_model.model.{name[: -len('weight')]}default.weight").copy_(p)
+            peft_model.get_parameter(_peft_name(name)).copy_(p)
     opt = build_optimizer(param_groups(params, lr, ratio), lr, wd, {})
     oracle = create_loraplus_optimizer(
         peft_model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio, loraplus_weight_decay=wd
     )
-    assert [g["lr"] for g in opt.param_groups] == [lr, lr * ratio]
-    assert sorted(g["lr"] for g in oracle.param_groups if g["params"]) == [lr, lr * ratio]
+    assert [(g["lr"], len(g["params"])) for g in opt.param_groups] == sorted(
+        (g["lr"], len(g["params"])) for g in oracle.param_groups if g["params"]
+    )
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, WarmupLinear(1, 4)) for o in (opt, oracle)]
     ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
     for _ in range(3):
@@ -489,6 +498,5 @@ def test_loraplus_trains_as_peft_create_loraplus_optimizer_and_the_schedule_scal
             sched.step()
     assert [g["lr"] for g in opt.param_groups] == [lr * WarmupLinear(1, 4)(3), lr * ratio * WarmupLinear(1, 4)(3)]
     for name, p in params.items():
-        peft_p = peft_model.get_parameter(f"base_model.model.{name[: -len('weight')]}default.weight")
-        torch.testing.assert_close(p, peft_p, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(p, peft_model.get_parameter(_peft_name(name)), rtol=0, atol=1e-6, msg=name)
     assert max(p.abs().max().item() for n, p in params.items() if "lora_B" in n) > 1e-2
