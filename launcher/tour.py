@@ -92,6 +92,8 @@ class Tour:
         self.gpus = torch.cuda.device_count()
         self.world = self.gpus or 2
         self.dtype = "bf16" if self.gpus else "fp32"  # bf16 matmuls are slower than fp32 ones on most CPUs
+        if not self.gpus:  # also for this process, which DeepSpeed would warn that it found no GPU
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         self.summary = {"artifacts": {}, "seconds": {}}
         self.artifact = self.summary["artifacts"]
 
@@ -117,10 +119,10 @@ class Tour:
             )
             f.write(proc.stdout)
         if proc.returncode != 0:
-            tail = log.read_text().splitlines()[-25:]
+            tail = [line for line in log.read_text().splitlines() if not line.startswith("$ ")][-25:]
             raise StepFailed(
-                "\n".join(tail) + f"\n{step}: `{argv[0]} ...` exited with status {proc.returncode}; "
-                f"the whole output is in {shown(log)}",
+                f"step {step}: `{argv[0]} {argv[1]} ...` exited with status {proc.returncode}; the end of its "
+                f"output (all of it in {shown(log)}):\n" + "\n".join("    " + line for line in tail),
                 proc.returncode,
             )
         return proc.stdout
@@ -131,6 +133,7 @@ class Tour:
         """A preset's random weights in one process from SEED, saved as a model dir with the demo's tokenizer."""
         import torch
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging
 
         from lora_ds.model import preset_config
         from lora_ds.tokenizer import load_tokenizer
@@ -145,6 +148,7 @@ class Tour:
         )
         torch.manual_seed(SEED)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        logging.disable_progress_bar()
         with atomic_dir(str(self.out / "base")) as tmp:
             model.save_pretrained(tmp)
             shutil.copytree(TOKENIZER, tmp, dirs_exist_ok=True)

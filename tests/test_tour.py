@@ -143,7 +143,7 @@ def test_a_failing_step_stops_the_tour_with_its_status_and_log(tmp_path, monkeyp
     out = tmp_path / "demo"
     assert tour.main(["--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "prep: `lora-ds ...` exited with status 2" in err and str(out / "logs" / "prep.log") in err
+    assert "step prep: `lora-ds prep ...` exited with status 2" in err and str(out / "logs" / "prep.log") in err
     assert "a record with fields question" in err  # the end of the step's own output
     assert (out / "base" / "config.json").exists() and not (out / "summary.json").exists()
     assert not (out / "train").exists()
