@@ -53,7 +53,7 @@ TRAIN_FLAGS = {
 }
 GLOBAL_BATCH = 32
 MAX_STEPS = 160
-TOUR_FILES = ("summary.json", "logs")  # what marks a dir as a tour's own, to be replaced by the next tour
+TOUR_FILES = ("summary.json", "logs")  # what marks a dir as a tour's own, which the next tour replaces
 REAL_MODEL = """\
     lora-ds prep wikisql --src data/wikisql/train.jsonl --tokenizer /models/llama-3-8b --out prepared/wikisql
     lora-ds prep wikisql --src data/wikisql/dev.jsonl --split dev --tokenizer /models/llama-3-8b \\
@@ -84,6 +84,8 @@ def shown(path) -> str:
 
 class Tour:
     """The steps, in order; `run` executes a command, prints it and keeps its output in OUT/logs/."""
+
+    STEPS = ("base", "prep", "train", "export", "merge", "eval", "plot")
 
     def __init__(self, out: Path, max_steps: int, master_port: int):
         import torch
@@ -141,11 +143,9 @@ class Tour:
         tok = load_tokenizer(str(TOKENIZER))
         config = preset_config(PRESET, tok.vocab_size)
         config.initializer_range = INIT_STD
-        config.bos_token_id, config.eos_token_id, config.pad_token_id = (
-            tok.bos_token_id,
-            tok.eos_token_id,
-            tok.pad_token_id,
-        )
+        config.bos_token_id = tok.bos_token_id
+        config.eos_token_id = tok.eos_token_id
+        config.pad_token_id = tok.pad_token_id
         torch.manual_seed(SEED)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         logging.disable_progress_bar()
@@ -256,13 +256,11 @@ class Tour:
         self.summary["plots"] = figures
         print("  " + "  ".join(figures))
 
-    STEPS = ("base", "prep", "train", "export", "merge", "eval", "plot")
-
     def start(self) -> None:
-        """OUT fresh: a previous tour's (or the old `make demo` run's) is replaced; any other is refused."""
+        """OUT fresh: a previous tour's (or the trainer's own demo run, the old `make demo`) is replaced; any other
+        is refused."""
         if self.out.exists() and any(self.out.iterdir()):
-            ours = [n for n in (*TOUR_FILES, "run_config.json") if (self.out / n).exists()]
-            if not ours:
+            if not any((self.out / n).exists() for n in TOUR_FILES) and not is_trainer_demo(self.out):
                 raise UserError(
                     f"--out {shown(self.out)}: a dir the tour did not write; remove it or pick another --out"
                 )
@@ -270,17 +268,17 @@ class Tour:
         (self.out / "logs").mkdir(parents=True)
 
     def all(self) -> None:
-        start = time.perf_counter()
+        began = time.perf_counter()
         self.start()
         where = f"{self.gpus} GPU(s)" if self.gpus else "2 CPU ranks (DeepSpeed's CPU accelerator, gloo)"
         print(f"lora-ds demo: WikiSQL on a random tiny GPT-NeoX, ZeRO-3 on {where}, into {self.path()}", flush=True)
         for i, name in enumerate(self.STEPS, 1):
             print(f"[{i}/{len(self.STEPS)}] {name}", flush=True)
-            began = time.perf_counter()
+            step_began = time.perf_counter()
             getattr(self, name)()
-            self.summary["seconds"][name] = round(time.perf_counter() - began, 1)
+            self.summary["seconds"][name] = round(time.perf_counter() - step_began, 1)
             print(f"  ({self.summary['seconds'][name]:.0f} s)", flush=True)
-        self.summary["seconds"]["total"] = round(time.perf_counter() - start, 1)
+        self.summary["seconds"]["total"] = round(time.perf_counter() - began, 1)
         write_json(str(self.out / "summary.json"), self.summary)
         self.report()
 
@@ -292,6 +290,15 @@ class Tour:
         print(f"  tensorboard --logdir {self.path('train', 'tensorboard')}    # the same curves in TensorBoard")
         print("\nThe same on a real model (a Hugging Face model dir and the WikiSQL release's files):")
         print(REAL_MODEL)
+
+
+def is_trainer_demo(out: Path) -> bool:
+    """Whether `out` holds a run of launcher/train.py with no arguments (what `make demo` wrote before the tour)."""
+    path = out / "run_config.json"
+    run = json.loads(path.read_text()) if path.is_file() else {}
+    return run.get("model", {}).get("name") == "preset:tiny-gpt-neox" and run.get("data", {}).get("path", "").endswith(
+        os.path.join("launcher", "demo", "train.jsonl")
+    )
 
 
 def loss_fall(metrics_path: Path, last_n: int = 10) -> dict:

@@ -149,8 +149,27 @@ def test_a_failing_step_stops_the_tour_with_its_status_and_log(tmp_path, monkeyp
     assert not (out / "train").exists()
 
 
-def test_an_out_dir_the_tour_did_not_write_is_refused_and_kept(tmp_path, capsys):
-    (tmp_path / "notes.txt").write_text("mine")
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("notes.txt", "mine"),
+        ("run_config.json", json.dumps({"model": {"name": "/models/llama-3-8b"}, "data": {"path": "prepared/x"}})),
+    ],
+)
+def test_an_out_dir_the_tour_did_not_write_is_refused_and_kept(tmp_path, capsys, name, text):
+    (tmp_path / name).write_text(text)
     assert tour.main(["--out", str(tmp_path)]) == 2
     assert "a dir the tour did not write" in capsys.readouterr().err
-    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert (tmp_path / name).read_text() == text
+
+
+def test_a_previous_tour_and_the_trainers_own_demo_run_are_replaced(tmp_path):
+    old_tour, old_demo = tmp_path / "tour", tmp_path / "demo"
+    (old_tour / "logs").mkdir(parents=True)
+    (old_tour / "merged").mkdir()
+    old_demo.mkdir()
+    run = {"model": {"name": "preset:tiny-gpt-neox"}, "data": {"path": "launcher/demo/train.jsonl"}}
+    (old_demo / "run_config.json").write_text(json.dumps(run))
+    for out in (old_tour, old_demo):
+        tour.Tour(out, 1, 0).start()
+        assert [p.name for p in out.iterdir()] == ["logs"] and not any((out / "logs").iterdir())
