@@ -1,4 +1,5 @@
-# make demo   -- set up .venv (first time) and train the embedded demo (2 CPU ranks without a GPU)
+# make demo   -- set up .venv (first time) and tour the whole journey on the demo sample (launcher/tour.py): prep,
+#                ZeRO-3 training (2 CPU ranks without a GPU), export-adapter, merge --verify, eval, plot
 # make test   -- set up .venv (first time) and run the test suite (what CI runs, .ci/run)
 # make test-fast -- the tests that start no ranks and need no cluster (seconds to minutes; no root needed)
 VENV ?= .venv
@@ -7,7 +8,6 @@ PY := $(VENV)/bin/python
 # CPU machine. Elsewhere: make setup TORCH_SPEC=torch==2.13.0 PIP_TORCH_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
-HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
 .PHONY: setup demo lint test test-fast
 
@@ -24,11 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-ifeq ($(HAS_GPU),1)
-	$(VENV)/bin/deepspeed launcher/train.py --ds_config ds_configs/zero3.json
-else
-	DS_ACCELERATOR=cpu $(VENV)/bin/deepspeed --num_gpus 2 launcher/train.py --ds_config ds_configs/zero3.json
-endif
+	$(PY) launcher/tour.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

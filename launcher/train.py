@@ -9,7 +9,8 @@
     mpirun -np 16 python launcher/train.py ...                             # MPI (ranks via mpi4py)
 
 With no arguments it trains the embedded demo: a tiny GPT-NeoX (random weights) on launcher/demo/
-into runs/demo/. `--help` lists every flag; `--config FILE` (YAML/JSON) sets the same fields.
+into runs/demo/ (`make demo`, launcher/tour.py, takes it from there to a merged, evaluated model).
+`--help` lists every flag; `--config FILE` (YAML/JSON) sets the same fields.
 """
 
 from __future__ import annotations
