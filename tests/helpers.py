@@ -88,6 +88,15 @@ def flags(**values) -> list[str]:
     return argv
 
 
+def eval_tiny_wikisql(wikisql_file, out, **source) -> int:
+    """`lora-ds eval` in this process of preset:tiny-gpt-neox on `wikisql_file` with `source` (adapter= or
+    checkpoint=), into `out`: its exit status."""
+    from lora_ds.cli import main
+
+    args = flags(model="preset:tiny-gpt-neox", task="wikisql", data=str(wikisql_file), out=str(out), **source)
+    return main(["eval", *args])
+
+
 def train_args(model, output_dir, **values) -> list[str]:
     """launcher/train.py's flags for a tiny CPU run of `model` into `output_dir`: the demo's training data, no eval
     data and fp32 unless `values` say otherwise (each value as in `flags`)."""

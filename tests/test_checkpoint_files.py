@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from fixtures import Payload
-from helpers import flags
+from helpers import eval_tiny_wikisql
 
 from lora_ds.checkpoint import resolve_tag
 from lora_ds.checkpoint_files import STATE_FILE
@@ -171,21 +171,7 @@ def test_a_malformed_run_config_in_a_checkpoint_is_a_clean_error_for_export_and_
         with pytest.raises(UserError, match=f"{path}: not valid JSON"):
             read()
     assert main(["export-adapter", "--checkpoint", str(ckpt), "--out", str(tmp_path / "adapter")]) == 2
-    assert (
-        main(
-            [
-                "eval",
-                *flags(
-                    model="preset:tiny-gpt-neox",
-                    task="wikisql",
-                    data=str(wikisql_file),
-                    checkpoint=str(ckpt),
-                    out=str(tmp_path / "eval"),
-                ),
-            ]
-        )
-        == 2
-    )
+    assert eval_tiny_wikisql(wikisql_file, tmp_path / "eval", checkpoint=str(ckpt)) == 2
     err = capsys.readouterr().err
     assert f"lora-ds export-adapter: error: {path}: not valid JSON" in err
     assert f"lora-ds eval: error: {path}: not valid JSON" in err and "Traceback" not in err

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from fixtures import tiny_model as tiny
-from helpers import flags
+from helpers import eval_tiny_wikisql
 from torch import nn
 
 from lora_ds.adapter import peft_config, read_adapter, write_adapter
@@ -259,7 +259,6 @@ BAD_ADAPTERS = {
 def test_every_reader_refuses_a_bad_adapter_with_the_same_message(tmp_path, case, wikisql_file, capsys):
     """read_adapter, and through it merge, analyze and eval, apply one validator: one error per fault."""
     from lora_ds.analyze import analyze
-    from lora_ds.cli import main
     from lora_ds.eval_model import read_lora
     from lora_ds.merge import merge_model_dir
 
@@ -275,21 +274,7 @@ def test_every_reader_refuses_a_bad_adapter_with_the_same_message(tmp_path, case
     ):
         with pytest.raises(UserError, match=message):
             read()
-    assert (
-        main(
-            [
-                "eval",
-                *flags(
-                    model="preset:tiny-gpt-neox",
-                    task="wikisql",
-                    data=str(wikisql_file),
-                    adapter=str(adapter),
-                    out=str(tmp_path / "eval"),
-                ),
-            ]
-        )
-        == 2
-    )
+    assert eval_tiny_wikisql(wikisql_file, tmp_path / "eval", adapter=str(adapter)) == 2
     assert "lora-ds eval: error:" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in ("merged", "analysis", "eval"))
 
@@ -304,26 +289,11 @@ def test_write_adapter_refuses_tensors_its_config_does_not_describe(tmp_path):
 
 
 def test_eval_with_a_malformed_run_config_beside_the_adapter_is_a_clean_error(tmp_path, wikisql_file, capsys):
-    from lora_ds.cli import main
 
     adapter = tmp_path / "adapter"
     small_adapter(adapter)
     (adapter / "run_config.json").write_text('{"train": {"seed": 3},')
-    assert (
-        main(
-            [
-                "eval",
-                *flags(
-                    model="preset:tiny-gpt-neox",
-                    task="wikisql",
-                    data=str(wikisql_file),
-                    adapter=str(adapter),
-                    out=str(tmp_path / "eval"),
-                ),
-            ]
-        )
-        == 2
-    )
+    assert eval_tiny_wikisql(wikisql_file, tmp_path / "eval", adapter=str(adapter)) == 2
     err = capsys.readouterr().err
     assert f"lora-ds eval: error: {adapter / 'run_config.json'}: not valid JSON" in err and "Traceback" not in err
 
