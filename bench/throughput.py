@@ -220,7 +220,8 @@ def run_anchor(args, events: StepEvents) -> dict:
             r=args.lora_r,
             lora_alpha=2 * args.lora_r,
             lora_dropout=0.0,
-            target_modules=args.targets.split(","),
+            # PEFT takes "all-linear" as a string only; in a list it is a module name.
+            target_modules="all-linear" if args.targets == "all-linear" else args.targets.split(","),
             task_type="CAUSAL_LM",
         ),
     )

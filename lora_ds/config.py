@@ -487,4 +487,7 @@ def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict:
             )
     ds.setdefault("steps_per_print", 1 << 30)
     ds.setdefault("wall_clock_breakdown", False)
+    # DeepSpeed's throughput timer synchronizes the device at each forward's start and each step's end, draining
+    # the GPU's queue twice a step; MetricsLog measures tok/s itself without a sync.
+    ds.setdefault("timers", {"throughput": {"enabled": False}})
     return ds

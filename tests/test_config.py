@@ -91,6 +91,17 @@ def test_every_shipped_ds_config_resolves(name):
     assert "auto" not in json.dumps(ds)
 
 
+def test_deepspeed_throughput_timer_is_off_unless_the_file_sets_it(tmp_path):
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    # Its synchronize at each forward's start and step's end would drain the GPU's queue twice a step.
+    ds = resolve_ds_config(parse_config(["--ds_config", str(REPO / "ds_configs" / "zero3.json")]), world_size=1)
+    assert DeepSpeedConfig(ds).timers_config.enabled is False
+    own = ds_config_file(tmp_path / "ds.json", timers={"throughput": {"enabled": True}})
+    ds = resolve_ds_config(parse_config(["--ds_config", own]), world_size=1)
+    assert DeepSpeedConfig(ds).timers_config.enabled is True
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [
