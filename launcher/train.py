@@ -22,7 +22,7 @@ import time
 import torch
 
 from lora_ds import checkpoint, kernels
-from lora_ds.adapter import peft_config, write_adapter
+from lora_ds.adapter import peft_config, with_tied, write_adapter
 from lora_ds.build import build
 from lora_ds.config import DEMO_DIR, FieldError, RunConfig, as_flag_error, parse_config, resolve_ds_config
 from lora_ds.data import EvalBatches, StepSampler, TrainBatches, load_rows
@@ -33,6 +33,7 @@ from lora_ds.model import DTYPES, check_model_dir, preset_config
 from lora_ds.tokenizer import load_tokenizer, tokenizer_record
 from lora_ds.tracking import Trackers, check_installed
 from lora_ds.train_loop import Checkpointer, Evaluator, Loop, MetricsLog, Outcome, StopSignal, report_stopped
+from lora_ds.vocab import extend_tokenizer
 from lora_ds.zero import full_numel
 
 
@@ -59,6 +60,7 @@ class Recipe:
             self.total_steps,
             vocab_size=self.tok.vocab_size,
             packed=getattr(self.rows, "packed", False),
+            first_new_id=self.first_new_id,
         )
         self._write_run_record()
         self.start_step = 0
@@ -77,9 +79,13 @@ class Recipe:
             preset_config(cfg.model.name[len("preset:") :])
         else:
             check_model_dir(cfg.model.name)
-        self.tok = load_tokenizer(
-            cfg.model.tokenizer or (os.path.join(DEMO_DIR, "tokenizer") if is_preset else cfg.model.name)
-        )
+        tokenizer_dir = cfg.model.tokenizer or (os.path.join(DEMO_DIR, "tokenizer") if is_preset else cfg.model.name)
+        # --add_tokens: the tokenizer with the new tokens, its files (saved with checkpoints and the adapter).
+        self.tokenizer_files, self.first_new_id = {}, None
+        if cfg.model.add_tokens:
+            self.tok, self.tokenizer_files, self.first_new_id = extend_tokenizer(tokenizer_dir, cfg.model.add_tokens)
+        else:
+            self.tok = load_tokenizer(tokenizer_dir)
         self.rows = load_rows(cfg.data.path, self.tok, cfg.data.max_len)
         self.eval_rows = load_rows(cfg.data.eval_path, self.tok, cfg.data.max_len) if cfg.data.eval_path else None
         self.tag = checkpoint.resolve_tag(self.ckpt_root, cfg.train.resume)
@@ -100,6 +106,9 @@ class Recipe:
                 "steps_per_epoch": self.sampler.steps_per_epoch,
                 "lora_targets": self.trainable.targets,
                 "adapted_modules": self.trainable.adapted,
+                "saved_modules": self.trainable.saved,
+                "tied_weights": self.trainable.tied,
+                "vocab_size": model.get_input_embeddings().num_embeddings,
                 "fused_kernels": self.trainable.fused,
                 "attn_implementation": self.trainable.attention,
                 "trainable_params": self.trainable_params,
@@ -122,6 +131,8 @@ class Recipe:
             rank_pattern=cfg.lora.rank_pattern,
             alpha_pattern=cfg.lora.alpha_pattern,
             use_dora=cfg.lora.use_dora,
+            modules_to_save=self.trainable.modules_to_save,
+            ensure_weight_tying=bool(self.trainable.tied),
             base_model=cfg.model.name,
             fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in model.modules()),
         )
@@ -178,7 +189,11 @@ class Recipe:
                 cfg.train.save_every,
                 cfg.train.keep_checkpoints,
                 state,
-                {"adapter_config.json": self.adapter_config, "run_config.json": self.run_record},
+                {
+                    "adapter_config.json": self.adapter_config,
+                    "run_config.json": self.run_record,
+                    **self.tokenizer_files,
+                },
             ),
             stop=self.stop,
             total_steps=self.total_steps,
@@ -225,7 +240,8 @@ class Recipe:
         tensors = {name: safe_get_full_fp32_param(p).detach().cpu().clone() for name, p in self.trainable.lora.items()}
         if self.env.rank == 0:
             path = os.path.join(self.cfg.train.output_dir, "adapter")
-            write_adapter(path, tensors, self.adapter_config, extra_json={"run_config.json": self.run_record})
+            extra = {"run_config.json": self.run_record, **self.tokenizer_files}
+            write_adapter(path, with_tied(tensors, self.trainable.tied), self.adapter_config, extra_json=extra)
             print(
                 f"adapter written to {path} ({self.trainable_params:,} trainable of "
                 f"{self.run_record['resolved']['total_params']:,} params)",

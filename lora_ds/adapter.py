@@ -1,7 +1,9 @@
 """PEFT-format adapters (adapter_config.json + adapter_model.safetensors) and what makes one valid.
 
 Keys are `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` (and DoRA's `.lora_magnitude_vector`,
-with `use_dora: true` in the config), as PEFT writes them, so
+with `use_dora: true` in the config), and `base_model.model.<module>.<param>` of each module trained in full (the
+config's `modules_to_save`, lora_ds.saved_modules; `ensure_weight_tying: true` when it is a matrix that tied input
+and output embeddings share, saved under both names), as PEFT writes them, so
 `peft.PeftModel.from_pretrained(base, dir)` loads what we write and we load what PEFT writes.
 
 `check_config` and `check_lora` are the one definition of a valid adapter: every reader and writer of LoRA
@@ -18,7 +20,7 @@ import torch
 
 from lora_ds.dtypes import torch_dtype
 from lora_ds.errors import UserError
-from lora_ds.fsutil import atomic_dir, read_json, write_json
+from lora_ds.fsutil import atomic_dir, read_json, write_json, write_text
 from lora_ds.lora import is_target, lora_scale, pattern_value
 
 CONFIG_FILE = "adapter_config.json"
@@ -56,9 +58,12 @@ def peft_config(
     rank_pattern: dict | None = None,
     alpha_pattern: dict | None = None,
     use_dora: bool = False,
+    modules_to_save: list[str] | None = None,
+    ensure_weight_tying: bool = False,
 ) -> dict:
     """The adapter_config.json PEFT reads (LoraConfig fields)."""
-    return {
+    tying = {"ensure_weight_tying": True} if ensure_weight_tying else {}
+    return tying | {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": r,
@@ -71,7 +76,7 @@ def peft_config(
         "base_model_name_or_path": base_model,
         "inference_mode": True,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": list(modules_to_save) if modules_to_save else None,
         "use_dora": use_dora,
         "rank_pattern": dict(rank_pattern or {}),
         "alpha_pattern": dict(alpha_pattern or {}),
@@ -114,6 +119,11 @@ def adapted_modules(tensors: dict) -> list[str]:
     return sorted({n[: -len(s)] for n in tensors for s in SUFFIXES if n.endswith(s)})
 
 
+def saved_tensors(tensors: dict) -> dict:
+    """{"<module>.<param>": T} of the modules trained in full (modules_to_save): every tensor that is not LoRA's."""
+    return {n: t for n, t in tensors.items() if not n.endswith(SUFFIXES)}
+
+
 def magnitude(tensors: dict, module: str) -> torch.Tensor | None:
     """DoRA's magnitude vector (out,) of `module`; None for plain LoRA."""
     return tensors.get(module + MAGNITUDE)
@@ -144,6 +154,9 @@ def check_config(config: dict, path: str) -> dict:
             raise UserError(
                 f"{path}: field {field!r} must map module regexes to positive values, got {bad or patterns}"
             )
+    saved = config.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) and m for m in saved)):
+        raise UserError(f"{path}: field 'modules_to_save' must be null or a list of module names, got {saved!r}")
     if not isinstance(config.get("use_dora", False), bool):
         raise UserError(f"{path}: field 'use_dora' must be true or false, got {config['use_dora']!r}")
     return config
@@ -185,9 +198,7 @@ def check_lora(tensors: dict, config: dict, source: str, adapted: list[str] | No
     """Check that `tensors` are complete, finite LoRA factors of the rank and target modules that `config`
     (checked by `check_config`) says, and of the modules `adapted` lists (a run config's). Returns the modules.
     Errors begin with `source`, the file or flag the tensors came from."""
-    other = sorted(n for n in tensors if not n.endswith(SUFFIXES))
-    if other:
-        raise UserError(f"{source}: holds non-LoRA tensors (e.g. {other[0]}), which a LoRA adapter cannot carry")
+    _check_saved(tensors, config, source)
     modules = adapted_modules(tensors)
     if not modules:
         raise UserError(f"{source}: holds no LoRA tensors")
@@ -203,10 +214,40 @@ def check_lora(tensors: dict, config: dict, source: str, adapted: list[str] | No
     return modules
 
 
+def _check_saved(tensors: dict, config: dict, source: str) -> None:
+    """The tensors that are not LoRA's must be finite params of modules `modules_to_save` selects, and each entry of
+    it must have some."""
+    from lora_ds.saved_modules import is_saved
+
+    entries = config.get("modules_to_save") or []
+    saved = saved_tensors(tensors)
+    stray = sorted(n for n in saved if not is_saved(n.rpartition(".")[0], entries))
+    if stray:
+        raise UserError(
+            f"{source}: holds {stray[0]}, which is no LoRA tensor and no param of a module that {CONFIG_FILE}'s "
+            f"modules_to_save ({entries or 'none'}) selects; the config belongs to another run"
+        )
+    lacking = [e for e in entries if not any(n.rpartition(".")[0].endswith(e) for n in saved)]
+    if lacking:
+        raise UserError(
+            f"{source}: {CONFIG_FILE} lists {lacking[0]!r} in modules_to_save, but no tensor of such a module is "
+            "here; the adapter is incomplete"
+        )
+    bad = next((n for n, t in saved.items() if not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise UserError(f"{source}: {bad} holds NaN/Inf (the run diverged); use an earlier checkpoint")
+
+
 def read_run_config(directory: str) -> dict | None:
     """The run_config.json of an adapter or checkpoint dir; None when it has none."""
     path = os.path.join(directory, RUN_CONFIG)
     return read_json(path) if os.path.isfile(path) else None
+
+
+def with_tied(tensors: dict, tied: dict | None) -> dict:
+    """`tensors` with a trained matrix that tied embeddings share also under its other name (`tied`: {other: name}),
+    as PEFT saves it with ensure_weight_tying."""
+    return tensors | {other: tensors[name] for other, name in (tied or {}).items()}
 
 
 def write_adapter(out_dir: str, tensors: dict, config: dict, dtype: str = "fp32", extra_json: dict | None = None):
@@ -219,8 +260,8 @@ def write_adapter(out_dir: str, tensors: dict, config: dict, dtype: str = "fp32"
     with atomic_dir(out_dir) as tmp:
         save_file(state, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(os.path.join(tmp, CONFIG_FILE), config)
-        for name, obj in (extra_json or {}).items():
-            write_json(os.path.join(tmp, name), obj)
+        for name, obj in (extra_json or {}).items():  # JSON objects, or text (a tokenizer's files)
+            (write_text if isinstance(obj, str) else write_json)(os.path.join(tmp, name), obj)
 
 
 def read_adapter(adapter_dir: str) -> tuple[dict, dict]:
@@ -242,6 +283,7 @@ def read_adapter(adapter_dir: str) -> tuple[dict, dict]:
         name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         # PEFT may keep the adapter name in keys (".lora_A.default.weight"); files it saves drop it.
         name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+        name = name.replace(".modules_to_save.default.", ".")  # a live PEFT state dict's saved module
         # A DoRA magnitude from a live PEFT state dict ends ".lora_magnitude_vector.default.weight".
         for alias in (MAGNITUDE + ".default.weight", MAGNITUDE + ".weight"):
             if name.endswith(alias):

@@ -71,8 +71,8 @@ def save(engine, root: str, step: int, trainer_state: dict, extra_json: dict, ke
     save_file(_rng_state(), rng_file(tag_dir, rank))
     dist.barrier()
     if rank == 0:
-        for name, obj in extra_json.items():
-            write_json(os.path.join(tag_dir, name), obj)
+        for name, obj in extra_json.items():  # JSON objects, or text (a tokenizer's files)
+            (write_text if isinstance(obj, str) else write_json)(os.path.join(tag_dir, name), obj)
         write_json(os.path.join(tag_dir, STATE_FILE), trainer_state)
         write_text(os.path.join(root, LATEST), tag + "\n")
         _prune(root, keep)
@@ -139,7 +139,13 @@ def resolve_tag(root: str, requested: str) -> str | None:
 
 # What a tag's tensors and optimizer groups are shaped by: a resume with other values would fail inside DeepSpeed
 # (ranks) or silently keep the checkpoint's param groups and their lrs (LoRA+).
-FIXED_ON_RESUME = (("lora", "r"), ("lora", "rank_pattern"), ("train", "loraplus_lr_ratio"))
+FIXED_ON_RESUME = (
+    ("lora", "r"),
+    ("lora", "rank_pattern"),
+    ("train", "loraplus_lr_ratio"),
+    ("lora", "modules_to_save"),
+    ("model", "add_tokens"),
+)
 
 
 def check_resumable(tag_dir: str, run: dict, defaults: dict) -> None:

@@ -148,6 +148,13 @@ class ModelConfig:
         "ZeRO-3 gathering unit: layer (one hook per decoder layer gathers all its weights) or "
         "module (a hook per Linear/norm)",
     )
+    add_tokens: str | None = _f(
+        None,
+        "--add_tokens",
+        "tokens to add to the tokenizer: a file of one token a line, or template:NAME (a built-in chat template's "
+        "special tokens: chatml, llama3); the input embedding and output head grow to fit them (new rows: the mean "
+        "of the old), are trained in full (added to --modules_to_save) and saved with the adapter and the tokenizer",
+    )
 
     def __post_init__(self):
         _typed(self)
@@ -155,6 +162,8 @@ class ModelConfig:
         _require(self, "attn_implementation", self.attn_implementation in ATTENTIONS, f"choose {', '.join(ATTENTIONS)}")
         _require(self, "kernels", self.kernels in ("auto", "liger", "off"), "choose auto, liger or off")
         _require(self, "zero3_fetch", self.zero3_fetch in ("layer", "module"), "choose layer or module")
+        if self.add_tokens == "":
+            self.add_tokens = None
 
 
 @dataclass
@@ -170,6 +179,12 @@ class LoraConfig:
         "projections (lora_ds/families.py)",
     )
     rslora: bool = _f(False, "--rslora", "rank-stabilized scale s = alpha / sqrt(r)")
+    modules_to_save: list[str] | str | None = _f(
+        None,
+        "--modules_to_save",
+        "modules trained in full beside the LoRA (comma-separated, PEFT's modules_to_save: a module whose name ends "
+        "with an entry), e.g. lm_head,embed_tokens; saved whole in the adapter, written into the merged model",
+    )
     rank_pattern: dict[str, int] | None = _f(
         None,
         "--lora_rank_pattern",
@@ -195,6 +210,9 @@ class LoraConfig:
         if isinstance(self.targets, str) and not self.targets.startswith("re:"):
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
         self._patterns()
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [m.strip() for m in self.modules_to_save.split(",") if m.strip()]
+        self.modules_to_save = self.modules_to_save or None
         if isinstance(self.targets, list) and len(self.targets) > 1:
             alone = "all-linear" not in map(str.lower, self.targets)
             _require(self, "targets", alone, "all-linear stands alone, not beside module names")

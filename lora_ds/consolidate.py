@@ -17,11 +17,13 @@ from lora_ds.adapter import (
     check_config,
     check_lora,
     read_run_config,
+    with_tied,
     write_adapter,
 )
 from lora_ds.checkpoint_files import LATEST, MODEL_STATES, check_complete, latest_tag, read_zero3_params, tags
 from lora_ds.errors import UserError
 from lora_ds.fsutil import read_json
+from lora_ds.vocab import tokenizer_files
 
 
 def resolve_tag_dir(checkpoint: str, tag: str | None = None) -> str:
@@ -60,8 +62,10 @@ def read_checkpoint_lora(checkpoint: str, tag: str | None = None) -> tuple[LoRAW
 def export_adapter(checkpoint: str, out_dir: str, tag: str | None = None, dtype: str = "fp32") -> dict:
     """Write the PEFT adapter of a ZeRO-3 checkpoint to `out_dir`. Returns a report."""
     lora, world = read_checkpoint_lora(checkpoint, tag)
-    extra = {RUN_CONFIG: lora.run_config} if lora.run_config else None
-    write_adapter(out_dir, lora.tensors, lora.config, dtype, extra_json=extra)
+    # The tokenizer that --add_tokens extended is saved in the tag, and goes with the adapter.
+    extra = ({RUN_CONFIG: lora.run_config} if lora.run_config else {}) | tokenizer_files(lora.source)
+    tied = (lora.run_config or {}).get("resolved", {}).get("tied_weights")
+    write_adapter(out_dir, with_tied(lora.tensors, tied), lora.config, dtype, extra_json=extra)
     return {
         "checkpoint": os.path.abspath(lora.source),
         "world_size": world,

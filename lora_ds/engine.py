@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from lora_ds.zero import full_shape
+
 
 class WarmupLinear:
     """LR multiplier: linear warm-up over `warmup` steps, then linear decay to 0 at `total` steps.
@@ -28,7 +30,8 @@ def param_groups(lora: dict, lr: float, loraplus_lr_ratio: float | None) -> list
     if loraplus_lr_ratio is None:
         return [{"params": list(lora.values()), "lr": lr}]
     # PEFT's rule: lora_B and every vector (DoRA's magnitudes) learn at the ratio, the rest (lora_A) at lr.
-    fast = {name: "lora_B" in name or p.dim() == 1 for name, p in lora.items()}
+    # Saved modules' params (--modules_to_save) are partitioned already: their whole shape says.
+    fast = {name: "lora_B" in name or len(full_shape(p)) == 1 for name, p in lora.items()}
     a = [p for name, p in lora.items() if not fast[name]]
     b = [p for name, p in lora.items() if fast[name]]
     return [{"params": a, "lr": lr}, {"params": b, "lr": lr * loraplus_lr_ratio}]

@@ -2,9 +2,9 @@
 
 The LM head is replaced by a `DeferredLMHead` holding the same weight Parameter. While deferred it
 keeps the hidden states that the model's forward hands it; `lm_loss` then calls it with the labels, and it
-computes the loss and the gradient of the hidden states chunk by chunk in one pass (the head is frozen:
-no weight gradient is needed). Only one chunk's fp32 logits ever exist, instead of bf16 + fp32 logits,
-their log-softmax and their gradients for the whole batch. Being a module call that owns the weight,
+computes the loss and the gradient of the hidden states chunk by chunk in one pass (and the head's weight
+gradient when the head is trained in full: --modules_to_save). Only one chunk's fp32 logits ever exist, instead of
+bf16 + fp32 logits, their log-softmax and their gradients for the whole batch. Being a module call that owns the weight,
 ZeRO-3 gathers the weight for it. With fused kernels (lora_ds.kernels) Liger's fused linear cross-entropy does
 the same in Triton, a few hundred rows at a time; this one is its CPU path and its reference.
 
@@ -30,11 +30,14 @@ CHUNK_TOKENS = 2048
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """sum over targets of CE(z, label), z = cap·tanh(s·hidden·Wᵀ / cap) (`math`'s scale s and softcap cap);
-    backward returns the stored d(loss)/d(hidden)."""
+    backward returns the stored d(loss)/d(hidden), and d(loss)/dW (accumulated in fp32) when W is trained."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk, math: LogitMath):
         grad_hidden = torch.empty_like(hidden)
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        )
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.size(0), chunk):
             h, y = hidden[start : start + chunk], labels[start : start + chunk]
@@ -55,13 +58,17 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if math.scale != 1.0:
                 grad *= math.scale
             grad_hidden[start : start + chunk] = grad.to(weight.dtype) @ weight
-        ctx.save_for_backward(grad_hidden)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.t(), h.float())
+        ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_total).to(grad_hidden.dtype)
+        return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight, None, None, None
 
 
 class DeferredLMHead(nn.Module):

@@ -18,6 +18,11 @@ def full_numel(p: torch.Tensor) -> int:
     return p.ds_numel if is_partitioned(p) else p.numel()
 
 
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """The shape of `p` whole, also while ZeRO-3 holds only a partition of it."""
+    return p.ds_shape if is_partitioned(p) else p.shape
+
+
 def local_numel(p: torch.Tensor) -> int:
     """Elements of `p` this rank stores (its ZeRO-3 partition, or the whole tensor)."""
     return p.ds_tensor.numel() if is_partitioned(p) else p.numel()
