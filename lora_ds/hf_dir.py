@@ -52,9 +52,34 @@ class ModelDir:
                 return key
         return None
 
+    def stored_key(self, name: str) -> str | None:
+        """The key under which the files store the model's param `name`: itself, without the head's prefix (as
+        `weight_key`), or under its name before transformers' renaming on load (GPT-NeoX's head, `lm_head` in the
+        model, is stored as `embed_out`)."""
+        for key in (name, name.split(".", 1)[-1]):
+            if key in self.where:
+                return key
+        for renaming in _renamings(os.path.join(self.path, "config.json")):
+            key, matched = renaming.reverse_transform().rename_source_key(name)
+            if matched is not None and key in self.where:
+                return key
+        return None
+
     def header(self, key: str) -> dict:
         """The safetensors header entry of `key`: dtype, shape, data_offsets."""
         return self.where[key].tensors[key]
+
+
+def _renamings(config_path: str) -> list:
+    """transformers' key renamings (checkpoint name -> model name) of the architecture in `config_path`."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    config = read_json(config_path) if os.path.isfile(config_path) else {}
+    found = []
+    for name in [*(config.get("architectures") or []), config.get("model_type")]:
+        found += [t for t in get_checkpoint_conversion_mapping(name) or [] if isinstance(t, WeightRenaming)]
+    return found
 
 
 def read_shard(path: str) -> Shard:

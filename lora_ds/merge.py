@@ -5,6 +5,10 @@ fp32 and cast once.
     merge_live(layer)                     one LoRA layer of a live model (ZeRO-3 or not) merged in place
     merged_for_eval(model)                all of them, inside a block, restored bitwise on exit
 
+Modules trained in full (the adapter's modules_to_save) replace the base's tensors, also with another number of
+rows (a vocabulary grown by --add_tokens: config.json's vocab_size follows, and the adapter's tokenizer replaces
+the base's).
+
 The dir merge streams: each base shard is rewritten into an output shard of the same name, tensor by
 tensor. Tensors that do not change are copied byte for byte between the files (in the kernel where it
 can); the others are read, merged or cast, and written in blocks of rows of a few MiB. Peak memory is
@@ -26,10 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lora_ds.adapter import adapted_modules, factors, magnitude, read_adapter, scaling
+from lora_ds.adapter import adapted_modules, factors, magnitude, read_adapter, saved_tensors, scaling
 from lora_ds.dtypes import torch_dtype
 from lora_ds.errors import UserError
-from lora_ds.fsutil import atomic_dir, read_json, write_json
+from lora_ds.fsutil import atomic_dir, read_json, write_json, write_text
 from lora_ds.hf_dir import FLOATS, INDEX_FILE, ModelDir, Shard, read_model_dir
 from lora_ds.lora import dora_merged_weight, merged_weight
 
@@ -93,6 +97,8 @@ class Plan:
     config: dict
     tensors: dict
     dtype: torch.dtype | None
+    replaced: dict  # base key -> the adapter's tensor of a module trained in full (modules_to_save)
+    vocab_size: int | None  # the grown vocabulary's rows, when the adapter's embeddings have more than the base's
 
     def out_dtype(self, info: dict) -> str:
         """safetensors dtype name of a tensor in the output."""
@@ -139,7 +145,39 @@ def plan_merge(base_dir: str, adapter_dir: str, dtype: str | None = None) -> Pla
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     for module in modules:
         _check_base_weight(base, keys[module], module, *factors(tensors, module), fan_in_fan_out, adapter_dir)
-    return Plan(base, {keys[m]: m for m in modules}, config, tensors, cast)
+    replaced, vocab_size = _plan_saved(base, saved_tensors(tensors), adapter_dir)
+    return Plan(base, {keys[m]: m for m in modules}, config, tensors, cast, replaced, vocab_size)
+
+
+def _plan_saved(base: ModelDir, saved: dict, adapter_dir: str) -> tuple[dict, int | None]:
+    """({base key: tensor} that the saved modules replace, the grown vocab size or None). A saved tensor has the
+    base tensor's shape, or more rows of it (a grown vocabulary: the embedding and head, all of the same rows). The
+    head of tied embeddings, which the base does not store, stays tied to the written embedding."""
+    config = read_json(os.path.join(base.path, "config.json"))
+    replaced, grown = {}, set()
+    for name, tensor in sorted(saved.items()):
+        key = base.stored_key(name)
+        if key is None:
+            if config.get("tie_word_embeddings") and name.endswith(".weight"):
+                continue
+            raise UserError(
+                f"--adapter {adapter_dir}: it trained {name} in full, which --base {base.path} has no tensor of; "
+                "the adapter was trained on another base"
+            )
+        shape, info = list(tensor.shape), base.header(key)
+        if info["dtype"] not in FLOATS:
+            raise UserError(f"--base {base.path}: {key} is {info['dtype']}, not a floating-point tensor")
+        if shape != info["shape"]:
+            if len(shape) != 2 or shape[1:] != info["shape"][1:] or shape[0] < info["shape"][0]:
+                raise UserError(
+                    f"--adapter {adapter_dir}: {name} is {shape}, but {key} in --base {base.path} is "
+                    f"{info['shape']}; the adapter was trained on another base"
+                )
+            grown.add(shape[0])
+        replaced[key] = tensor
+    if len(grown) > 1:
+        raise UserError(f"--adapter {adapter_dir}: its grown embeddings disagree on the vocabulary ({sorted(grown)})")
+    return replaced, next(iter(grown), None)
 
 
 # ---------------------------------------------------------------- writing
@@ -154,8 +192,10 @@ def _write_shard(plan: Plan, shard: Shard, dst: str) -> int:
         info = shard.tensors[key]
         name = plan.out_dtype(info)
         start, end = info["data_offsets"]
-        nbytes = end - start if name == info["dtype"] else math.prod(info["shape"]) * FLOATS[name].itemsize
-        header[key] = {"dtype": name, "shape": info["shape"], "data_offsets": [offset, offset + nbytes]}
+        shape = list(plan.replaced[key].shape) if key in plan.replaced else info["shape"]
+        same = name == info["dtype"] and key not in plan.replaced
+        nbytes = end - start if same else math.prod(shape) * FLOATS[name].itemsize
+        header[key] = {"dtype": name, "shape": shape, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     if shard.metadata is not None:
         header = {"__metadata__": shard.metadata, **header}
@@ -169,6 +209,9 @@ def _write_shard(plan: Plan, shard: Shard, dst: str) -> int:
         for key in order:
             info, out_dtype = shard.tensors[key], header[key]["dtype"]
             start, end = info["data_offsets"]
+            if key in plan.replaced:
+                _write_all(dst_fd, _tensor_bytes(_finite_cast(plan.replaced[key], FLOATS[out_dtype], key)))
+                continue
             if key not in plan.targets and out_dtype == info["dtype"]:
                 _copy_range(src_fd, dst_fd, shard.data_start + start, end - start)
                 continue
@@ -197,6 +240,14 @@ def _write_shard(plan: Plan, shard: Shard, dst: str) -> int:
         os.close(src_fd)
         os.close(dst_fd)
     return offset
+
+
+def _finite_cast(tensor: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
+    """A saved module's tensor in the output dtype, checked finite after the cast."""
+    out = tensor.to(dtype)
+    if out.numel() and not torch.isfinite(out).all():
+        raise UserError(f"the adapter's {key} is not finite in {dtype}; choose another --dtype; nothing was written")
+    return out
 
 
 def _row_blocks(fd: int, offset: int, info: dict):
@@ -269,22 +320,36 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-def _copy_side_files(base_dir: str, out_dir: str, dtype: torch.dtype | None) -> list[str]:
-    """Copy config, generation config, tokenizer and every other non-weight file; record a --dtype cast."""
+def _copy_side_files(
+    base_dir: str, out_dir: str, dtype: torch.dtype | None, vocab_size: int | None = None, adapter_dir: str = ""
+) -> list[str]:
+    """Copy config, generation config, tokenizer and every other non-weight file; record a --dtype cast and a
+    grown vocab_size. An adapter that carries a tokenizer (--add_tokens) gives the tokenizer instead of the base."""
+    from lora_ds.vocab import TOKENIZER_PREFIXES, tokenizer_files
+
+    tokenizer = tokenizer_files(adapter_dir) if adapter_dir else {}
     copied = []
     for name in sorted(os.listdir(base_dir)):
         src = os.path.join(base_dir, name)
         if not os.path.isfile(src) or name.endswith(_WEIGHT_SUFFIXES) or name == "adapter_config.json":
             continue
-        if name == "config.json" and dtype is not None:
+        if tokenizer and name.startswith(TOKENIZER_PREFIXES):
+            continue
+        if name == "config.json" and (dtype is not None or vocab_size is not None):
             model_config = read_json(src)
-            # transformers 5 writes "dtype"; older files have "torch_dtype".
-            field = "torch_dtype" if "torch_dtype" in model_config and "dtype" not in model_config else "dtype"
-            model_config[field] = str(dtype).removeprefix("torch.")
+            if dtype is not None:
+                # transformers 5 writes "dtype"; older files have "torch_dtype".
+                field = "torch_dtype" if "torch_dtype" in model_config and "dtype" not in model_config else "dtype"
+                model_config[field] = str(dtype).removeprefix("torch.")
+            if vocab_size is not None:
+                model_config["vocab_size"] = vocab_size
             write_json(os.path.join(out_dir, name), model_config)
         else:
             shutil.copy2(src, os.path.join(out_dir, name))
         copied.append(name)
+    for name, text in tokenizer.items():
+        write_text(os.path.join(out_dir, name), text)
+        copied.append(f"{name} (the adapter's)")
     return copied
 
 
@@ -314,6 +379,7 @@ def merge_model_dir(
         "shards": len(plan.base.shards),
         "tensors": sum(len(s.tensors) for s in plan.base.shards),
         "merged_modules": len(plan.targets),
+        "replaced": sorted(plan.replaced),
         "scaling": scaling(plan.config),  # of modules no rank_pattern / alpha_pattern key selects
     }
     with atomic_dir(out_dir) as tmp:
@@ -325,7 +391,7 @@ def merge_model_dir(
             index = dict(plan.base.index, metadata=dict(plan.base.index.get("metadata") or {}, total_size=total))
             write_json(os.path.join(tmp, INDEX_FILE), index)
         report["bytes_written"] = total
-        report["copied"] = _copy_side_files(base_dir, tmp, plan.dtype)
+        report["copied"] = _copy_side_files(base_dir, tmp, plan.dtype, plan.vocab_size, adapter_dir)
         write_json(
             os.path.join(tmp, RECORD_FILE),
             {
@@ -335,6 +401,7 @@ def merge_model_dir(
                 "dtype": report["dtype"],
                 "scaling": report["scaling"],
                 "merged": {k: m for k, m in sorted(plan.targets.items())},
+                "replaced": sorted(plan.replaced),
             },
         )
         if verify:
@@ -382,10 +449,14 @@ def verify_merge(plan: Plan, merged_dir: str, tolerance: float | None = None) ->
     model = AutoModelForCausalLM.from_pretrained(plan.base.path, dtype=torch.float32).eval()
     prompts = _prompt_ids(plan.base.path, model.get_input_embeddings().num_embeddings)
     base_logits = _logits(model, prompts)
+    saved = saved_tensors(plan.tensors)
+    load_saved_modules(model, saved)
     inject_adapter(model, plan.config, sorted(set(plan.targets.values())))
     params = lora_parameters(model)
     with torch.no_grad():
         for name, value in plan.tensors.items():
+            if name in saved:
+                continue
             found = [p for n, p in params.items() if n == name or n.endswith("." + name)]
             if len(found) != 1:
                 raise UserError(
@@ -402,7 +473,7 @@ def verify_merge(plan: Plan, merged_dir: str, tolerance: float | None = None) ->
     if leftover:
         raise UserError(f"--verify: the merged model still has LoRA modules ({leftover[0]}); nothing was written")
     diff = max((a - b).abs().max().item() for a, b in zip(ref_logits, out_logits))
-    effect = max((a - b).abs().max().item() for a, b in zip(ref_logits, base_logits))
+    effect = max((a[..., : b.size(-1)] - b).abs().max().item() for a, b in zip(ref_logits, base_logits))
     scale = max(1.0, max(a.abs().max().item() for a in ref_logits))
     rel = tolerance if tolerance is not None else VERIFY_TOLERANCE[_stored_dtype(plan)]
     result = {
@@ -420,13 +491,32 @@ def verify_merge(plan: Plan, merged_dir: str, tolerance: float | None = None) ->
     return result
 
 
+def load_saved_modules(model, saved: dict) -> None:
+    """Put an adapter's modules trained in full (`saved`: {"<module>.<param>": T}) into `model` (no ZeRO-3), its
+    embeddings first grown to their rows (PEFT needs the same: resize the base before loading such an adapter)."""
+    rows = [t.shape[0] for n, t in saved.items() if t.dim() == 2]
+    embedding = model.get_input_embeddings()
+    if rows and max(rows) > embedding.num_embeddings:
+        model.resize_token_embeddings(max(rows), mean_resizing=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, value in saved.items():
+            found = params.get(name)
+            if found is None or found.shape != value.shape:
+                raise UserError(
+                    f"the adapter's {name} {list(value.shape)} has no counterpart in this model "
+                    f"({list(found.shape) if found is not None else 'none'}); pass the base it was trained on"
+                )
+            found.copy_(value)
+
+
 def _stored_dtype(plan: Plan) -> torch.dtype:
     """The coarsest dtype of any tensor the merge changes (merged or cast): what sets the logit error."""
     changed = {
         plan.out_dtype(info)
         for shard in plan.base.shards
         for key, info in shard.tensors.items()
-        if key in plan.targets or plan.out_dtype(info) != info["dtype"]
+        if key in plan.targets or key in plan.replaced or plan.out_dtype(info) != info["dtype"]
     }
     return max((FLOATS[name] for name in changed), key=VERIFY_TOLERANCE.get)
 
