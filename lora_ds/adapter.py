@@ -215,13 +215,16 @@ def check_lora(tensors: dict, config: dict, source: str, adapted: list[str] | No
 
 
 def _check_saved(tensors: dict, config: dict, source: str) -> None:
-    """The tensors that are not LoRA's must be finite params of modules `modules_to_save` selects, and each entry of
-    it must have some."""
+    """The tensors that are not LoRA's must be finite params of modules `modules_to_save` selects (or, with
+    ensure_weight_tying, copies of one under a tied module's name), and each entry of it must have some."""
     from lora_ds.saved_modules import is_saved
 
     entries = config.get("modules_to_save") or []
     saved = saved_tensors(tensors)
     stray = sorted(n for n in saved if not is_saved(n.rpartition(".")[0], entries))
+    if config.get("ensure_weight_tying"):  # the other name of a tied matrix holds the same values (with_tied)
+        selected = [t for n, t in saved.items() if n not in stray]
+        stray = [n for n in stray if not any(torch.equal(saved[n], t) for t in selected)]
     if stray:
         raise UserError(
             f"{source}: holds {stray[0]}, which is no LoRA tensor and no param of a module that {CONFIG_FILE}'s "
@@ -247,7 +250,7 @@ def read_run_config(directory: str) -> dict | None:
 def with_tied(tensors: dict, tied: dict | None) -> dict:
     """`tensors` with a trained matrix that tied embeddings share also under its other name (`tied`: {other: name}),
     as PEFT saves it with ensure_weight_tying."""
-    return tensors | {other: tensors[name] for other, name in (tied or {}).items()}
+    return tensors | {other: tensors[name].clone() for other, name in (tied or {}).items()}
 
 
 def write_adapter(out_dir: str, tensors: dict, config: dict, dtype: str = "fp32", extra_json: dict | None = None):

@@ -380,6 +380,7 @@ def reference_lora(
     alpha_pattern: dict | None = None,
     loraplus_lr_ratio: float | None = None,
     use_dora: bool = False,
+    modules_to_save: list[str] | None = None,
 ) -> dict:
     """The LoRA of `model` after the trainer's steps `steps` on `world` ranks, in one process with plain PyTorch
     (no DeepSpeed): the same rows per step and rank (StepSampler), loss scaling, clipping at 1.0, AdamW (weight
@@ -387,7 +388,8 @@ def reference_lora(
     (fp32 params, Adam moments and step, scheduler) when given, else from the LoRA init of `seed`. `grad_norms`,
     when given, gets each step's gradient norm before clipping. `rank_pattern` / `alpha_pattern`: PEFT's, and
     `loraplus_lr_ratio`: LoRA+ as PEFT's create_loraplus_optimizer groups it (B, and DoRA's magnitudes, at
-    lr × ratio). `use_dora`: the model is PEFT's own DoRA (the oracle), started from our initial factors."""
+    lr × ratio). `use_dora`: the model is PEFT's own DoRA (the oracle), started from our initial factors.
+    `modules_to_save`: those modules trained in full too (their loss through the model's own full logits)."""
     import torch
     from torch.optim.lr_scheduler import LambdaLR
 
@@ -401,8 +403,14 @@ def reference_lora(
     if use_dora:
         model, params = peft_dora(model, targets, r, alpha, seed)
     else:
-        inject_lora(model, targets, r, alpha, 0.0, seed=seed, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+        adapted = inject_lora(
+            model, targets, r, alpha, 0.0, seed=seed, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern
+        )
         params = lora_parameters(model)
+        if modules_to_save:
+            from lora_ds.saved_modules import select, unfreeze
+
+            params.update(unfreeze(model, select(model, modules_to_save, adapted)))
     groups = [{"params": list(params.values()), "lr": lr}]
     if loraplus_lr_ratio is not None:
         groups = [
