@@ -447,3 +447,70 @@ def test_each_family_trains_on_two_ranks_to_the_reference_and_loads_in_peft(fami
         torch.testing.assert_close(
             peft_model(input_ids=ids).logits, model.eval()(input_ids=ids).logits, rtol=0, atol=1e-5
         )
+
+
+def test_add_tokens_trains_embedding_and_head_in_full_resumes_bitwise_exports_and_merges_as_peft(neox_dir, tmp_path):
+    """--add_tokens (2 tokens the data uses) with --modules_to_save lm_head on 2 ranks: the vocab grows to 514 rows
+    (embed_in added to modules_to_save), the run equals the single-process reference and resumes bitwise,
+    export-adapter of its 2-rank checkpoint is its adapter (with the tokenizer), PEFT on the resized base gives our
+    logits, and lora-ds merge equals PEFT's merge_and_unload."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lora_ds.adapter import inject_adapter, read_adapter
+    from lora_ds.lora import lora_parameters
+    from lora_ds.merge import load_saved_modules
+    from lora_ds.vocab import extend_tokenizer, grow_vocab
+
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("SELECT\nWHERE\n")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    args = dict(COMMON, max_steps=4, save_every=100, add_tokens=tokens, modules_to_save="lm_head")
+    started = launch(train_args(neox_dir, whole, **args))
+    assert "--add_tokens: embed_in trained in full" in started.stdout
+    launch(train_args(neox_dir, parts, halt_at_step=2, **args))
+    assert "at step 2" in launch(train_args(neox_dir, parts, **args)).stdout
+    ours = adapter_tensors(whole / "adapter")
+    assert_equal_tensors(adapter_tensors(parts / "adapter"), ours)
+    assert ours["lm_head.weight"].shape == ours["gpt_neox.embed_in.weight"].shape == (514, 64)
+    config, _ = read_adapter(str(whole / "adapter"))
+    assert config["modules_to_save"] == ["lm_head", "embed_in"]
+    assert len(AutoTokenizer.from_pretrained(whole / "adapter")) == 514
+
+    tok, _, first = extend_tokenizer(str(neox_dir), str(tokens))
+    model = AutoModelForCausalLM.from_pretrained(neox_dir, dtype=torch.float32, attn_implementation="sdpa")
+    grow_vocab(model, tok.vocab_size, first)
+    initial = model.get_input_embeddings().weight[512:].detach().clone()
+    ref = reference_lora(
+        model, tok, ["query_key_value"], steps=range(4), world=2, micro=4, accum=2, warmup=2, seed=7,
+        modules_to_save=["lm_head", "embed_in"],
+    )  # fmt: skip
+    assert_close_tensors(ours, ref, rtol=1e-4, atol=ATOL)
+    assert (ours["gpt_neox.embed_in.weight"][512:] - initial).abs().max() > 1e-3  # the new rows learned
+
+    exported = run_cli("export-adapter", "--checkpoint", whole / "checkpoints", "--out", tmp_path / "exported")
+    assert exported.returncode == 0, exported.stderr
+    assert_equal_tensors(adapter_tensors(tmp_path / "exported"), ours)
+    assert (tmp_path / "exported" / "tokenizer.json").read_text() == (whole / "adapter" / "tokenizer.json").read_text()
+
+    # PEFT needs the base resized first (its rows then hold the adapter's values: modules_to_save replaces them).
+    base = AutoModelForCausalLM.from_pretrained(neox_dir, dtype=torch.float32)
+    base.resize_token_embeddings(514)
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "exported").eval()
+    mine = AutoModelForCausalLM.from_pretrained(neox_dir, dtype=torch.float32).eval()
+    load_saved_modules(mine, {k: v for k, v in ours.items() if "lora" not in k})
+    inject_adapter(mine, config)
+    ids = torch.randint(0, 514, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for name, p in lora_parameters(mine).items():
+            p.copy_(ours[name])
+        torch.testing.assert_close(mine(input_ids=ids).logits, peft_model(input_ids=ids).logits, rtol=0, atol=1e-5)
+    merged = run_cli("merge", "--base", neox_dir, "--adapter", tmp_path / "exported", "--out", tmp_path / "merged")
+    assert merged.returncode == 0, merged.stderr
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["vocab_size"] == 514
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "merged")) == 514
+    oracle = peft_model.merge_and_unload().state_dict()
+    state = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).state_dict()
+    assert sorted(state) == sorted(oracle)
+    for key, value in state.items():
+        torch.testing.assert_close(value, oracle[key], rtol=0, atol=1e-6, msg=key)
