@@ -43,9 +43,16 @@ def base_seed(lora: LoRAWeights | None) -> int:
 def merge_lora(model, lora: LoRAWeights) -> list[str]:
     """Merge `lora` into `model`'s base weights and unwrap the LoRA layers. Collective under ZeRO-3 (every
     rank must call it, before the engine is built). Returns the merged module names."""
+    from lora_ds.adapter import saved_tensors
     from lora_ds.lora import lora_modules
     from lora_ds.merge import merge_live
 
+    saved = saved_tensors(lora.tensors)
+    if saved:
+        raise UserError(
+            f"{lora.source}: it trains {', '.join(sorted(saved)[:2])} in full (modules_to_save), which evaluation "
+            "does not load yet; merge it first (lora-ds merge --base ... --adapter ... --out DIR) and evaluate DIR"
+        )
     inject_adapter(model, lora.config)
     dora = bool(lora.config.get("use_dora"))
     modules = lora_modules(model)
