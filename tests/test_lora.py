@@ -240,7 +240,8 @@ BAD_ADAPTERS = {
     ),
     "non-lora tensor": (
         _edit_weights(lambda s: s.update({"base_model.model.lm_head.weight": torch.ones(2)})),
-        r"holds non-LoRA tensors \(e.g. lm_head.weight\)",
+        r"holds lm_head.weight, which is no LoRA tensor and no param of a module that adapter_config.json's "
+        r"modules_to_save \(none\) selects",
     ),
     "nan": (_edit_weights(_nan), r"model.layers.0.q holds NaN/Inf"),
     "other rank_pattern": (
