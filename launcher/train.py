@@ -22,8 +22,9 @@ import time
 import torch
 
 from lora_ds import checkpoint, kernels
-from lora_ds.adapter import peft_config, write_adapter
+from lora_ds.adapter import peft_config, to_original_base, write_adapter
 from lora_ds.build import build
+from lora_ds.checkpoint_files import LORA_INIT
 from lora_ds.config import DEMO_DIR, FieldError, RunConfig, as_flag_error, parse_config, resolve_ds_config
 from lora_ds.data import EvalBatches, StepSampler, TrainBatches, load_rows
 from lora_ds.dist import init_distributed, shutdown
@@ -122,6 +123,7 @@ class Recipe:
             rank_pattern=cfg.lora.rank_pattern,
             alpha_pattern=cfg.lora.alpha_pattern,
             use_dora=cfg.lora.use_dora,
+            init_lora_weights=cfg.lora.init_lora_weights,
             base_model=cfg.model.name,
             fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in model.modules()),
         )
@@ -179,6 +181,7 @@ class Recipe:
                 cfg.train.keep_checkpoints,
                 state,
                 {"adapter_config.json": self.adapter_config, "run_config.json": self.run_record},
+                {LORA_INIT: self.trainable.lora_init} if self.trainable.lora_init else {},
             ),
             stop=self.stop,
             total_steps=self.total_steps,
@@ -225,7 +228,10 @@ class Recipe:
         tensors = {name: safe_get_full_fp32_param(p).detach().cpu().clone() for name, p in self.trainable.lora.items()}
         if self.env.rank == 0:
             path = os.path.join(self.cfg.train.output_dir, "adapter")
-            write_adapter(path, tensors, self.adapter_config, extra_json={"run_config.json": self.run_record})
+            config = self.adapter_config
+            if self.trainable.lora_init:  # PiSSA/OLoRA: as a LoRA of the original base, as export-adapter writes it
+                tensors, config = to_original_base(tensors, config, self.trainable.lora_init)
+            write_adapter(path, tensors, config, extra_json={"run_config.json": self.run_record})
             print(
                 f"adapter written to {path} ({self.trainable_params:,} trainable of "
                 f"{self.run_record['resolved']['total_params']:,} params)",

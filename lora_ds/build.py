@@ -13,7 +13,7 @@ from torch import nn
 from lora_ds import kernels
 from lora_ds.engine import build_engine
 from lora_ds.families import default_targets
-from lora_ds.lora import expand_all_linear, inject_lora, lora_parameters
+from lora_ds.lora import expand_all_linear, init_factors, inject_lora, lora_parameters
 from lora_ds.loss import defer_lm_head
 from lora_ds.model import build_model, has_sliding_window
 from lora_ds.zero import fetch_by_layer, skip_resident_fetch_sync, zero3_enabled
@@ -26,6 +26,7 @@ class Trainable:
     targets: list[str] | str  # what --lora_targets selects, all-linear expanded (the adapter's target_modules)
     adapted: list[str]  # names of the LoRA-wrapped modules
     lora: dict  # {"<module>.lora_A.weight": Parameter, ...}
+    lora_init: dict  # PiSSA/OLoRA: the initial factors {"<module>.lora_A.weight": A0, ...} (fp32, CPU), else {}
     fused: list[str]  # fused kernel paths (lora_ds.kernels), [] on the plain path
     attention: str  # the attention implementation built
 
@@ -57,6 +58,7 @@ def build_trainable(cfg, ds_config: dict | None, vocab_size: int | None = None, 
         rank_pattern=lc.rank_pattern,
         alpha_pattern=lc.alpha_pattern,
         use_dora=lc.use_dora,
+        init_lora_weights=lc.init_lora_weights,
     )
     if defer_lm_head(model, fused=liger) is not None and liger:
         fused.append("linear_cross_entropy")
@@ -67,7 +69,7 @@ def build_trainable(cfg, ds_config: dict | None, vocab_size: int | None = None, 
         if cfg.model.zero3_fetch == "layer":
             fetch_by_layer(model)
     attention = model.config._attn_implementation
-    return Trainable(model, keepalive, targets, adapted, lora_parameters(model), fused, attention)
+    return Trainable(model, keepalive, targets, adapted, lora_parameters(model), init_factors(model), fused, attention)
 
 
 def build(cfg, ds_config: dict, total_steps: int, vocab_size: int | None = None, packed: bool = False):
