@@ -380,6 +380,7 @@ def reference_lora(
     alpha_pattern: dict | None = None,
     loraplus_lr_ratio: float | None = None,
     use_dora: bool = False,
+    init_lora_weights: str = "default",
 ) -> dict:
     """The LoRA of `model` after the trainer's steps `steps` on `world` ranks, in one process with plain PyTorch
     (no DeepSpeed): the same rows per step and rank (StepSampler), loss scaling, clipping at 1.0, AdamW (weight
@@ -387,7 +388,8 @@ def reference_lora(
     (fp32 params, Adam moments and step, scheduler) when given, else from the LoRA init of `seed`. `grad_norms`,
     when given, gets each step's gradient norm before clipping. `rank_pattern` / `alpha_pattern`: PEFT's, and
     `loraplus_lr_ratio`: LoRA+ as PEFT's create_loraplus_optimizer groups it (B, and DoRA's magnitudes, at
-    lr × ratio). `use_dora`: the model is PEFT's own DoRA (the oracle), started from our initial factors."""
+    lr × ratio). `use_dora`: the model is PEFT's own DoRA (the oracle), started from our initial factors.
+    `init_lora_weights`: inject_lora's (PiSSA/OLoRA: `model` becomes the residual base)."""
     import torch
     from torch.optim.lr_scheduler import LambdaLR
 
@@ -401,7 +403,17 @@ def reference_lora(
     if use_dora:
         model, params = peft_dora(model, targets, r, alpha, seed)
     else:
-        inject_lora(model, targets, r, alpha, 0.0, seed=seed, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+        inject_lora(
+            model,
+            targets,
+            r,
+            alpha,
+            0.0,
+            seed=seed,
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
+            init_lora_weights=init_lora_weights,
+        )
         params = lora_parameters(model)
     groups = [{"params": list(params.values()), "lr": lr}]
     if loraplus_lr_ratio is not None:
