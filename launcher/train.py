@@ -22,8 +22,9 @@ import time
 import torch
 
 from lora_ds import checkpoint, kernels
-from lora_ds.adapter import peft_config, with_tied, write_adapter
+from lora_ds.adapter import peft_config, to_original_base, with_tied, write_adapter
 from lora_ds.build import build
+from lora_ds.checkpoint_files import LORA_INIT
 from lora_ds.config import DEMO_DIR, FieldError, RunConfig, as_flag_error, parse_config, resolve_ds_config
 from lora_ds.data import EvalBatches, StepSampler, TrainBatches, load_rows
 from lora_ds.dist import init_distributed, shutdown
@@ -133,6 +134,7 @@ class Recipe:
             use_dora=cfg.lora.use_dora,
             modules_to_save=self.trainable.modules_to_save,
             ensure_weight_tying=bool(self.trainable.tied),
+            init_lora_weights=cfg.lora.init_lora_weights,
             base_model=cfg.model.name,
             fan_in_fan_out=any(getattr(m, "fan_in_fan_out", False) for m in model.modules()),
         )
@@ -194,6 +196,7 @@ class Recipe:
                     "run_config.json": self.run_record,
                     **self.tokenizer_files,
                 },
+                {LORA_INIT: self.trainable.lora_init} if self.trainable.lora_init else {},
             ),
             stop=self.stop,
             total_steps=self.total_steps,
@@ -240,8 +243,11 @@ class Recipe:
         tensors = {name: safe_get_full_fp32_param(p).detach().cpu().clone() for name, p in self.trainable.lora.items()}
         if self.env.rank == 0:
             path = os.path.join(self.cfg.train.output_dir, "adapter")
+            config = self.adapter_config
+            if self.trainable.lora_init:  # PiSSA/OLoRA: as a LoRA of the original base, as export-adapter writes it
+                tensors, config = to_original_base(tensors, config, self.trainable.lora_init)
             extra = {"run_config.json": self.run_record, **self.tokenizer_files}
-            write_adapter(path, with_tied(tensors, self.trainable.tied), self.adapter_config, extra_json=extra)
+            write_adapter(path, with_tied(tensors, self.trainable.tied), config, extra_json=extra)
             print(
                 f"adapter written to {path} ({self.trainable_params:,} trainable of "
                 f"{self.run_record['resolved']['total_params']:,} params)",

@@ -6,6 +6,12 @@ config's `modules_to_save`, lora_ds.saved_modules; `ensure_weight_tying: true` w
 and output embeddings share, saved under both names), as PEFT writes them, so
 `peft.PeftModel.from_pretrained(base, dir)` loads what we write and we load what PEFT writes.
 
+An adapter dir always applies to the original base. A PiSSA/OLoRA run trains on a residual base, so its adapter
+is converted as PEFT's `save_pretrained(path_initial_model_for_weight_conversion=...)` converts it
+(`to_original_base`): a plain LoRA of rank 2r, `init_lora_weights: true`. Only a checkpoint tag holds the
+unconverted factors (with its initial factors beside them, lora_ds.checkpoint_files); a PEFT adapter saved without
+that conversion is refused, since applied to the original base it would be wrong.
+
 `check_config` and `check_lora` are the one definition of a valid adapter: every reader and writer of LoRA
 tensors (export, merge, analyze, eval, `read_adapter`, `write_adapter`) goes through them, so a new variant
 of the format (DoRA, rank patterns, modules_to_save) is taught here once.
@@ -21,7 +27,7 @@ import torch
 from lora_ds.dtypes import torch_dtype
 from lora_ds.errors import UserError
 from lora_ds.fsutil import atomic_dir, read_json, write_json, write_text
-from lora_ds.lora import is_target, lora_scale, pattern_value
+from lora_ds.lora import is_target, lora_scale, mutates_base, pattern_value
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -60,8 +66,10 @@ def peft_config(
     use_dora: bool = False,
     modules_to_save: list[str] | None = None,
     ensure_weight_tying: bool = False,
+    init_lora_weights: str = "default",
 ) -> dict:
-    """The adapter_config.json PEFT reads (LoraConfig fields)."""
+    """The adapter_config.json PEFT reads (LoraConfig fields). `init_lora_weights`: LoraConfig's; PEFT writes
+    true for its default."""
     tying = {"ensure_weight_tying": True} if ensure_weight_tying else {}
     return tying | {
         "peft_type": "LORA",
@@ -75,7 +83,7 @@ def peft_config(
         "bias": "none",
         "base_model_name_or_path": base_model,
         "inference_mode": True,
-        "init_lora_weights": True,
+        "init_lora_weights": True if init_lora_weights == "default" else init_lora_weights,
         "modules_to_save": list(modules_to_save) if modules_to_save else None,
         "use_dora": use_dora,
         "rank_pattern": dict(rank_pattern or {}),
@@ -134,8 +142,40 @@ def factors(tensors: dict, module: str) -> tuple[torch.Tensor, torch.Tensor]:
     return tensors[module + LORA_A], tensors[module + LORA_B]
 
 
-def check_config(config: dict, path: str) -> dict:
-    """`config` (read from `path`), once it is known to be a PEFT LoRA config with the fields readers use."""
+def to_original_base(tensors: dict, config: dict, init: dict, source: str = "the adapter") -> tuple[dict, dict]:
+    """(tensors, config) of a plain LoRA of the original base W0, from a PiSSA/OLoRA adapter trained on the residual
+    W_res = W0 - s·B0·A0 and its initial factors `init` (PEFT's `subtract_mutated_init` and save_pretrained):
+
+        W_res + s·B·A = W0 + s·(B·A - B0·A0) = W0 + s·[B | -B0]·[A ; A0]
+
+    so A' = cat[A, A0] (dim 0), B' = cat[B, -B0] (dim 1), with r, lora_alpha, rank_pattern and alpha_pattern doubled
+    (s unchanged; with rsLoRA lora_alpha × sqrt(2) instead, which PEFT refuses beside a pattern) and
+    init_lora_weights true. DoRA magnitudes (none: refused with PiSSA/OLoRA) would pass unchanged."""
+    converted = dict(tensors)
+    for module in adapted_modules(tensors):
+        A, B = factors(tensors, module)
+        if module + LORA_A not in init or module + LORA_B not in init:
+            raise UserError(f"{source}: the initial factors hold no {module}; they belong to another run")
+        A0, B0 = init[module + LORA_A], init[module + LORA_B]
+        if A0.shape != A.shape or B0.shape != B.shape:
+            raise UserError(
+                f"{source}: the initial factors of {module} are {list(A0.shape)} / {list(B0.shape)}, its trained ones "
+                f"{list(A.shape)} / {list(B.shape)}; they belong to another run"
+            )
+        converted[module + LORA_A] = torch.cat([A.float(), A0.float()], dim=0)
+        converted[module + LORA_B] = torch.cat([B.float(), -B0.float()], dim=1)
+    config = dict(config)
+    config["r"] *= 2
+    config["lora_alpha"] *= 2**0.5 if config.get("use_rslora") else 2
+    config["rank_pattern"] = {k: 2 * v for k, v in (config.get("rank_pattern") or {}).items()}
+    config["alpha_pattern"] = {k: 2 * v for k, v in (config.get("alpha_pattern") or {}).items()}
+    config["init_lora_weights"] = True
+    return converted, config
+
+
+def check_config(config: dict, path: str, residual_base: bool = False) -> dict:
+    """`config` (read from `path`), once it is known to be a PEFT LoRA config with the fields readers use.
+    `residual_base`: a checkpoint tag's, whose init_lora_weights may be pissa/olora (an adapter's may not)."""
     if config.get("peft_type") != "LORA":
         raise UserError(f"{path}: peft_type is {config.get('peft_type')!r}, only LORA adapters are supported")
     for field, kinds, what in (("r", int, "a positive integer"), ("lora_alpha", (int, float), "a positive number")):
@@ -159,6 +199,13 @@ def check_config(config: dict, path: str) -> dict:
         raise UserError(f"{path}: field 'modules_to_save' must be null or a list of module names, got {saved!r}")
     if not isinstance(config.get("use_dora", False), bool):
         raise UserError(f"{path}: field 'use_dora' must be true or false, got {config['use_dora']!r}")
+    init = config.get("init_lora_weights", True)
+    if mutates_base(init) and not residual_base:
+        raise UserError(
+            f"{path}: init_lora_weights is {init!r}: these factors apply to a residual base PEFT derives from "
+            "the original at load time, not to the base itself; save the adapter with PEFT's "
+            "save_pretrained(path_initial_model_for_weight_conversion=...), or export it with lora-ds export-adapter"
+        )
     return config
 
 

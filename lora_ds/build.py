@@ -14,7 +14,7 @@ from torch import nn
 from lora_ds import kernels
 from lora_ds.engine import build_engine
 from lora_ds.families import default_targets
-from lora_ds.lora import expand_all_linear, inject_lora, lora_parameters
+from lora_ds.lora import expand_all_linear, init_factors, inject_lora, lora_parameters
 from lora_ds.loss import defer_lm_head
 from lora_ds.model import build_model, has_sliding_window
 from lora_ds.saved_modules import embedding_entries, select, tied_names, unfreeze
@@ -29,6 +29,7 @@ class Trainable:
     targets: list[str] | str  # what --lora_targets selects, all-linear expanded (the adapter's target_modules)
     adapted: list[str]  # names of the LoRA-wrapped modules
     lora: dict  # what the optimizer trains: {"<module>.lora_A.weight": Parameter, ...} and the saved modules' params
+    lora_init: dict  # PiSSA/OLoRA: the initial factors {"<module>.lora_A.weight": A0, ...} (fp32, CPU), else {}
     modules_to_save: list[str] | None  # the adapter's modules_to_save (with --add_tokens' embedding and head)
     saved: list[str]  # names of the modules trained in full
     tied: dict  # {"<head>.weight": "<embedding>.weight"} of a trained matrix both share
@@ -68,6 +69,7 @@ def build_trainable(
         rank_pattern=lc.rank_pattern,
         alpha_pattern=lc.alpha_pattern,
         use_dora=lc.use_dora,
+        init_lora_weights=lc.init_lora_weights,
     )
     modules_to_save = _modules_to_save(model, lc.modules_to_save, first_new_id is not None)
     saved = select(model, modules_to_save, adapted) if modules_to_save else []
@@ -84,7 +86,10 @@ def build_trainable(
         if cfg.model.zero3_fetch == "layer":
             fetch_by_layer(model)
     attention = model.config._attn_implementation
-    return Trainable(model, keepalive, targets, adapted, params, modules_to_save, saved, tied, fused, attention)
+    lora_init = init_factors(model)
+    return Trainable(
+        model, keepalive, targets, adapted, params, lora_init, modules_to_save, saved, tied, fused, attention
+    )
 
 
 def _modules_to_save(model, requested: list[str] | None, grown: bool) -> list[str] | None:

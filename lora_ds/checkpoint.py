@@ -56,8 +56,11 @@ def _rng_state() -> dict:
     return state
 
 
-def save(engine, root: str, step: int, trainer_state: dict, extra_json: dict, keep: int) -> str:
-    """Save a checkpoint of `engine` at `step` (collective: every rank calls it). Returns the tag."""
+def save(
+    engine, root: str, step: int, trainer_state: dict, extra_json: dict, keep: int, extra_tensors: dict | None = None
+) -> str:
+    """Save a checkpoint of `engine` at `step` (collective: every rank calls it). Returns the tag.
+    Rank 0 writes `extra_json` ({file: object}) and `extra_tensors` ({file: {name: tensor}}, safetensors) into it."""
     import torch.distributed as dist
     from safetensors.torch import save_file
 
@@ -73,6 +76,8 @@ def save(engine, root: str, step: int, trainer_state: dict, extra_json: dict, ke
     if rank == 0:
         for name, obj in extra_json.items():  # JSON objects, or text (a tokenizer's files)
             (write_text if isinstance(obj, str) else write_json)(os.path.join(tag_dir, name), obj)
+        for name, tensors in (extra_tensors or {}).items():
+            save_file(tensors, os.path.join(tag_dir, name))
         write_json(os.path.join(tag_dir, STATE_FILE), trainer_state)
         write_text(os.path.join(root, LATEST), tag + "\n")
         _prune(root, keep)
@@ -139,26 +144,33 @@ def resolve_tag(root: str, requested: str) -> str | None:
 
 # What a tag's tensors and optimizer groups are shaped by: a resume with other values would fail inside DeepSpeed
 # (ranks) or silently keep the checkpoint's param groups and their lrs (LoRA+).
+# PiSSA/OLoRA: the residual base is recomputed from the original base by the init the tag was trained with.
 FIXED_ON_RESUME = (
     ("lora", "r"),
     ("lora", "rank_pattern"),
+    ("lora", "init_lora_weights"),
     ("train", "loraplus_lr_ratio"),
     ("lora", "modules_to_save"),
     ("model", "add_tokens"),
 )
+# OLoRA's residual W0 - s·B0·A0 also depends on each module's scale s.
+FIXED_WITH_RESIDUAL_BASE = (("lora", "alpha"), ("lora", "alpha_pattern"), ("lora", "rslora"))
 
 
 def check_resumable(tag_dir: str, run: dict, defaults: dict) -> None:
-    """Refuse to resume `tag_dir` under `run` (a RunConfig's dict) when a FIXED_ON_RESUME setting differs from the
-    tag's run_config.json (a key it lacks has its value of `defaults`, an older version's)."""
+    """Refuse to resume `tag_dir` under `run` (a RunConfig's dict) when a FIXED_ON_RESUME setting (and for a
+    PiSSA/OLoRA tag, a FIXED_WITH_RESIDUAL_BASE one) differs from the tag's run_config.json (a key it lacks has its
+    value of `defaults`, an older version's)."""
     from lora_ds.config import SECTION_TYPES
     from lora_ds.fsutil import read_json
+    from lora_ds.lora import mutates_base
 
     path = os.path.join(tag_dir, "run_config.json")
     if not os.path.isfile(path):
         return
     saved = read_json(path)
-    for section, key in FIXED_ON_RESUME:
+    residual = mutates_base(saved.get("lora", {}).get("init_lora_weights"))
+    for section, key in FIXED_ON_RESUME + (FIXED_WITH_RESIDUAL_BASE if residual else ()):
         then = saved.get(section, {}).get(key, defaults[section][key])
         if then != run[section][key]:
             flag = next(f.metadata["flag"] for f in dataclasses.fields(SECTION_TYPES[section]) if f.name == key)

@@ -11,6 +11,10 @@
                                                       optimizer_state_dict.fp32_flat_groups[g]: rank r's fp32
                                                       master partition of group g (plus Adam moments)
         rng_rank<r>.safetensors                       rank r's RNG state (dropout)
+        lora_init.safetensors                         PiSSA/OLoRA only: the initial factors A0, B0 (fp32, LoRA
+                                                      names), which make the residual base W0 - s·B0·A0 the run
+                                                      trained on: export converts the adapter to the original
+                                                      base with them, which needs neither the base nor a GPU
         adapter_config.json, run_config.json          what the adapter is and how it was trained
         trainer_state.json                            step, samples, world size; written last: a tag without
                                                       it is incomplete
@@ -45,6 +49,7 @@ OPTIM_FILE = "zero_pp_rank_{}_mp_rank_00_optim_states.pt"
 # DeepSpeed prefixes the optimizer files with "bf16_" when bf16 is enabled.
 OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 MOMENTS = ("exp_avg", "exp_avg_sq")
+LORA_INIT = "lora_init.safetensors"
 
 
 def tag_for(step: int) -> str:
@@ -245,6 +250,23 @@ def read_zero3_state(tag_dir: str, moments: bool = False) -> tuple[dict, int, to
             }
     step = first.get("optimizer_state_dict", {}).get("state", {}).get(0, {}).get("step") if moments else None
     return params, world, step
+
+
+def read_lora_init(tag_dir: str) -> dict:
+    """{"<module>.lora_A.weight": A0, ...} of a PiSSA/OLoRA tag (`LORA_INIT`)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = os.path.join(tag_dir, LORA_INIT)
+    if not os.path.isfile(path):
+        raise UserError(
+            f"{tag_dir}: its adapter config says the run started from a residual base (PiSSA/OLoRA), but {LORA_INIT}, "
+            "the initial factors that convert the adapter to the original base, is missing"
+        )
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: unreadable safetensors file ({e})") from e
 
 
 def read_zero3_params(tag_dir: str) -> tuple[dict, int]:

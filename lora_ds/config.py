@@ -201,6 +201,14 @@ class LoraConfig:
     use_dora: bool = _f(
         False, "--use_dora", "DoRA: a trainable magnitude per output feature rescales each row of W0 + s·B·A (PEFT's)"
     )
+    init_lora_weights: str = _f(
+        "default",
+        "--init_lora_weights",
+        "initial factors, PEFT's init_lora_weights: default (A kaiming-uniform, B = 0), gaussian (A ~ N(0, std 1/r), "
+        "B = 0), pissa / pissa_niter_N (A, B from W0's top-r singular vectors, exact SVD or N-iteration randomized) "
+        "or olora (from W0's QR); pissa and olora train on the residual W0 - s·B0·A0, and the saved adapter is a "
+        "rank-2r LoRA of the original base (lora_ds/lora.py)",
+    )
 
     def __post_init__(self):
         _typed(self)
@@ -213,6 +221,7 @@ class LoraConfig:
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [m.strip() for m in self.modules_to_save.split(",") if m.strip()]
         self.modules_to_save = self.modules_to_save or None
+        self._init_weights()
         if isinstance(self.targets, list) and len(self.targets) > 1:
             alone = "all-linear" not in map(str.lower, self.targets)
             _require(self, "targets", alone, "all-linear stands alone, not beside module names")
@@ -231,6 +240,35 @@ class LoraConfig:
                 if value <= 0:
                     what = "rank" if name == "rank_pattern" else "alpha"
                     raise FieldError(_key(self, name), f"{key}={value}", f"the {what} must be positive")
+
+    def _init_weights(self) -> None:
+        from lora_ds.lora import INITS, mutates_base, pissa_niter
+
+        init = self.init_lora_weights
+        if init not in INITS:
+            try:
+                pissa_niter(init)
+            except ValueError:
+                _require(self, "init_lora_weights", False, f"choose {', '.join(INITS)} or pissa_niter_N (N >= 0)")
+        if not mutates_base(init):
+            return
+        # PEFT builds both, but its conversion to an adapter of the original base (subtract_mutated_init) drops
+        # the magnitudes, and refuses rsLoRA with patterns (alpha_pattern doubled would change s): the adapters
+        # lora-ds saves would not apply to the base.
+        _require(
+            self,
+            "init_lora_weights",
+            not self.use_dora,
+            "DoRA with PiSSA/OLoRA is not supported: PEFT's conversion of the adapter to the original base drops "
+            "DoRA's magnitudes; use one or the other",
+        )
+        _require(
+            self,
+            "init_lora_weights",
+            not (self.rslora and (self.rank_pattern or self.alpha_pattern)),
+            "PiSSA/OLoRA with rsLoRA and a rank or alpha pattern cannot be converted to an adapter of the original "
+            "base (PEFT refuses it too); drop --rslora or the patterns",
+        )
 
     def target_spec(self):
         """A list of names, or the regex string (without its `re:` prefix)."""

@@ -3,7 +3,9 @@
 The fp32 masters are consolidated from every rank's partitions by `lora_ds.checkpoint_files` (mmap: frozen
 fragments and Adam moments are never read) and checked against the tag's adapter config by
 `lora_ds.adapter.check_lora`. `lora-ds export-adapter` writes them as a PEFT adapter; `lora-ds eval
---checkpoint` merges them into its base.
+--checkpoint` merges them into its base. A PiSSA/OLoRA tag's factors are converted to a plain LoRA of the original
+base with the initial factors the tag holds (`lora_ds.adapter.to_original_base`), so both see what the trainer's own
+adapter is.
 """
 
 from __future__ import annotations
@@ -17,12 +19,22 @@ from lora_ds.adapter import (
     check_config,
     check_lora,
     read_run_config,
+    to_original_base,
     with_tied,
     write_adapter,
 )
-from lora_ds.checkpoint_files import LATEST, MODEL_STATES, check_complete, latest_tag, read_zero3_params, tags
+from lora_ds.checkpoint_files import (
+    LATEST,
+    MODEL_STATES,
+    check_complete,
+    latest_tag,
+    read_lora_init,
+    read_zero3_params,
+    tags,
+)
 from lora_ds.errors import UserError
 from lora_ds.fsutil import read_json
+from lora_ds.lora import mutates_base
 from lora_ds.vocab import tokenizer_files
 
 
@@ -47,15 +59,19 @@ def resolve_tag_dir(checkpoint: str, tag: str | None = None) -> str:
 
 
 def read_checkpoint_lora(checkpoint: str, tag: str | None = None) -> tuple[LoRAWeights, int]:
-    """(the checked LoRA of a checkpoint tag, the number of ranks that wrote it)."""
+    """(the checked LoRA of a checkpoint tag, as a LoRA of the original base; the number of ranks that wrote it)."""
     tag_dir = resolve_tag_dir(checkpoint, tag)
     config_path = os.path.join(tag_dir, CONFIG_FILE)
     config = check_config(
-        read_json(config_path, "the trainer writes the adapter config into every checkpoint tag"), config_path
+        read_json(config_path, "the trainer writes the adapter config into every checkpoint tag"),
+        config_path,
+        residual_base=True,
     )
     run_config = read_run_config(tag_dir)
     tensors, world = read_zero3_params(tag_dir)
     check_lora(tensors, config, tag_dir, (run_config or {}).get("resolved", {}).get("adapted_modules"))
+    if mutates_base(config.get("init_lora_weights")):
+        tensors, config = to_original_base(tensors, config, read_lora_init(tag_dir), tag_dir)
     return LoRAWeights(config, tensors, tag_dir, run_config), world
 
 

@@ -10,6 +10,16 @@ DoRA (Liu et al. 2024, `use_dora`) adds a trainable magnitude m per output featu
 PEFT's name), initialised to the row norms of W0, and rescales each output row of the adapted weight:
 
     h = m / ||W0 + s·B·A||_row · (W0 + s·B·A)·x     (the norm detached from the graph, as the paper and PEFT)
+
+`init_lora_weights` (PEFT's name and values) picks the initial factors: `default` (above), `gaussian`
+(A ~ N(0, std 1/r), B = 0), or, from W0 itself, `pissa` (Meng et al. 2024: A, B from W0's top r singular triplets,
+each taking sqrt(S / s); `pissa_niter_N`: the same from torch.svd_lowrank with N subspace iterations) and `olora`
+(Büyükakyüz 2024: B, A = the first r columns of Q and rows of R of W0 = Q·R). Those two move the principal part
+into the adapter and train on the residual base W_res = W0 - s·B0·A0 (fp32 math with the factors as the layer
+holds them, one cast to W0's dtype), so the model starts as the base. lora-ds never saves the base: a resume
+recomputes W_res from the original W0 (the same decomposition of the same weight), and the layer keeps A0, B0
+(`init_factors`) so that the saved adapter can be converted to a plain LoRA of the original base
+(`lora_ds.adapter.to_original_base`).
 """
 
 from __future__ import annotations
@@ -112,6 +122,54 @@ def dora_merged_weight(
     return merged
 
 
+INITS = ("default", "gaussian", "pissa", "olora")  # and pissa_niter_N
+
+
+def mutates_base(init) -> bool:
+    """Whether `init` (an init_lora_weights value, ours or PEFT's) starts from a residual base W0 - s·B0·A0."""
+    return isinstance(init, str) and (init in ("olora", "corda", "loftq", "lora_ga") or init.startswith("pissa"))
+
+
+def pissa_niter(init: str) -> int | None:
+    """N of `pissa_niter_N`; None for `pissa`. Raises ValueError for anything else."""
+    if init == "pissa":
+        return None
+    match = re.fullmatch(r"pissa_niter_(\d+)", init)
+    if match is None:
+        raise ValueError(f"not pissa or pissa_niter_N: {init!r}")
+    return int(match.group(1))
+
+
+def base_init_factors(weight: torch.Tensor, r: int, scale: float, init: str, fan_in_fan_out: bool):
+    """(A (r, in), B (out, r)) in fp32 of PEFT's `pissa_init` / `olora_init` on the full base `weight`.
+
+    PiSSA: W0 = V·S·Uh, A = sqrt(S_r / s)·Uh_r, B = V_r·sqrt(S_r / s), so s·B·A is W0's best rank-r part.
+    OLoRA: W0 = Q·R, A = R_r, B = Q_r (no division by s: PEFT's rule)."""
+    w = weight.float()
+    w = w.T if fan_in_fan_out else w  # (out, in)
+    if init == "olora":
+        Q, R = torch.linalg.qr(w)
+        return R[:r].contiguous(), Q[:, :r].contiguous()
+    niter = pissa_niter(init)
+    if niter is None:
+        V, S, Uh = torch.linalg.svd(w, full_matrices=False)
+        Vr, Sr, Uhr = V[:, :r], S[:r] / scale, Uh[:r]
+    else:
+        Vr, Sr, Ur = torch.svd_lowrank(w, r, niter=niter)
+        Sr, Uhr = Sr / scale, Ur.t()
+    return torch.diag(torch.sqrt(Sr)) @ Uhr, Vr @ torch.diag(torch.sqrt(Sr))
+
+
+def residual_weight(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float, fan_in_fan_out: bool
+) -> torch.Tensor:
+    """W0 - s·B·A in fp32 (PEFT's expression and order: W0 - (s·B)·A), cast once to W0's dtype."""
+    w = weight.float()
+    w = w.T if fan_in_fan_out else w
+    residual = w - (scale * lora_B.float()) @ lora_A.float()
+    return (residual.T if fan_in_fan_out else residual).to(weight.dtype)
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
@@ -153,6 +211,7 @@ class LoRALinear(nn.Module):
         dropout: float = 0.0,
         rslora: bool = False,
         use_dora: bool = False,
+        init_lora_weights: str = "default",
     ):
         super().__init__()
         if _is_conv1d(base_layer):
@@ -173,7 +232,10 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.Linear(r, out_features, bias=False)
         self.merged = False
-        self.reset_lora_parameters()
+        if not mutates_base(init_lora_weights):  # PiSSA/OLoRA: set from the base by `init_from_base`
+            self.reset_lora_parameters(init_lora_weights)
+        # PiSSA/OLoRA: (A0, B0) in fp32 on the CPU, the factors W0 - s·B0·A0 (the residual base) was made with.
+        self.init_factors: tuple[torch.Tensor, torch.Tensor] | None = None
         self.lora_A.to(base_layer.weight.dtype)
         self.lora_B.to(base_layer.weight.dtype)
         # DoRA's magnitude, set from the base weight by `init_magnitude` (which may need it gathered first).
@@ -194,10 +256,28 @@ class LoRALinear(nn.Module):
         )
         self.lora_magnitude_vector.copy_(norm)
 
-    def reset_lora_parameters(self) -> None:
-        # PEFT's default init: A ~ kaiming_uniform(a=sqrt(5)), B = 0.
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+    def reset_lora_parameters(self, init: str = "default") -> None:
+        """PEFT's `reset_lora_parameters`: A ~ kaiming_uniform(a=sqrt(5)) (default) or N(0, std 1/r) (gaussian),
+        B = 0."""
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+
+    @torch.no_grad()
+    def init_from_base(self, init: str) -> None:
+        """PiSSA / OLoRA: the factors from W0 (`base_init_factors`), then W0 <- W0 - s·B0·A0 with B0, A0 as this
+        layer holds them (rounded to its dtype), kept in `init_factors`. Reads and writes the full base weight."""
+        weight = self.base_layer.weight
+        A, B = base_init_factors(weight, self.r, self.scaling, init, self.fan_in_fan_out)
+        self.lora_A.weight.copy_(A)
+        self.lora_B.weight.copy_(B)
+        A0, B0 = self.lora_A.weight.float().cpu().clone(), self.lora_B.weight.float().cpu().clone()
+        weight.copy_(
+            residual_weight(weight, A0.to(weight.device), B0.to(weight.device), self.scaling, self.fan_in_fan_out)
+        )
+        self.init_factors = (A0, B0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
@@ -289,6 +369,16 @@ def lora_parameters(model: nn.Module):
     return params
 
 
+def init_factors(model: nn.Module) -> dict:
+    """{"<module>.lora_A.weight": A0, "<module>.lora_B.weight": B0, ...}: the PiSSA/OLoRA initial factors of each
+    LoRA layer (fp32, CPU); {} for the other inits."""
+    tensors = {}
+    for name, module in lora_modules(model):
+        if module.init_factors is not None:
+            tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = module.init_factors
+    return tensors
+
+
 def is_target(name: str, targets) -> bool:
     """PEFT's rule: a list selects a module whose name equals one of its entries or ends with ".<entry>"; a
     string is a regular expression that must match the whole module name."""
@@ -330,6 +420,7 @@ def inject_lora(
     rank_pattern: dict | None = None,
     alpha_pattern: dict | None = None,
     use_dora: bool = False,
+    init_lora_weights: str = "default",
 ) -> list[str]:
     """Freeze `model` and wrap each target module in a LoRALinear. Returns the adapted module names.
 
@@ -337,11 +428,22 @@ def inject_lora(
     rule), else `r` / `alpha`. With `seed`, the factors are drawn from a generator seeded with it, so every rank
     (and a single-process reference) gets identical initial adapters whatever RNG the base build consumed.
     With `use_dora`, each magnitude is set from its base weight, gathered one module at a time under ZeRO-3
-    (collective then: every rank must call it).
+    (collective then: every rank must call it). `init_lora_weights` (LoraConfig's): with pissa/olora each base
+    weight is gathered in turn and every rank decomposes it; rank 0's residual is written back into the partitions
+    (collective too).
     """
     # The training config's checks, naming the field (lora.r, ...) rather than a flag: merge and eval pass
     # values read from adapter_config.json.
-    lora = LoraConfig(r=r, alpha=alpha, dropout=dropout, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    lora = LoraConfig(
+        r=r,
+        alpha=alpha,
+        dropout=dropout,
+        rslora=rslora,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        use_dora=use_dora,
+        init_lora_weights=init_lora_weights,
+    )
     names = match_targets(model, targets)
     if not names:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
@@ -371,9 +473,34 @@ def inject_lora(
             base = getattr(parent, child)
             module_r = pattern_value(lora.rank_pattern, name, r)
             module_alpha = pattern_value(lora.alpha_pattern, name, alpha)
-            layer = LoRALinear(base, module_r, module_alpha, dropout, rslora, use_dora)
+            layer = LoRALinear(base, module_r, module_alpha, dropout, rslora, use_dora, init_lora_weights)
+            if mutates_base(init_lora_weights):
+                _check_base_init(layer, name, init_lora_weights, module_r != r)
+                with gathered([base.weight], modifier_rank=0):
+                    layer.init_from_base(init_lora_weights)
             if use_dora:
                 with gathered([base.weight]):
                     layer.init_magnitude()
             setattr(parent, child, layer)
     return names
+
+
+def _check_base_init(layer: LoRALinear, name: str, init: str, patterned: bool) -> None:
+    """Refuse what PEFT's PiSSA/OLoRA get wrong: a rank above min(in, out) (PEFT silently keeps fewer factors
+    than r), and OLoRA of a GPT-2 Conv1D (PEFT decomposes its (in, out) weight untransposed: A and B of the
+    wrong shapes)."""
+    if layer.r > min(layer.in_features, layer.out_features):
+        field, value = ("lora.rank_pattern", layer.r) if patterned else ("lora.r", layer.r)
+        raise FieldError(
+            field,
+            value,
+            f"{init} takes r singular vectors of each weight; {name} is {layer.out_features} x {layer.in_features}, "
+            f"so r can be at most {min(layer.in_features, layer.out_features)}",
+        )
+    if init == "olora" and layer.fan_in_fan_out:
+        raise FieldError(
+            "lora.init_lora_weights",
+            init,
+            f"{name} is a GPT-2 Conv1D, whose (in, out) weight PEFT's OLoRA decomposes untransposed (its factors "
+            "then do not fit the layer); use pissa",
+        )

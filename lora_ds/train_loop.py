@@ -298,12 +298,15 @@ class Checkpointer:
     keep: int
     state: Callable[[int], dict]  # trainer_state.json of a step
     extra_json: dict = field(default_factory=dict)  # files written into every tag
+    extra_tensors: dict = field(default_factory=dict)  # safetensors files written into every tag
 
     def due(self, step: int, last: bool) -> bool:
         return last or (self.every > 0 and step % self.every == 0)
 
     def save(self, step: int) -> str:
-        return checkpoint.save(self.engine, self.root, step, self.state(step), self.extra_json, self.keep)
+        return checkpoint.save(
+            self.engine, self.root, step, self.state(step), self.extra_json, self.keep, self.extra_tensors
+        )
 
 
 def train_step(engine, data: TrainBatches, step: int, device) -> tuple[torch.Tensor, int]:

@@ -381,6 +381,7 @@ def reference_lora(
     loraplus_lr_ratio: float | None = None,
     use_dora: bool = False,
     modules_to_save: list[str] | None = None,
+    init_lora_weights: str = "default",
 ) -> dict:
     """The LoRA of `model` after the trainer's steps `steps` on `world` ranks, in one process with plain PyTorch
     (no DeepSpeed): the same rows per step and rank (StepSampler), loss scaling, clipping at 1.0, AdamW (weight
@@ -389,7 +390,8 @@ def reference_lora(
     when given, gets each step's gradient norm before clipping. `rank_pattern` / `alpha_pattern`: PEFT's, and
     `loraplus_lr_ratio`: LoRA+ as PEFT's create_loraplus_optimizer groups it (B, and DoRA's magnitudes, at
     lr × ratio). `use_dora`: the model is PEFT's own DoRA (the oracle), started from our initial factors.
-    `modules_to_save`: those modules trained in full too (their loss through the model's own full logits)."""
+    `modules_to_save`: those modules trained in full too (their loss through the model's own full logits).
+    `init_lora_weights`: inject_lora's (PiSSA/OLoRA: `model` becomes the residual base)."""
     import torch
     from torch.optim.lr_scheduler import LambdaLR
 
@@ -404,7 +406,15 @@ def reference_lora(
         model, params = peft_dora(model, targets, r, alpha, seed)
     else:
         adapted = inject_lora(
-            model, targets, r, alpha, 0.0, seed=seed, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern
+            model,
+            targets,
+            r,
+            alpha,
+            0.0,
+            seed=seed,
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
+            init_lora_weights=init_lora_weights,
         )
         params = lora_parameters(model)
         if modules_to_save:
