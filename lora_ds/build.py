@@ -40,7 +40,13 @@ class Trainable:
 def build_trainable(cfg, ds_config: dict | None, vocab_size: int | None = None, packed: bool = False) -> Trainable:
     """The base of `cfg.model` with `cfg.lora`'s adapters, ready for `build_engine`; `packed`: the rows are."""
     model, keepalive = build_model(
-        cfg.model.name, cfg.model.dtype, ds_config, cfg.model.attn_implementation, vocab_size, packed
+        cfg.model.name,
+        cfg.model.dtype,
+        ds_config,
+        cfg.model.attn_implementation,
+        vocab_size,
+        packed,
+        cfg.model.quantize,
     )
     liger = kernels.use_liger(cfg.model.kernels)
     fused = kernels.fuse(model) if liger else []

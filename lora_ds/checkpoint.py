@@ -139,7 +139,8 @@ def resolve_tag(root: str, requested: str) -> str | None:
 
 # What a tag's tensors and optimizer groups are shaped by: a resume with other values would fail inside DeepSpeed
 # (ranks) or silently keep the checkpoint's param groups and their lrs (LoRA+).
-FIXED_ON_RESUME = (("lora", "r"), ("lora", "rank_pattern"), ("train", "loraplus_lr_ratio"))
+# A resume must train what the checkpoint trained: the same factor shapes, optimizer groups and frozen base.
+FIXED_ON_RESUME = (("lora", "r"), ("lora", "rank_pattern"), ("train", "loraplus_lr_ratio"), ("model", "quantize"))
 
 
 def check_resumable(tag_dir: str, run: dict, defaults: dict) -> None:

@@ -10,6 +10,9 @@ DoRA (Liu et al. 2024, `use_dora`) adds a trainable magnitude m per output featu
 PEFT's name), initialised to the row norms of W0, and rescales each output row of the adapted weight:
 
     h = m / ||W0 + s·B·A||_row · (W0 + s·B·A)·x     (the norm detached from the graph, as the paper and PEFT)
+
+The base may be a bitsandbytes 4-bit Linear (QLoRA, `lora_ds.quantize`): W0·x is its forward, DoRA's norms use
+its dequantized weight, and merging into 4-bit weights is refused (merge from the original base).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from torch import nn
 
 from lora_ds.config import FieldError, LoraConfig
+from lora_ds.quantize import dense_weight, is_quantized
 from lora_ds.zero import gathered
 
 # PEFT's shorthand for every Linear/Conv1D module but the output head.
@@ -190,7 +194,11 @@ class LoRALinear(nn.Module):
     def init_magnitude(self) -> None:
         """m <- ||W0 + s·B·A|| per output feature (PEFT's DoRA init). Needs the full base weight."""
         norm = weight_norm(
-            self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out
+            dense_weight(self.base_layer.weight),
+            self.lora_A.weight,
+            self.lora_B.weight,
+            self.scaling,
+            self.fan_in_fan_out,
         )
         self.lora_magnitude_vector.copy_(norm)
 
@@ -220,7 +228,8 @@ class LoRALinear(nn.Module):
         # The base weight is available inside the forward of its ZeRO-3 fetch unit (a decoder layer); per-module
         # fetching has released it after `base_layer`'s forward, so gather it (only then) for the norm.
         with gathered([base.weight]):
-            norm = weight_norm(base.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out)
+            W0 = dense_weight(base.weight)
+            norm = weight_norm(W0, self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out)
         scale = (self.lora_magnitude_vector / norm.to(result.dtype)).to(result.dtype)
         if self.lora_dropout is None or not self.training:
             base_result = result
@@ -251,6 +260,8 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def _add_delta(self, sign: int) -> None:
         weight = self.base_layer.weight
+        if is_quantized(weight):
+            raise RuntimeError("a LoRA layer on a 4-bit base cannot merge: merge into the original base's weights")
         if self.use_dora:
             weight.copy_(self._dora_merge(weight) if sign > 0 else self._dora_unmerge(weight))
             return
