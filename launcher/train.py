@@ -31,6 +31,7 @@ from lora_ds.dist import init_distributed, shutdown
 from lora_ds.errors import UserError
 from lora_ds.fsutil import write_json
 from lora_ds.model import DTYPES, check_model_dir, preset_config
+from lora_ds.quantize import matrix_numel, require_bitsandbytes
 from lora_ds.tokenizer import load_tokenizer, tokenizer_record
 from lora_ds.tracking import Trackers, check_installed
 from lora_ds.train_loop import Checkpointer, Evaluator, Loop, MetricsLog, Outcome, StopSignal, report_stopped
@@ -94,6 +95,8 @@ class Recipe:
             checkpoint.check_resumable(os.path.join(self.ckpt_root, self.tag), cfg.to_dict(), RunConfig().to_dict())
         kernels.use_liger(cfg.model.kernels)  # --kernels liger where Liger cannot run is refused here
         check_installed(cfg.train.report_to)
+        if cfg.model.quantize:
+            require_bitsandbytes()
 
     def _write_run_record(self) -> None:
         cfg, model, lora = self.cfg, self.trainable.model, self.trainable.lora
@@ -113,7 +116,7 @@ class Recipe:
                 "fused_kernels": self.trainable.fused,
                 "attn_implementation": self.trainable.attention,
                 "trainable_params": self.trainable_params,
-                "total_params": sum(full_numel(p) for p in model.parameters()),
+                "total_params": sum(matrix_numel(p) for p in model.parameters()),
                 "tokenizer": tokenizer_record(self.tok),
                 "ds_config": self.ds_config,
                 "versions": {

@@ -50,7 +50,13 @@ def build_trainable(
     """The base of `cfg.model` with `cfg.lora`'s adapters, ready for `build_engine`; `packed`: the rows are;
     `first_new_id`: the first id --add_tokens added (the vocab then grows to `vocab_size`)."""
     model, keepalive = build_model(
-        cfg.model.name, cfg.model.dtype, ds_config, cfg.model.attn_implementation, vocab_size, packed
+        cfg.model.name,
+        cfg.model.dtype,
+        ds_config,
+        cfg.model.attn_implementation,
+        vocab_size,
+        packed,
+        cfg.model.quantize,
     )
     if first_new_id is not None:
         grow_vocab(model, vocab_size, first_new_id)

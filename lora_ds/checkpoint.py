@@ -144,6 +144,7 @@ def resolve_tag(root: str, requested: str) -> str | None:
 
 # What a tag's tensors and optimizer groups are shaped by: a resume with other values would fail inside DeepSpeed
 # (ranks) or silently keep the checkpoint's param groups and their lrs (LoRA+).
+# A resume must train what the checkpoint trained: the same factor shapes, optimizer groups and frozen base.
 # PiSSA/OLoRA: the residual base is recomputed from the original base by the init the tag was trained with.
 FIXED_ON_RESUME = (
     ("lora", "r"),
@@ -152,6 +153,7 @@ FIXED_ON_RESUME = (
     ("train", "loraplus_lr_ratio"),
     ("lora", "modules_to_save"),
     ("model", "add_tokens"),
+    ("model", "quantize"),
 )
 # OLoRA's residual W0 - s·B0·A0 also depends on each module's scale s.
 FIXED_WITH_RESIDUAL_BASE = (("lora", "alpha"), ("lora", "alpha_pattern"), ("lora", "rslora"))

@@ -155,9 +155,16 @@ class ModelConfig:
         "special tokens: chatml, llama3); the input embedding and output head grow to fit them (new rows: the mean "
         "of the old), are trained in full (added to --modules_to_save) and saved with the adapter and the tokenizer",
     )
+    quantize: str | None = _f(
+        None,
+        "--quantize",
+        "QLoRA: nf4 stores the frozen base's Linear weights (all but the output head) in 4-bit NF4 through "
+        "bitsandbytes, double-quantized, packed in the --dtype storage so that ZeRO-3 partitions them",
+    )
 
     def __post_init__(self):
         _typed(self)
+        _require(self, "quantize", self.quantize in (None, "nf4"), "choose nf4 (or leave it unset)")
         _require(self, "dtype", self.dtype in ("bf16", "fp32"), "choose bf16 or fp32 (fp16 is not supported)")
         _require(self, "attn_implementation", self.attn_implementation in ATTENTIONS, f"choose {', '.join(ATTENTIONS)}")
         _require(self, "kernels", self.kernels in ("auto", "liger", "off"), "choose auto, liger or off")

@@ -20,6 +20,8 @@ holds them, one cast to W0's dtype), so the model starts as the base. lora-ds ne
 recomputes W_res from the original W0 (the same decomposition of the same weight), and the layer keeps A0, B0
 (`init_factors`) so that the saved adapter can be converted to a plain LoRA of the original base
 (`lora_ds.adapter.to_original_base`).
+The base may be a bitsandbytes 4-bit Linear (QLoRA, `lora_ds.quantize`): W0·x is its forward, DoRA's norms use
+its dequantized weight, and merging into 4-bit weights is refused (merge from the original base).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 
 from lora_ds.config import FieldError, LoraConfig
+from lora_ds.quantize import dense_weight, is_quantized
 from lora_ds.zero import gathered
 
 # PEFT's shorthand for every Linear/Conv1D module but the output head.
@@ -252,7 +255,11 @@ class LoRALinear(nn.Module):
     def init_magnitude(self) -> None:
         """m <- ||W0 + s·B·A|| per output feature (PEFT's DoRA init). Needs the full base weight."""
         norm = weight_norm(
-            self.base_layer.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out
+            dense_weight(self.base_layer.weight),
+            self.lora_A.weight,
+            self.lora_B.weight,
+            self.scaling,
+            self.fan_in_fan_out,
         )
         self.lora_magnitude_vector.copy_(norm)
 
@@ -300,7 +307,8 @@ class LoRALinear(nn.Module):
         # The base weight is available inside the forward of its ZeRO-3 fetch unit (a decoder layer); per-module
         # fetching has released it after `base_layer`'s forward, so gather it (only then) for the norm.
         with gathered([base.weight]):
-            norm = weight_norm(base.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out)
+            W0 = dense_weight(base.weight)
+            norm = weight_norm(W0, self.lora_A.weight, self.lora_B.weight, self.scaling, self.fan_in_fan_out)
         scale = (self.lora_magnitude_vector / norm.to(result.dtype)).to(result.dtype)
         if self.lora_dropout is None or not self.training:
             base_result = result
@@ -331,6 +339,8 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def _add_delta(self, sign: int) -> None:
         weight = self.base_layer.weight
+        if is_quantized(weight):
+            raise RuntimeError("a LoRA layer on a 4-bit base cannot merge: merge into the original base's weights")
         if self.use_dora:
             weight.copy_(self._dora_merge(weight) if sign > 0 else self._dora_unmerge(weight))
             return
@@ -488,7 +498,14 @@ def inject_lora(
 def _check_base_init(layer: LoRALinear, name: str, init: str, patterned: bool) -> None:
     """Refuse what PEFT's PiSSA/OLoRA get wrong: a rank above min(in, out) (PEFT silently keeps fewer factors
     than r), and OLoRA of a GPT-2 Conv1D (PEFT decomposes its (in, out) weight untransposed: A and B of the
-    wrong shapes)."""
+    wrong shapes). And a 4-bit base (--quantize), into which no residual can be written."""
+    if is_quantized(layer.base_layer.weight):
+        raise FieldError(
+            "lora.init_lora_weights",
+            init,
+            f"{init} writes the residual W0 - s·B0·A0 into {name}'s weight, which --quantize nf4 holds in 4-bit; "
+            "use default or gaussian with --quantize",
+        )
     if layer.r > min(layer.in_features, layer.out_features):
         field, value = ("lora.rank_pattern", layer.r) if patterned else ("lora.r", layer.r)
         raise FieldError(

@@ -324,25 +324,48 @@ def build_model(
     attn_implementation: str = "auto",
     vocab_size: int | None = None,
     packed: bool = False,
+    quantize: str | None = None,
 ):
     """(model, keepalive): the base model, partitioned under ZeRO-3 when `ds_config` says stage 3, with the
-    attention that `attention_implementation` picks (`model.config._attn_implementation`).
+    attention that `attention_implementation` picks (`model.config._attn_implementation`); with `quantize`
+    ("nf4"), its Linear weights in 4-bit on this rank's device (`lora_ds.quantize`), partitioned only when
+    the engine is built.
 
     `keepalive` is transformers' HfDeepSpeedConfig, which must outlive engine creation so that
     transformers knows weights are partitioned.
     """
-    from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     from lora_ds.zero import zero3_enabled
 
-    keepalive = HfDeepSpeedConfig(ds_config) if ds_config and zero3_enabled(ds_config) else None
+    zero3 = bool(ds_config and zero3_enabled(ds_config))
+    # A quantized base is built whole (no zero.Init): it must not see the DeepSpeed config until it exists.
+    keepalive = HfDeepSpeedConfig(ds_config) if zero3 and not quantize else None
     config = model_config(name, vocab_size)
     attention = attention_implementation(attn_implementation, config, packed)
-    kwargs = dict(dtype=DTYPES[dtype], attn_implementation=attention)
+    model = _load(name, config, dict(dtype=DTYPES[dtype], attn_implementation=attention), quantize)
+    model.config.use_cache = False
+    if zero3 and quantize:
+        keepalive = HfDeepSpeedConfig(ds_config)
+    return model, keepalive
+
+
+def _load(name: str, config, kwargs: dict, quantize: str | None):
+    from transformers import AutoModelForCausalLM
+
+    if not quantize:
+        if name.startswith("preset:"):
+            return AutoModelForCausalLM.from_config(config, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(name, config=config, **kwargs)
+    from lora_ds.quantize import bnb_config, local_device, quantize_linears, require_bitsandbytes
+
+    require_bitsandbytes()
+    device = local_device()
     if name.startswith("preset:"):
         model = AutoModelForCausalLM.from_config(config, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(name, config=config, **kwargs)
-    model.config.use_cache = False
-    return model, keepalive
+        quantize_linears(model, kwargs["dtype"], device)
+        return model
+    # transformers quantizes each weight as it loads it onto the device.
+    return AutoModelForCausalLM.from_pretrained(
+        name, config=config, quantization_config=bnb_config(kwargs["dtype"]), device_map={"": device}, **kwargs
+    )

@@ -2,6 +2,7 @@
 step-0 logits against the plain base model. Writes OUT/probe_rank<r>.json.
 
     deepspeed --num_gpus 2 tests/programs/zero3_probe.py --model MODEL_DIR --out OUT   (test_train_distributed)
+    ... --quantize nf4: the base in 4-bit; step 0 then equals transformers' 4-bit load   (test_qlora)
 """
 
 import argparse
@@ -21,6 +22,7 @@ def main():
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int)
+    parser.add_argument("--quantize")
     args = parser.parse_args()
     cfg = parse_config(
         [
@@ -40,6 +42,7 @@ def main():
             "8",
             "--seed",
             "3",
+            *(["--quantize", args.quantize] if args.quantize else []),
         ]
     )
     env = init_distributed()
@@ -55,6 +58,7 @@ def main():
         "optimizer_numel": sum(t.numel() for t in opt.fp32_partitioned_groups_flat),
         "optimizer_param_count": sum(len(g) for g in opt.fp16_groups),
         "lora_param_count": len(lora),
+        "quantized_params": sum(1 for p in base.values() if getattr(p, "quant_state", None) is not None),
         "lora_partition_numel": sum(-(-full_numel(p) // env.world_size) for p in lora.values()),
         "trainable_outside_lora": [
             n for n, p in trainable.model.named_parameters() if p.requires_grad and n not in lora
@@ -69,7 +73,12 @@ def main():
 
     trainable.keepalive = None
     hf_ds.unset_hf_deepspeed_config()
-    plain = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    quantization = {}
+    if args.quantize:
+        from lora_ds.quantize import bnb_config
+
+        quantization = dict(quantization_config=bnb_config(torch.float32), device_map={"": "cpu"})
+    plain = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, **quantization).eval()
     with torch.no_grad():
         reference = plain(input_ids=ids).logits
     report["step0_max_abs_diff"] = (ours - reference).abs().max().item()

@@ -1,0 +1,181 @@
+"""QLoRA (--quantize nf4): the frozen base in bitsandbytes' 4-bit NF4 (its CPU backend here), PEFT's LoRA on
+bitsandbytes layers as the oracle of the layer, a real 2-rank ZeRO-3 run partitioning the packed weights."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import pytest
+import torch
+from helpers import (
+    PEFT_PREFIX,
+    PROGRAMS,
+    adapter_tensors,
+    assert_close_tensors,
+    assert_equal_tensors,
+    fork_trainer,
+    launch,
+    launch_together,
+    read_reports,
+    reference_lora,
+    run_cli,
+    train_args,
+)
+
+from lora_ds.lora import inject_lora, lora_parameters
+from lora_ds.quantize import bnb_config, dense_weight, is_quantized, quantize_linears
+from lora_ds.tokenizer import load_tokenizer
+
+bnb = pytest.importorskip("bitsandbytes")
+
+R, ALPHA = 4, 8
+COMMON = dict(micro_batch=4, grad_accum=2, lora_r=R, lora_alpha=ALPHA, lr=1e-2, warmup=2, seed=7, max_len=128)
+
+
+def quantized(model_dir, dtype=torch.float32):
+    """transformers' own 4-bit load of `model_dir`, as lora-ds asks for it."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, quantization_config=bnb_config(dtype), device_map={"": "cpu"}
+    )
+
+
+def test_preset_quantization_equals_transformers_4bit_load(neox_dir):
+    """`quantize_linears` (presets' path) gives the weights, codes and all, of transformers' quantized load."""
+    from transformers import AutoModelForCausalLM
+
+    ours = AutoModelForCausalLM.from_pretrained(neox_dir, dtype=torch.float32)
+    names = quantize_linears(ours, torch.float32, torch.device("cpu"))
+    theirs = quantized(neox_dir)
+    assert names and all(".embed_out" not in n for n in names)  # GPT-NeoX's head is embed_out
+    for name in names:
+        a, b = ours.get_submodule(name).weight, theirs.get_submodule(name).weight
+        assert type(a) is type(b) is bnb.nn.Params4bit and a.dtype == torch.float32
+        # Packed codes viewed as floats can be NaNs: compare the bytes.
+        assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)), name
+        torch.testing.assert_close(dense_weight(a), dense_weight(b), rtol=0, atol=0)
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_lora_on_a_4bit_layer_equals_peft_s_bnb_lora(neox_dir, use_dora):
+    """Our LoRALinear wrapping a bitsandbytes Linear4bit gives PEFT's loss and LoRA gradients (DoRA too: its
+    magnitudes start from the dequantized weight's norms), and the quantization error is real."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    ours = quantized(neox_dir)
+    config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["query_key_value"], lora_dropout=0.0, use_dora=use_dora)
+    peft_model = get_peft_model(quantized(neox_dir), config)
+    inject_lora(ours, ["query_key_value"], R, ALPHA, seed=1, use_dora=use_dora)
+    params = lora_parameters(ours)
+    theirs = {
+        n.removeprefix(PEFT_PREFIX)
+        .replace(".default", "")
+        .replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): p
+        for n, p in peft_model.named_parameters()
+        if p.requires_grad
+    }
+    assert sorted(theirs) == sorted(params)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in params.items():
+            if name.endswith("magnitude_vector"):
+                torch.testing.assert_close(p, theirs[name], rtol=1e-6, atol=1e-6, msg=name)
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            theirs[name].copy_(p)
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    loss = ours(input_ids=ids, labels=ids).loss
+    expected = peft_model(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    loss.backward()
+    expected.backward()
+    for name, p in params.items():
+        torch.testing.assert_close(p.grad, theirs[name].grad, rtol=1e-5, atol=1e-6, msg=name)
+    full = AutoModelForCausalLM.from_pretrained(neox_dir, dtype=torch.float32)
+    w = ours.gpt_neox.layers[0].attention.query_key_value.base_layer.weight
+    assert is_quantized(w)
+    error = (dense_weight(w) - full.gpt_neox.layers[0].attention.query_key_value.weight).abs().max().item()
+    assert 1e-3 < error < 0.1
+
+
+def test_quantize_refuses_other_values_pissa_and_a_missing_bitsandbytes(neox_dir, monkeypatch):
+    from lora_ds.config import parse_config
+    from lora_ds.errors import UserError
+    from lora_ds.quantize import require_bitsandbytes
+
+    with pytest.raises(UserError, match="quantize.*choose nf4"):
+        parse_config(["--quantize", "int3"])
+    with pytest.raises(UserError, match="lora.init_lora_weights.*4-bit"):
+        inject_lora(quantized(neox_dir), ["query_key_value"], R, ALPHA, seed=1, init_lora_weights="pissa")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(UserError, match=r"--quantize nf4 needs bitsandbytes .*lora-ds\[qlora\]"):
+        require_bitsandbytes()
+
+
+@pytest.mark.distributed
+def test_qlora_trains_on_a_partitioned_4bit_base_resumes_bitwise_exports_and_merges_from_the_original(
+    neox_dir, tmp_path
+):
+    """--quantize nf4 on 2 ranks: each rank holds half of every packed 4-bit weight, step 0 is transformers' 4-bit
+    load; training equals the plain-PyTorch reference on that load (and not the full-precision one); a halted
+    and resumed run is bit-identical; export-adapter of the shards is the trainer's adapter; PEFT on the 4-bit base
+    gives our logits; merge writes the original base + s·B·A."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lora_ds.consolidate import export_adapter
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    args = dict(max_steps=4, save_every=4, quantize="nf4", **COMMON)
+    probe = ["--model", neox_dir, "--out", tmp_path, "--quantize", "nf4"]
+    launch_together(
+        dict(args=train_args(neox_dir, whole, **args)),
+        dict(args=train_args(neox_dir, parts, halt_at_step=2, **args)),
+        dict(args=probe, program=PROGRAMS / "zero3_probe.py"),
+    )
+    for report in read_reports(tmp_path, "probe", 2):
+        assert report["quantized_params"] == 8  # the tiny model's 2 layers × 4 Linear
+        assert report["base_params_fully_local"] == 0
+        assert report["base_local_numel"] == report["base_expected_partition_numel"]
+        assert report["optimizer_param_count"] == report["lora_param_count"]
+        assert report["step0_max_abs_diff"] == 0.0
+    assert "at step 2" in launch(train_args(neox_dir, parts, **args)).stdout
+    # Resuming on the full-precision base would train another model from the checkpoint: refused.
+    bf16_args = {k: v for k, v in args.items() if k != "quantize"}
+    code, output = fork_trainer(train_args(neox_dir, parts, **bf16_args), tmp_path / "other.log")
+    assert code == 2 and "was trained with --quantize 'nf4', this run gives None" in output
+    ours = adapter_tensors(whole / "adapter")
+    assert_equal_tensors(adapter_tensors(parts / "adapter"), ours)
+    tok = load_tokenizer(str(neox_dir))
+    steps = dict(steps=range(4), world=2, micro=4, accum=2, warmup=2, seed=7, r=R, alpha=ALPHA)
+    ref = reference_lora(quantized(neox_dir), tok, ["query_key_value"], **steps)
+    assert_close_tensors(ours, ref, rtol=1e-4, atol=3e-5)
+    full = AutoModelForCausalLM.from_pretrained(neox_dir, dtype=torch.float32)
+    unquantized = reference_lora(copy.deepcopy(full), tok, ["query_key_value"], **steps)
+    assert max((v - unquantized[n]).abs().max().item() for n, v in ours.items()) > 1e-4
+    export_adapter(str(whole / "checkpoints"), str(tmp_path / "exported"))
+    assert_equal_tensors(adapter_tensors(tmp_path / "exported"), ours)
+
+    live = quantized(neox_dir)
+    inject_lora(live, ["query_key_value"], R, ALPHA, seed=7)
+    with torch.no_grad():
+        for name, p in lora_parameters(live).items():
+            p.copy_(ours[name])
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    peft_model = PeftModel.from_pretrained(quantized(neox_dir), whole / "adapter").eval()
+    torch.testing.assert_close(peft_model(input_ids=ids).logits, live.eval()(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+    merged = run_cli("merge", "--base", neox_dir, "--adapter", whole / "adapter", "--out", tmp_path / "merged")
+    assert merged.returncode == 0, merged.stderr
+    oracle = PeftModel.from_pretrained(full, whole / "adapter").merge_and_unload().state_dict()
+    state = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).state_dict()
+    for key, value in state.items():
+        torch.testing.assert_close(value, oracle[key], rtol=0, atol=1e-6, msg=key)
+    assert json.loads((whole / "adapter" / "adapter_config.json").read_text())["r"] == R
