@@ -457,6 +457,17 @@ def reference_lora(
     return {k: v.detach().clone() for k, v in params.items()}
 
 
+def peft_trainable(peft_model) -> dict:
+    """{our name (lora_ds.lora.lora_parameters'): Parameter} of a PEFT model's trainable LoRA tensors."""
+    return {
+        name.removeprefix(PEFT_PREFIX)
+        .replace(".default", "")
+        .replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): p
+        for name, p in peft_model.named_parameters()
+        if p.requires_grad
+    }
+
+
 def peft_dora(model, targets, r: int, alpha: float, seed: int):
     """(PEFT's DoRA model of `model`, {our param name: its Parameter}), its lora_A set to what our `inject_lora`
     draws with `seed` (its B is zero and its magnitude ||W0|| per row, as ours)."""
@@ -472,13 +483,7 @@ def peft_dora(model, targets, r: int, alpha: float, seed: int):
     initial = lora_parameters(ours)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), use_dora=True)
     peft_model = get_peft_model(model, config)
-    params = {
-        name.removeprefix(PEFT_PREFIX)
-        .replace(".default", "")
-        .replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): p
-        for name, p in peft_model.named_parameters()
-        if p.requires_grad
-    }
+    params = peft_trainable(peft_model)
     assert sorted(params) == sorted(initial)
     with torch.no_grad():
         for name, p in params.items():

@@ -10,7 +10,6 @@ import sys
 import pytest
 import torch
 from helpers import (
-    PEFT_PREFIX,
     PROGRAMS,
     adapter_tensors,
     assert_close_tensors,
@@ -18,6 +17,7 @@ from helpers import (
     fork_trainer,
     launch,
     launch_together,
+    peft_trainable,
     read_reports,
     reference_lora,
     run_cli,
@@ -73,13 +73,7 @@ def test_lora_on_a_4bit_layer_equals_peft_s_bnb_lora(neox_dir, use_dora):
     peft_model = get_peft_model(quantized(neox_dir), config)
     inject_lora(ours, ["query_key_value"], R, ALPHA, seed=1, use_dora=use_dora)
     params = lora_parameters(ours)
-    theirs = {
-        n.removeprefix(PEFT_PREFIX)
-        .replace(".default", "")
-        .replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): p
-        for n, p in peft_model.named_parameters()
-        if p.requires_grad
-    }
+    theirs = peft_trainable(peft_model)
     assert sorted(theirs) == sorted(params)
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
