@@ -53,29 +53,21 @@ def lora_tokenizer_dir(lora: LoRAWeights | None) -> str | None:
 
 def load_saved(model, lora: LoRAWeights) -> list[str]:
     """Copy the modules `lora` trained in full into `model`'s params, its embeddings first grown to the adapter's
-    rows. A matrix that tied embeddings share is written once. Collective under ZeRO-3. Returns the param names."""
+    rows (`grow_to_saved`). A matrix that tied embeddings share is written once. Collective under ZeRO-3. Returns
+    the names written."""
     from lora_ds.adapter import saved_tensors
     from lora_ds.zero import full_shape, gathered
 
     saved = saved_tensors(lora.tensors)
-    if not saved:
-        return []
-    embedding = model.get_input_embeddings().weight
-    rows = full_shape(embedding)[0]
-    grown = max(
-        (t.shape[0] for t in saved.values() if t.dim() == 2 and t.shape[1:] == full_shape(embedding)[1:]), default=0
-    )
-    if grown > rows:  # an --add_tokens vocabulary: transformers grows both matrices (inside zero.Init under ZeRO-3)
-        model.resize_token_embeddings(grown, mean_resizing=False)
+    grown = grow_to_saved(model, saved, lora.source)
     params = dict(model.named_parameters(remove_duplicate=False))
     written = {}
     for key, value in sorted(saved.items()):
         param = params.get(key)
-        shape = None if param is None else tuple(full_shape(param))
-        if shape != tuple(value.shape):
+        if param is None or tuple(full_shape(param)) != tuple(value.shape):
+            found = f"is {list(full_shape(param))} in this model" if param is not None else "is not in this model"
             raise UserError(
-                f"{lora.source}: {key} {list(value.shape)} (modules_to_save) has "
-                f"{'no counterpart' if shape is None else f'the shape {list(shape)} in'} this model; "
+                f"{lora.source}: {key} (modules_to_save) is {list(value.shape)}, but it {found}; "
                 "pass the --model the adapter was trained on"
             )
         if id(param) in written:  # the other name of a tied matrix (ensure_weight_tying): the same values
@@ -85,15 +77,32 @@ def load_saved(model, lora: LoRAWeights) -> list[str]:
         written[id(param)] = key
         with gathered([param], modifier_rank=0), torch.no_grad():
             param.copy_(value)
-    if grown > rows:
-        head = model.get_output_embeddings()
-        unset = [m for m in (model.get_input_embeddings(), head) if m is not None and id(m.weight) not in written]
-        if unset:
-            raise UserError(
-                f"{lora.source}: its embeddings have {grown} rows but it holds no {type(unset[0]).__name__} of them; "
-                "an adapter with a grown vocabulary trains the input embedding and the output head in full"
-            )
+    unset = [n for n in grown if id(params[n]) not in written]
+    if unset:
+        raise UserError(
+            f"{lora.source}: its vocabulary grew, but it holds no {unset[0]}; an adapter of --add_tokens trains "
+            "the input embedding and the output head in full"
+        )
     return list(written.values())
+
+
+def grow_to_saved(model, saved: dict, source: str) -> list[str]:
+    """Grow `model`'s input embedding and output head to the rows of the adapter's (`saved`: its modules trained
+    in full), as `lora-ds merge` writes them and as PEFT needs the base resized. Returns the names of the grown
+    params (none when the vocabulary fits). Collective under ZeRO-3."""
+    from lora_ds.zero import full_shape
+
+    head = model.get_output_embeddings()
+    matrices = [model.get_input_embeddings().weight] + ([head.weight] if head is not None else [])
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if any(p is m for m in matrices)]
+    rows = {saved[n].shape[0] for n in names if n in saved}
+    if len(rows) > 1:
+        raise UserError(f"{source}: its input embedding and output head disagree on the vocabulary ({sorted(rows)})")
+    if not rows or max(rows) <= full_shape(matrices[0])[0]:
+        return []
+    # transformers grows both matrices (inside zero.Init under ZeRO-3); the saved values then replace them whole.
+    model.resize_token_embeddings(max(rows), mean_resizing=False)
+    return names
 
 
 def merge_lora(model, lora: LoRAWeights) -> list[str]:
