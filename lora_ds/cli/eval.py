@@ -12,7 +12,8 @@
 In one process the model is loaded whole. Launched on several ranks (or given --ds_config) it is
 partitioned by ZeRO-3 and all ranks generate in lockstep; both ways give the same predictions. The LoRA of
 --adapter (a PEFT adapter dir) or --checkpoint (OUTPUT/checkpoints, or one tag in it) is merged into the
-base weights first. --data takes the downloaded files (any format `lora-ds prep` reads); prompts are
+base weights first, with the modules it trained in full (modules_to_save) and the tokenizer it carries
+(--add_tokens). --data takes the downloaded files (any format `lora-ds prep` reads); prompts are
 rendered by the task's template, the text the model was trained on. Decoding is greedy unless --num_beams
 is above 1; MNLI is also scored by the likeliest of the three label words. Writes predictions.jsonl and
 metrics.json to --out and prints the metrics.
