@@ -6,6 +6,10 @@ the base weights by `lora_ds.merge.merge_live` (W0 + s·B·A in fp32 from the fp
 ZeRO-3 on the gathered weights, and the wrappers are then removed: the evaluated model is a plain Hugging Face model
 with no added latency, the same weights in one process as on N ranks. A model dir that is already merged
 needs neither flag.
+
+Modules the adapter trained in full (modules_to_save, lora_ds.saved_modules) replace the base's params, the
+embeddings first grown to the adapter's rows (a vocabulary grown by --add_tokens, whose tokenizer the adapter or
+checkpoint tag carries: `lora_tokenizer_dir`), as `lora-ds merge` writes them into the merged dir.
 """
 
 from __future__ import annotations
@@ -40,26 +44,85 @@ def base_seed(lora: LoRAWeights | None) -> int:
     return int(run["train"]["seed"]) if run and "train" in run else DEFAULT_SEED
 
 
+def lora_tokenizer_dir(lora: LoRAWeights | None) -> str | None:
+    """The adapter dir or checkpoint tag of `lora` when it carries a tokenizer (--add_tokens extended it)."""
+    from lora_ds.vocab import tokenizer_files
+
+    return lora.source if lora is not None and tokenizer_files(lora.source) else None
+
+
+def load_saved(model, lora: LoRAWeights) -> list[str]:
+    """Copy the modules `lora` trained in full into `model`'s params, its embeddings first grown to the adapter's
+    rows (`grow_to_saved`). A matrix that tied embeddings share is written once. Collective under ZeRO-3. Returns
+    the names written."""
+    from lora_ds.adapter import saved_tensors
+    from lora_ds.zero import full_shape, gathered
+
+    saved = saved_tensors(lora.tensors)
+    grown = grow_to_saved(model, saved, lora.source)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    written = {}
+    for key, value in sorted(saved.items()):
+        param = params.get(key)
+        if param is None or tuple(full_shape(param)) != tuple(value.shape):
+            found = f"is {list(full_shape(param))} in this model" if param is not None else "is not in this model"
+            raise UserError(
+                f"{lora.source}: {key} (modules_to_save) is {list(value.shape)}, but it {found}; "
+                "pass the --model the adapter was trained on"
+            )
+        if id(param) in written:  # the other name of a tied matrix (ensure_weight_tying): the same values
+            if not torch.equal(value, saved[written[id(param)]]):
+                raise UserError(f"{lora.source}: {key} and {written[id(param)]} are one tied matrix but differ")
+            continue
+        written[id(param)] = key
+        with gathered([param], modifier_rank=0), torch.no_grad():
+            param.copy_(value)
+    unset = [n for n in grown if id(params[n]) not in written]
+    if unset:
+        raise UserError(
+            f"{lora.source}: its vocabulary grew, but it holds no {unset[0]}; an adapter of --add_tokens trains "
+            "the input embedding and the output head in full"
+        )
+    return list(written.values())
+
+
+def grow_to_saved(model, saved: dict, source: str) -> list[str]:
+    """Grow `model`'s input embedding and output head to the rows of the adapter's (`saved`: its modules trained
+    in full), as `lora-ds merge` writes them and as PEFT needs the base resized. Returns the names of the grown
+    params (none when the vocabulary fits). Collective under ZeRO-3."""
+    from lora_ds.zero import full_shape
+
+    head = model.get_output_embeddings()
+    matrices = [model.get_input_embeddings().weight] + ([head.weight] if head is not None else [])
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if any(p is m for m in matrices)]
+    rows = {saved[n].shape[0] for n in names if n in saved}
+    if len(rows) > 1:
+        raise UserError(f"{source}: its input embedding and output head disagree on the vocabulary ({sorted(rows)})")
+    if not rows or max(rows) <= full_shape(matrices[0])[0]:
+        return []
+    # transformers grows both matrices (inside zero.Init under ZeRO-3); the saved values then replace them whole.
+    model.resize_token_embeddings(max(rows), mean_resizing=False)
+    return names
+
+
 def merge_lora(model, lora: LoRAWeights) -> list[str]:
-    """Merge `lora` into `model`'s base weights and unwrap the LoRA layers. Collective under ZeRO-3 (every
-    rank must call it, before the engine is built). Returns the merged module names."""
+    """Load `lora`'s modules trained in full into `model`, merge its LoRA into the base weights and unwrap the LoRA
+    layers. Collective under ZeRO-3 (every rank must call it, before the engine is built). Returns the merged
+    module names."""
     from lora_ds.adapter import saved_tensors
     from lora_ds.lora import lora_modules
     from lora_ds.merge import merge_live
 
     saved = saved_tensors(lora.tensors)
-    if saved:
-        raise UserError(
-            f"{lora.source}: it trains {', '.join(sorted(saved)[:2])} in full (modules_to_save), which evaluation "
-            "does not load yet; merge it first (lora-ds merge --base ... --adapter ... --out DIR) and evaluate DIR"
-        )
+    load_saved(model, lora)
     inject_adapter(model, lora.config)
     dora = bool(lora.config.get("use_dora"))
     modules = lora_modules(model)
     expected = {f"{name}.lora_{part}.weight" for name, _ in modules for part in "AB"}
     expected |= {f"{name}.lora_magnitude_vector" for name, _ in modules if dora}
-    if expected != set(lora.tensors):
-        missing, unexpected = sorted(expected - set(lora.tensors)), sorted(set(lora.tensors) - expected)
+    given = set(lora.tensors) - set(saved)
+    if expected != given:
+        missing, unexpected = sorted(expected - given), sorted(given - expected)
         raise UserError(
             f"{lora.source}: its LoRA tensors do not fit this model (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}); pass the --model the adapter was trained on"

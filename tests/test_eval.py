@@ -1,4 +1,5 @@
-"""lora-ds eval on 2 ranks under ZeRO-3 against one process on the merged model, lora-ds score on what eval
+"""lora-ds eval on 2 ranks under ZeRO-3 of an adapter with modules_to_save and a grown vocabulary (--add_tokens)
+against one process on the merged model, lora-ds score on what eval
 wrote, and the generation eval during training (real `deepspeed` launches on CPU, gloo)."""
 
 from __future__ import annotations
@@ -23,22 +24,54 @@ def eval_metrics(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def merged_dir(base_dir, random_adapter, tmp_path_factory) -> Path:
-    """base + the random adapter merged (W0 + s·B·A) and saved as a plain Hugging Face model dir."""
+def saved_adapter(base_dir, random_adapter, tmp_path_factory) -> Path:
+    """The random adapter plus what an --add_tokens run trains in full (modules_to_save): its tokenizer with 2
+    tokens more, the input embedding and head grown to 514 rows and moved off the base's (EOS's head row kept
+    1.05 x EOS_LIKE's, so that generations still end at different lengths)."""
+    from conftest import EOS_LIKE
+    from transformers import AutoModelForCausalLM
+
+    from lora_ds.adapter import read_adapter, write_adapter
+    from lora_ds.vocab import extend_tokenizer, grow_vocab
+
+    root = tmp_path_factory.mktemp("saved_adapter")
+    (root / "tokens.txt").write_text("SELECT\nWHERE\n")
+    tok, files, first = extend_tokenizer(str(base_dir), str(root / "tokens.txt"))
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    grow_vocab(model, tok.vocab_size, first)
+    gen = torch.Generator().manual_seed(5)
+    embed, head = (m.weight.detach().clone() for m in (model.get_input_embeddings(), model.get_output_embeddings()))
+    embed += 0.005 * torch.randn(embed.shape, generator=gen)
+    head += 0.005 * torch.randn(head.shape, generator=gen)
+    head[0] = head[EOS_LIKE] * 1.05
+    config, tensors = read_adapter(str(random_adapter))
+    tensors |= {"gpt_neox.embed_in.weight": embed, "lm_head.weight": head}
+    write_adapter(
+        str(root / "adapter"), tensors, config | {"modules_to_save": ["lm_head", "embed_in"]}, extra_json=files
+    )
+    return root / "adapter"
+
+
+@pytest.fixture(scope="module")
+def merged_dir(base_dir, saved_adapter, tmp_path_factory) -> Path:
+    """base + the saved-modules adapter merged (W0 + s·B·A, the grown embedding and head) and saved as a plain
+    Hugging Face model dir with the adapter's tokenizer."""
     from lora_ds.eval_model import build_eval_model, read_lora
     from lora_ds.tokenizer import load_tokenizer
 
-    lora = read_lora(str(random_adapter), None)
-    model, _, _ = build_eval_model(str(base_dir), load_tokenizer(str(base_dir)), lora, "fp32", None)
-    return save_model_dir(model, tmp_path_factory.mktemp("merged"), tokenizer=base_dir)
+    lora = read_lora(str(saved_adapter), None)
+    model, _, _ = build_eval_model(str(base_dir), load_tokenizer(str(saved_adapter)), lora, "fp32", None)
+    assert model.get_input_embeddings().weight.shape == (514, 64)
+    return save_model_dir(model, tmp_path_factory.mktemp("merged"), tokenizer=saved_adapter)
 
 
 MAX_NEW = 28
 
 
 @pytest.fixture(scope="module")
-def wikisql_runs(base_dir, random_adapter, merged_dir, wikisql_file, tmp_path_factory):
-    """(2-rank ZeRO-3 eval of base + adapter into zero3/, merged/ for the 1-process eval, their flags)."""
+def wikisql_runs(base_dir, saved_adapter, merged_dir, wikisql_file, tmp_path_factory):
+    """(2-rank ZeRO-3 eval of base + adapter (grown vocabulary, modules_to_save) into zero3/, merged/ for the
+    1-process eval, their flags)."""
     root = tmp_path_factory.mktemp("wikisql_runs")
     common = [
         "--task",
@@ -53,7 +86,7 @@ def wikisql_runs(base_dir, random_adapter, merged_dir, wikisql_file, tmp_path_fa
         str(MAX_NEW),
     ]
     launch(
-        ["eval", "--model", base_dir, "--adapter", random_adapter, "--out", root / "zero3", "--no-progress", *common],
+        ["eval", "--model", base_dir, "--adapter", saved_adapter, "--out", root / "zero3", "--no-progress", *common],
         program="lora_ds",
         timeout=600,
     )

@@ -12,7 +12,8 @@
 In one process the model is loaded whole. Launched on several ranks (or given --ds_config) it is
 partitioned by ZeRO-3 and all ranks generate in lockstep; both ways give the same predictions. The LoRA of
 --adapter (a PEFT adapter dir) or --checkpoint (OUTPUT/checkpoints, or one tag in it) is merged into the
-base weights first. --data takes the downloaded files (any format `lora-ds prep` reads); prompts are
+base weights first, with the modules it trained in full (modules_to_save) and the tokenizer it carries
+(--add_tokens). --data takes the downloaded files (any format `lora-ds prep` reads); prompts are
 rendered by the task's template, the text the model was trained on. Decoding is greedy unless --num_beams
 is above 1; MNLI is also scored by the likeliest of the three label words. Writes predictions.jsonl and
 metrics.json to --out and prints the metrics.
@@ -61,7 +62,8 @@ def add_model_arguments(parser) -> None:
     parser.add_argument(
         "--tokenizer",
         default=None,
-        help="tokenizer dir or tokenizer.model (default: the model dir; the demo's for presets)",
+        help="tokenizer dir or tokenizer.model (default: the one --adapter or --checkpoint carries, from "
+        "--add_tokens; else the model dir; the demo's for presets)",
     )
     lora = parser.add_mutually_exclusive_group()
     lora.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter dir to merge in")
@@ -140,12 +142,15 @@ def _check(args) -> None:
         )
 
 
-def model_tokenizer(args):
-    """The tokenizer of --tokenizer, else of the --model dir (the demo's for a preset)."""
+def model_tokenizer(args, lora=None):
+    """The tokenizer of --tokenizer, else the one `lora` carries (--add_tokens extended it), else of the --model
+    dir (the demo's for a preset)."""
+    from lora_ds.eval_model import lora_tokenizer_dir
     from lora_ds.tokenizer import load_tokenizer
 
     is_preset = args.model.startswith("preset:")
-    return load_tokenizer(args.tokenizer or (os.path.join(DEMO_DIR, "tokenizer") if is_preset else args.model))
+    default = os.path.join(DEMO_DIR, "tokenizer") if is_preset else args.model
+    return load_tokenizer(args.tokenizer or lora_tokenizer_dir(lora) or default)
 
 
 def ranks(args) -> tuple[int, int, dict | None]:
@@ -201,7 +206,7 @@ def run(args) -> int:
     max_new_tokens = args.max_new_tokens or get_task(args.task).MAX_NEW_TOKENS
     evalset = load_eval_set(args.task, args.data, args.split, args.limit)
     lora = read_lora(args.adapter, args.checkpoint)
-    tok = model_tokenizer(args)
+    tok = model_tokenizer(args, lora)
     rank, world, ds_config = ranks(args)
     model, device, keepalive = build_eval_model(args.model, tok, lora, args.dtype, ds_config)
     generated, constrained = predict(

@@ -193,7 +193,7 @@ def run(args) -> int:
     start = time.perf_counter()
     _check(args)
     lora = read_lora(args.adapter, args.checkpoint)
-    tok = model_tokenizer(args)
+    tok = model_tokenizer(args, lora)
     if args.chat:
         require_template(tok, not args.no_template, "--chat", args.template)
     else:
