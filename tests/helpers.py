@@ -457,6 +457,15 @@ def reference_lora(
     return {k: v.detach().clone() for k, v in params.items()}
 
 
+def tiny_adapter_config(targets, base_model, **fields) -> dict:
+    """The adapter_config.json of the tests' hand-made adapters: r 4, alpha 8, no dropout or rsLoRA; `fields`:
+    more peft_config arguments."""
+    from lora_ds.adapter import peft_config
+
+    defaults = dict(r=4, alpha=8, dropout=0.0, use_rslora=False, fan_in_fan_out=False)
+    return peft_config(**(defaults | fields), target_modules=targets, base_model=str(base_model))
+
+
 def peft_trainable(peft_model) -> dict:
     """{our name (lora_ds.lora.lora_parameters'): Parameter} of a PEFT model's trainable LoRA tensors."""
     return {

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures import save_tiny
-from helpers import DEMO_TOKENIZER
+from helpers import DEMO_TOKENIZER, tiny_adapter_config
 
-from lora_ds.adapter import peft_config, with_tied, write_adapter
+from lora_ds.adapter import with_tied, write_adapter
 from lora_ds.cli import main as cli
 from lora_ds.errors import UserError
 from lora_ds.eval_model import build_eval_model, lora_tokenizer_dir, merge_lora, read_lora
@@ -47,17 +47,7 @@ def write_saved_adapter(base: Path, out: Path, family: str) -> Path:
             if not name.endswith("lora_A.weight"):
                 p.add_(0.1 * torch.randn(p.shape, generator=gen))
     tied = tied_names(model, saved)
-    config = peft_config(
-        r=4,
-        alpha=8,
-        dropout=0.0,
-        target_modules=targets,
-        use_rslora=False,
-        fan_in_fan_out=False,
-        base_model=str(base),
-        modules_to_save=modules_to_save,
-        ensure_weight_tying=bool(tied),
-    )
+    config = tiny_adapter_config(targets, base, modules_to_save=modules_to_save, ensure_weight_tying=bool(tied))
     tensors = with_tied({n: p.detach().clone() for n, p in (params | saved).items()}, tied)
     write_adapter(str(out), tensors, config, extra_json=files)
     return out

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures import save_tiny
-from helpers import DEMO_TOKENIZER
+from helpers import DEMO_TOKENIZER, tiny_adapter_config
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lora_ds.adapter import peft_config, write_adapter
+from lora_ds.adapter import write_adapter
 from lora_ds.cli import main
 from lora_ds.errors import UserError
 from lora_ds.lora import delta_weight, inject_lora, lora_parameters, merged_weight
@@ -48,16 +48,7 @@ def make_adapter(model_dir: Path, targets, out: Path, seed: int = 1, patterns: d
             if name.endswith("lora_B.weight"):
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
     fan_in_fan_out = any(getattr(m, "fan_in_fan_out", False) for m in model.modules())
-    config = peft_config(
-        r=4,
-        alpha=8,
-        dropout=0.0,
-        target_modules=targets,
-        use_rslora=False,
-        fan_in_fan_out=fan_in_fan_out,
-        base_model=str(model_dir),
-        **patterns,
-    )
+    config = tiny_adapter_config(targets, model_dir, fan_in_fan_out=fan_in_fan_out, **patterns)
     write_adapter(str(out), params, {**config, **config_overrides})
     with torch.no_grad():
         logits = model(input_ids=IDS).logits
