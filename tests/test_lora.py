@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from fixtures import tiny_model as tiny
-from helpers import eval_tiny_wikisql
+from helpers import eval_tiny_wikisql, tiny_adapter_config
 from torch import nn
 
 from lora_ds.adapter import peft_config, read_adapter, write_adapter
@@ -142,26 +142,24 @@ def test_bad_lora_settings_fail_before_training(kwargs, message):
         inject_lora(tiny("gpt_neox"), args["targets"], args["r"], args["alpha"], args["dropout"])
 
 
-def test_gpt2_conv1d_adapter_round_trips_through_peft(tmp_path):
-    from peft import PeftModel
-
-    model = tiny("gpt2")
-    model.save_pretrained(tmp_path / "base")
-    inject_lora(model, ["c_attn"], 4, 8, seed=1)
+def saved_base_with_lora(model, targets, base_dir, **patterns) -> dict:
+    """Save `model` to `base_dir`, then give it LoRA factors (r 4, alpha 8) with a random B: its LoRA params."""
+    model.save_pretrained(base_dir)
+    inject_lora(model, targets, 4, 8, seed=1, **patterns)
     params = lora_parameters(model)
     with torch.no_grad():
         for name, p in params.items():
             if name.endswith("lora_B.weight"):
                 p.normal_(std=0.1)
-    config = peft_config(
-        r=4,
-        alpha=8,
-        dropout=0.0,
-        target_modules=["c_attn"],
-        use_rslora=False,
-        fan_in_fan_out=True,
-        base_model=str(tmp_path / "base"),
-    )
+    return params
+
+
+def test_gpt2_conv1d_adapter_round_trips_through_peft(tmp_path):
+    from peft import PeftModel
+
+    model = tiny("gpt2")
+    params = saved_base_with_lora(model, ["c_attn"], tmp_path / "base")
+    config = tiny_adapter_config(["c_attn"], tmp_path / "base", fan_in_fan_out=True)
     write_adapter(str(tmp_path / "adapter"), {k: v for k, v in params.items()}, config)
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     loaded_config, loaded = read_adapter(str(tmp_path / "adapter"))
@@ -404,16 +402,8 @@ def test_patterned_adapter_round_trips_through_peft_with_our_logits(tmp_path):
 
     patterns = dict(rank_pattern={r"layers\.0\.self_attn\.q_proj": 6, "v_proj": 2}, alpha_pattern={"q_proj": 3.0})
     model = tiny("llama")
-    model.save_pretrained(tmp_path / "base")
-    inject_lora(model, QV, 4, 8, seed=1, **patterns)
-    params = lora_parameters(model)
-    with torch.no_grad():
-        for name, p in params.items():
-            if name.endswith("lora_B.weight"):
-                p.normal_(std=0.1)
-    config = peft_config(
-        r=4, alpha=8, dropout=0.0, target_modules=QV, use_rslora=False, fan_in_fan_out=False, base_model="b", **patterns
-    )
+    params = saved_base_with_lora(model, QV, tmp_path / "base", **patterns)
+    config = tiny_adapter_config(QV, "b", **patterns)
     write_adapter(str(tmp_path / "adapter"), params, config)
     written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (written["rank_pattern"], written["alpha_pattern"]) == (patterns["rank_pattern"], patterns["alpha_pattern"])
