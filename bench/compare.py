@@ -6,7 +6,8 @@ file as `{"kind": "ratio", ...}` lines and printed.
 A stack's figure is the median over rounds of its runs' tok/s (each run's: tokens per step / its median step,
 or with --lengths the median of its steps' useful tokens / time); the best single step of all rounds is beside
 it. speedup = ours tok/s / anchor tok/s; memory_ratio = ours peak allocated / anchor peak allocated (the
-largest over rounds, each).
+largest over rounds, each). A variant of ours (`ours:--quantize nf4`) is also compared with plain `ours` when
+that ran: its line has "anchor": "ours".
 """
 
 import json
@@ -36,7 +37,8 @@ def ratios(runs: list[dict]) -> list[dict]:
     for tag, ours in stats.items():
         if not tag.startswith("ours"):
             continue
-        for anchor in (t for t in stats if t.startswith("anchor")):
+        baselines = [t for t in stats if t.startswith("anchor") or (t == "ours" != tag)]
+        for anchor in baselines:
             first = by_tag[tag][0]
             lines.append(
                 {
