@@ -357,14 +357,12 @@ def _load(name: str, config, kwargs: dict, quantize: str | None):
         if name.startswith("preset:"):
             return AutoModelForCausalLM.from_config(config, **kwargs)
         return AutoModelForCausalLM.from_pretrained(name, config=config, **kwargs)
-    from lora_ds.quantize import bnb_config, local_device, quantize_linears, require_bitsandbytes
+    from lora_ds.quantize import bnb_config, build_preset, local_device, require_bitsandbytes
 
     require_bitsandbytes()
     device = local_device()
     if name.startswith("preset:"):
-        model = AutoModelForCausalLM.from_config(config, **kwargs)
-        quantize_linears(model, kwargs["dtype"], device)
-        return model
+        return build_preset(config, kwargs, device)
     # transformers quantizes each weight as it loads it onto the device.
     return AutoModelForCausalLM.from_pretrained(
         name, config=config, quantization_config=bnb_config(kwargs["dtype"]), device_map={"": device}, **kwargs

@@ -49,40 +49,49 @@ def local_device() -> torch.device:
 
 
 @torch.no_grad()
-def quantize_linears(model: nn.Module, dtype: torch.dtype, device: torch.device) -> list[str]:
-    """Replace each nn.Linear of `model` but the head by a bitsandbytes Linear4bit holding its weight in NF4 on
-    `device`, as transformers' 4-bit load does; the rest of the model moves to `device` too. For presets, whose
-    random weights no model dir holds. Returns the quantized module names."""
+def build_preset(config, kwargs: dict, device: torch.device, quantize: bool = True) -> nn.Module:
+    """A preset's model (random weights, which no model dir holds) built on `device` one module at a time, each
+    initialised there as transformers initialises it; with `quantize`, each nn.Linear but the head becomes a
+    bitsandbytes Linear4bit holding its weight in NF4, as transformers' 4-bit load makes it. Only one Linear is
+    ever in the compute dtype: a CPU build and init of a 20B model takes minutes and its full bf16 size."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    for name, module in list(model.named_modules()):
+        module.to_empty(device=device, recurse=False)
+        model._init_weights(module)
+        if quantize and type(module) is nn.Linear and name.rsplit(".", 1)[-1] not in SKIP:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, _linear4bit(module, kwargs["dtype"], device))
+    model.tie_weights()  # to_empty gave each side of a tie its own tensor
+    return model
+
+
+def _linear4bit(linear: nn.Linear, dtype: torch.dtype, device: torch.device) -> nn.Module:
     import bitsandbytes as bnb
 
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and n.rsplit(".", 1)[-1] not in SKIP]
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child)
-        q = bnb.nn.Linear4bit(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            compute_dtype=dtype,
-            compress_statistics=True,
-            quant_type="nf4",
-            quant_storage=dtype,
-            device="meta",
-        )
-        # Params4bit quantizes when it moves to a device; the bias is an ordinary parameter.
-        q.weight = bnb.nn.Params4bit(
-            linear.weight.data.to(dtype).cpu(),
-            requires_grad=False,
-            compress_statistics=True,
-            quant_type="nf4",
-            quant_storage=dtype,
-        ).to(device)
-        if linear.bias is not None:
-            q.bias = nn.Parameter(linear.bias.data.to(device, dtype), requires_grad=False)
-        setattr(parent, child, q)
-    model.to(device)
-    return names
+    q = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=dtype,
+        compress_statistics=True,
+        quant_type="nf4",
+        quant_storage=dtype,
+        device="meta",
+    )
+    # Params4bit quantizes when it moves to a device; the bias is an ordinary parameter.
+    q.weight = bnb.nn.Params4bit(
+        linear.weight.data.to(dtype),
+        requires_grad=False,
+        compress_statistics=True,
+        quant_type="nf4",
+        quant_storage=dtype,
+    ).to(device)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data.to(device, dtype), requires_grad=False)
+    return q
 
 
 def is_quantized(weight: torch.Tensor) -> bool:

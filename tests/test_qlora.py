@@ -25,7 +25,8 @@ from helpers import (
 )
 
 from lora_ds.lora import inject_lora, lora_parameters
-from lora_ds.quantize import bnb_config, dense_weight, is_quantized, quantize_linears
+from lora_ds.model import preset_config
+from lora_ds.quantize import bnb_config, build_preset, dense_weight, is_quantized
 from lora_ds.tokenizer import load_tokenizer
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -43,21 +44,44 @@ def quantized(model_dir, dtype=torch.float32):
     )
 
 
-def test_preset_quantization_equals_transformers_4bit_load(neox_dir):
-    """`quantize_linears` (presets' path) gives the weights, codes and all, of transformers' quantized load."""
+@pytest.mark.parametrize("preset", ["tiny-gpt-neox", "tiny-llama3", "tiny-gemma2"])
+def test_preset_built_module_by_module_initialises_as_from_config_and_quantizes_as_transformers_4bit_load(
+    preset, tmp_path
+):
+    """`build_preset` (presets' path) gives from_config's model, buffers and init (Gemma's zero-centred norms,
+    Llama 3.2's tied head), and, quantizing, the weights, codes and all, of transformers' 4-bit load of it."""
     from transformers import AutoModelForCausalLM
 
-    ours = AutoModelForCausalLM.from_pretrained(neox_dir, dtype=torch.float32)
-    names = quantize_linears(ours, torch.float32, torch.device("cpu"))
-    theirs = quantized(neox_dir)
-    assert names and all(".embed_out" not in n for n in names)  # GPT-NeoX's head is embed_out
+    config, kwargs, cpu = preset_config(preset), dict(dtype=torch.float32), torch.device("cpu")
+    torch.manual_seed(0)
+    plain = build_preset(config, kwargs, cpu, quantize=False)
+    reference = AutoModelForCausalLM.from_config(config, **kwargs)
+    assert plain.state_dict().keys() == reference.state_dict().keys()
+    for name, buffer in reference.named_buffers():
+        assert torch.equal(plain.get_buffer(name), buffer), name
+    for name, p in reference.named_parameters():
+        ours = plain.get_parameter(name)
+        if p.std() == 0:  # norms and biases
+            assert torch.equal(ours, p), name
+        else:
+            assert abs(ours.std() / p.std() - 1) < 0.1, name
+    heads = plain.get_output_embeddings().weight, plain.get_input_embeddings().weight
+    assert (heads[0] is heads[1]) == bool(config.tie_word_embeddings)
+
+    plain.save_pretrained(tmp_path)
+    theirs = quantized(tmp_path)
+    torch.manual_seed(0)
+    ours = build_preset(config, kwargs, cpu)
+    names = [n for n, m in ours.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert names == [n for n, m in theirs.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert names and all("lm_head" not in n for n in names)
     for name in names:
         a, b = ours.get_submodule(name).weight, theirs.get_submodule(name).weight
         assert type(a) is type(b) is bnb.nn.Params4bit and a.dtype == torch.float32
         # Packed codes viewed as floats can be NaNs: compare the bytes.
         assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)), name
         torch.testing.assert_close(dense_weight(a), dense_weight(b), rtol=0, atol=0)
-    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=0, atol=0)
 
 
