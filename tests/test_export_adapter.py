@@ -318,3 +318,56 @@ def test_export_is_the_trainers_own_final_adapter_and_merges_into_its_base(runs,
         == 0
     )
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+# The variants the runs above do not hold, each on 3 ranks of a GPT-NeoX in padded partitions (3 does not divide
+# the head's 514 × 64, nor the 4-bit packing of the 256 × 64 dense weights): PiSSA (a converted rank-2r adapter
+# and lora_init.safetensors) with the head trained in full and 2 added tokens (embed_in joins modules_to_save),
+# and QLoRA with DoRA (the packed 4-bit base partitioned, the magnitudes from its dequantized weights).
+VARIANTS_ON_3 = {
+    "pissa_saved_modules_added_tokens": dict(
+        dtype="bf16", init_lora_weights="pissa", modules_to_save="lm_head", add_tokens="TOKENS"
+    ),
+    "qlora_dora": dict(dtype="fp32", quantize="nf4", use_dora=True),
+}
+
+
+@pytest.fixture(scope="module")
+def variant_runs(tmp_path_factory) -> dict[str, Run]:
+    """{variant: Run} of VARIANTS_ON_3, 2 steps on 3 ranks with a checkpoint at step 2, started together."""
+    pytest.importorskip("bitsandbytes")
+    root = tmp_path_factory.mktemp("export_variants")
+    (root / "tokens.txt").write_text("SELECT\nWHERE\n")
+    base = save_tiny("gpt_neox", VOCAB, root / "base", tokenizer=DEMO_TOKENIZER)
+    runs, launches = {}, []
+    for name, variant in VARIANTS_ON_3.items():
+        run = runs[name] = Run(base, root / name)
+        values = {k: (str(root / "tokens.txt") if v == "TOKENS" else v) for k, v in variant.items()}
+        args = train_args(
+            base, run.out, lora_r=R, lora_alpha=ALPHA, seed=SEED, lr=1e-2, micro_batch=2, max_len=64, max_steps=2,
+            save_every=2, **values,
+        )  # fmt: skip
+        launches.append(dict(args=args, nproc=3))
+    launch_together(*launches)
+    return runs
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS_ON_3))
+def test_each_variant_exports_from_a_three_rank_checkpoint_as_the_trainer_saved_it(variant_runs, variant, tmp_path):
+    run, exported = variant_runs[variant], tmp_path / "exported"
+    report = export_adapter(str(run.ckpt), str(exported))
+    assert report["world_size"] == 3
+    config, tensors = read_adapter(str(exported))
+    trainer_config, trained = read_adapter(str(run.out / "adapter"))
+    assert config == trainer_config
+    assert_equal_tensors(tensors, trained)
+    if variant.startswith("pissa"):
+        # PEFT's conversion: rank 2r against the original base; the head and the grown embedding whole.
+        assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (2 * R, 2 * ALPHA, True)
+        assert config["modules_to_save"] == ["lm_head", "embed_in"]
+        assert tensors["lm_head.weight"].shape == tensors["gpt_neox.embed_in.weight"].shape == (VOCAB + 2, 64)
+        tokenizer = (run.out / "adapter" / "tokenizer.json").read_text()
+        assert (exported / "tokenizer.json").read_text() == tokenizer
+    else:
+        assert config["use_dora"] and len(tensors) == 2 * 3  # A, B and the magnitude of both modules
+    assert max(v.abs().max().item() for k, v in tensors.items() if "lora_B" in k) > 1e-3
