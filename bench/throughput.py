@@ -180,7 +180,8 @@ def run_ours(args, events: StepEvents) -> dict:
         "attn_implementation": trainable.attention,
     }
     if args.profile:
-        info["profile"] = profile_step(lambda: train_step(engine, data, args.steps, engine.device), args)
+        with Phases(engine):
+            info["profile"] = profile_step(lambda: train_step(engine, data, args.steps, engine.device), args)
     return info
 
 
@@ -334,9 +335,79 @@ class SyncClock:
             setattr(owner, name, original)
 
 
+class Phases:
+    """record_function ranges named forward, backward and step around the engine's calls while active, so that
+    the profile can say in which phase the GPU waited for the host."""
+
+    NAMES = ("forward", "backward", "step")
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __enter__(self):
+        for name in self.NAMES:
+            original = getattr(self.engine, name)
+
+            def marked(*args, _original=original, _name=name, **kwargs):
+                with torch.profiler.record_function(f"phase:{_name}"):
+                    return _original(*args, **kwargs)
+
+            setattr(self.engine, name, marked)  # an instance attribute shadows the method (nn.Module calls forward)
+        return self
+
+    def __exit__(self, *exc):
+        for name in self.NAMES:
+            delattr(self.engine, name)
+
+
+def idle_gaps(prof, min_us: float = 20.0) -> dict:
+    """Where the GPU had no kernel or copy running during the profiled step: the union of device intervals
+    subtracted from the span of the first to the last, each gap of at least `min_us` laid to the phase (Phases)
+    the host was in when it began ("(none)": outside them, e.g. the loss between forward and backward), and the
+    largest gaps with the innermost host op running at their middle."""
+    events = prof.events()
+    device = sorted(
+        (e.time_range.start, e.time_range.end) for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    if not device:
+        return {}
+    gaps, busy_end = [], device[0][1]
+    for start, end in device[1:]:
+        if start - busy_end >= min_us:
+            gaps.append((busy_end, start))
+        busy_end = max(busy_end, end)
+    host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    phases = [e for e in host if e.name.startswith("phase:")]
+
+    def innermost(at: float, among) -> str:
+        covering = [e for e in among if e.time_range.start <= at <= e.time_range.end]
+        return min(covering, key=lambda e: e.time_range.elapsed_us()).name if covering else "(none)"
+
+    by_phase: dict[str, float] = {}
+    for start, end in gaps:
+        phase = innermost(start, phases).removeprefix("phase:")
+        by_phase[phase] = by_phase.get(phase, 0.0) + (end - start) / 1e6
+    ops = [e for e in host if not e.name.startswith("phase:")]
+    largest = sorted(gaps, key=lambda g: g[0] - g[1])[:8]
+    return {
+        "span_s": (busy_end - device[0][0]) / 1e6,
+        "idle_s": sum(end - start for start, end in gaps) / 1e6,
+        "gaps": len(gaps),
+        "idle_s_by_phase": {k: round(v, 5) for k, v in sorted(by_phase.items(), key=lambda kv: -kv[1])},
+        "largest": [
+            {
+                "ms": round((end - start) / 1e3, 3),
+                "phase": innermost(start, phases).removeprefix("phase:"),
+                "host_op": innermost((start + end) / 2, ops)[:80],
+            }
+            for start, end in largest
+        ],
+    }
+
+
 def profile_step(step, args) -> dict:
     """One extra step under torch.profiler and the hook clock: the GEMM share of CUDA time, the top non-GEMM
-    kernels, host time in ZeRO-3 hooks. The table goes to --profile (a file)."""
+    kernels, host time in ZeRO-3 hooks, the GPU's idle gaps by phase. The table goes to --profile (a file)."""
     from torch.profiler import ProfilerActivity, profile
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
@@ -361,6 +432,9 @@ def profile_step(step, args) -> dict:
         f.write("\n\nHost waits for the GPU (calls, where):\n")
         for where, n in syncs.sites.most_common():
             f.write(f"{n:5d}  {where}\n")
+        gaps = idle_gaps(prof)
+        f.write("\n\nGPU idle gaps (phase the host was in; host op at the gap's middle):\n")
+        f.write(json.dumps(gaps, indent=1) + "\n")
     return {
         "step_wall_s": wall,
         "cuda_time_s": total / 1e6,
@@ -371,6 +445,7 @@ def profile_step(step, args) -> dict:
         "zero3_hook_host_s": hooks.seconds,
         "zero3_hook_calls": hooks.calls,
         "host_syncs": sum(syncs.sites.values()),
+        "idle": gaps,
     }
 
 
