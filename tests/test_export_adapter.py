@@ -371,3 +371,37 @@ def test_each_variant_exports_from_a_three_rank_checkpoint_as_the_trainer_saved_
     else:
         assert config["use_dora"] and len(tensors) == 2 * 3  # A, B and the magnitude of both modules
     assert max(v.abs().max().item() for k, v in tensors.items() if "lora_B" in k) > 1e-3
+
+
+def test_eval_from_the_three_rank_checkpoint_with_saved_modules_gives_what_its_adapter_gives(
+    variant_runs, wikisql_file, tmp_path
+):
+    """`lora-ds eval --checkpoint` of the PiSSA run (converted LoRA, the head and grown embedding, the tokenizer
+    of the tag) predicts and scores as `--adapter` of the trainer's adapter."""
+    run = variant_runs["pissa_saved_modules_added_tokens"]
+    common = ["--model", str(run.base), "--task", "wikisql", "--data", str(wikisql_file), "--dtype", "fp32"]
+    common += ["--max-new-tokens", "16", "--no-progress"]
+    assert main(["eval", *common, "--checkpoint", str(run.ckpt), "--out", str(tmp_path / "c")]) == 0
+    assert main(["eval", *common, "--adapter", str(run.out / "adapter"), "--out", str(tmp_path / "a")]) == 0
+    rows = [[json.loads(line) for line in (tmp_path / d / "predictions.jsonl").read_text().splitlines()] for d in "ca"]
+    assert [r["prediction"] for r in rows[0]] == [r["prediction"] for r in rows[1]] and len(rows[0]) == 5
+    metrics = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in "ca"]
+    assert metrics[0]["metrics"] == metrics[1]["metrics"]
+    assert metrics[0]["lora"].endswith(f"checkpoints/{TAG}")
+    from lora_ds.eval_model import build_eval_model, lora_tokenizer_dir, read_lora
+    from lora_ds.tokenizer import load_tokenizer
+
+    ids = torch.randint(0, VOCAB + 2, (2, 16), generator=torch.Generator().manual_seed(0))
+    outputs = []
+    for lora in (read_lora(None, str(run.ckpt)), read_lora(str(run.out / "adapter"), None)):
+        tok = load_tokenizer(lora_tokenizer_dir(lora))
+        model, _, _ = build_eval_model(str(run.base), tok, lora, "fp32", None)
+        assert tok.vocab_size == model.get_input_embeddings().weight.shape[0] == VOCAB + 2
+        with torch.no_grad():
+            outputs.append(model(input_ids=ids).logits)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-6)
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(run.base, dtype=torch.float32)(input_ids=ids.clamp(max=VOCAB - 1))
+    assert (outputs[0][..., :VOCAB] - base.logits).abs().max() > 1e-3  # the LoRA and the trained head act
