@@ -551,3 +551,54 @@ def test_add_tokens_trains_embedding_and_head_in_full_resumes_bitwise_exports_an
     assert sorted(state) == sorted(oracle)
     for key, value in state.items():
         torch.testing.assert_close(value, oracle[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_tied_embedding_trained_in_full_stays_one_matrix_on_two_ranks_loads_in_peft_and_merges_as_peft(tmp_path):
+    """Llama 3.2's tied head (tiny llama3) with --modules_to_save embed_tokens on 2 ranks: the one shared matrix
+    trains to the single-process reference, is saved under both names (PEFT's ensure_weight_tying), PEFT gives our
+    logits, and lora-ds merge equals PEFT's merge_and_unload with the head still tied."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lora_ds.adapter import inject_adapter, read_adapter
+    from lora_ds.lora import lora_parameters
+    from lora_ds.merge import load_saved_modules
+
+    model_dir = save_tiny("llama3", 512, tmp_path / "base", tokenizer=DEMO_TOKENIZER)
+    assert json.loads((model_dir / "config.json").read_text())["tie_word_embeddings"]
+    out = tmp_path / "run"
+    launch(train_args(model_dir, out, max_steps=2, **dict(COMMON, eval_data="", modules_to_save="embed_tokens")))
+    ours = adapter_tensors(out / "adapter")
+    assert torch.equal(ours["lm_head.weight"], ours["model.embed_tokens.weight"])
+    config, _ = read_adapter(str(out / "adapter"))
+    assert config["ensure_weight_tying"] and config["modules_to_save"] == ["embed_tokens"]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    initial = model.get_input_embeddings().weight.detach().clone()
+    ref = reference_lora(
+        model, load_tokenizer(str(model_dir)), ["q_proj", "v_proj"], steps=range(2), world=2, micro=4, accum=2,
+        warmup=2, seed=7, modules_to_save=["embed_tokens"],
+    )  # fmt: skip
+    assert sorted(ref) == sorted(k for k in ours if k != "lm_head.weight")  # the tied matrix is one parameter
+    assert_close_tensors({k: ours[k] for k in ref}, ref, rtol=1e-4, atol=ATOL)
+    assert (ours["model.embed_tokens.weight"] - initial).abs().max() > 1e-3
+
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), out / "adapter"
+    ).eval()
+    mine = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    load_saved_modules(mine, {k: v for k, v in ours.items() if "lora" not in k})
+    inject_adapter(mine, config)
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for name, p in lora_parameters(mine).items():
+            p.copy_(ours[name])
+        torch.testing.assert_close(mine(input_ids=ids).logits, peft_model(input_ids=ids).logits, rtol=0, atol=1e-5)
+    merged = run_cli("merge", "--base", model_dir, "--adapter", out / "adapter", "--out", tmp_path / "merged")
+    assert merged.returncode == 0, merged.stderr
+    oracle = peft_model.merge_and_unload().state_dict()
+    result = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert result.get_output_embeddings().weight is result.get_input_embeddings().weight
+    state = result.state_dict()
+    assert sorted(state) == sorted(oracle)
+    for key, value in state.items():
+        torch.testing.assert_close(value, oracle[key], rtol=0, atol=1e-6, msg=key)
