@@ -19,7 +19,7 @@ from lora_ds.loss import defer_lm_head
 from lora_ds.model import build_model, has_sliding_window
 from lora_ds.saved_modules import embedding_entries, select, tied_names, unfreeze
 from lora_ds.vocab import grow_vocab
-from lora_ds.zero import fetch_by_layer, skip_resident_fetch_sync, zero3_enabled
+from lora_ds.zero import fetch_by_layer, keep_frozen_persistent_gathered, skip_resident_fetch_sync, zero3_enabled
 
 
 @dataclass
@@ -89,6 +89,7 @@ def build_trainable(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if ds_config and zero3_enabled(ds_config):
         skip_resident_fetch_sync()
+        keep_frozen_persistent_gathered()
         if cfg.model.zero3_fetch == "layer":
             fetch_by_layer(model)
     attention = model.config._attn_implementation

@@ -75,3 +75,44 @@ def test_a_world_of_one_fetches_a_resident_partition_without_waiting_for_the_str
         assert fetch(one, clock) == fetch(many, clock) == 1  # DeepSpeed's own handles: a wait for the whole stream
     skip_resident_fetch_sync()
     assert fetch(one, clock) == fetch(many, clock) == 0
+
+
+def test_an_optimizer_step_leaves_frozen_persistent_params_gathered_and_regathers_the_trained(world_of_one):
+    """After keep_frozen_persistent_gathered, DeepSpeed's step neither partitions nor gathers again the frozen
+    persistent params (a Linear's bias under the persistence threshold), which keep their values; the trained
+    persistent param is released, updated and gathered with its new value, as without it."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from lora_ds.zero import keep_frozen_persistent_gathered
+
+    keep_frozen_persistent_gathered()
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "torch_adam": True}},
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 16},
+    }
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    model[0].weight.requires_grad_(False)
+    model[0].bias.requires_grad_(False)
+    model[1].weight.requires_grad_(False)  # model[1].bias (8 elements, persistent) is the one trained
+    trained = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=config)
+    frozen_bias, trained_bias = model[0].bias, model[1].bias
+    assert frozen_bias.ds_persist and trained_bias.ds_persist and not model[0].weight.ds_persist
+    calls = []
+    frozen_bias.partition = lambda *a, _p=frozen_bias.partition, **k: calls.append("partition") or _p(*a, **k)
+    engine.backward(engine(torch.randn(2, 8)).square().mean())  # DeepSpeed's first step records the module order
+    engine.step()
+    calls.clear()
+    for _ in range(2):
+        before = frozen_bias.data.clone(), trained_bias.data.clone()
+        engine.backward(engine(torch.randn(2, 8)).square().mean())
+        engine.step()
+        assert frozen_bias.ds_status == trained_bias.ds_status == ZeroParamStatus.AVAILABLE
+        assert torch.equal(frozen_bias.data, before[0]) and not torch.equal(trained_bias.data, before[1])
+        assert torch.equal(trained_bias.data, trained_bias.ds_tensor.view(8))  # the update, gathered
+    assert calls == []
+    engine.destroy()
