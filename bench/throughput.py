@@ -306,8 +306,10 @@ GEMM_MARKERS = ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "ampere_", "cublas"
 
 
 class SyncClock:
-    """The host's waits for the GPU while active (stream, event and device synchronize; .item()), counted by the
-    three innermost frames that called them."""
+    """The host's waits for the GPU while active (stream, event and device synchronize; a GPU tensor read on the
+    host: .item(), bool(), float(), int(), .tolist()), counted by the three innermost frames that called them."""
+
+    TENSOR_READS = ("item", "__bool__", "__float__", "__int__", "tolist")
 
     def __enter__(self):
         import collections
@@ -317,14 +319,17 @@ class SyncClock:
             (torch.cuda.Stream, "synchronize"),
             (torch.cuda.Event, "synchronize"),
             (torch.cuda, "synchronize"),
-            (torch.Tensor, "item"),
+            *((torch.Tensor, name) for name in self.TENSOR_READS),
         ):
             original = getattr(owner, name)
             self.saved.append((owner, name, original))
+            reads = owner is torch.Tensor
 
-            def counted(*args, _original=original, **kwargs):
-                frames = traceback.extract_stack(limit=4)[:-1]
-                self.sites[" < ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in frames[::-1])] += 1
+            def counted(*args, _original=original, _reads=reads, **kwargs):
+                if not _reads or args[0].is_cuda:
+                    frames = traceback.extract_stack(limit=4)[:-1]
+                    where = " < ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in frames[::-1])
+                    self.sites[where] += 1
                 return _original(*args, **kwargs)
 
             setattr(owner, name, counted)
