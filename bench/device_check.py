@@ -1,4 +1,4 @@
-"""Each fused path against the plain one on the GPU: loss and LoRA gradients at step 0, bf16.
+"""Each fused path against the plain one on the GPU: loss and LoRA gradients at step 0 (and a trained head's), bf16.
 
     python bench/device_check.py OUT.jsonl [NAME...]   # a JSON line per model family (NAMEs only), one for packing
 
@@ -90,30 +90,38 @@ FAMILIES = {
 }
 
 
+# Also checked with the output head trained in full (--modules_to_save lm_head): Liger's fused loss then gives the
+# head's weight gradient too.
+TRAINED_HEAD = {"llama-3+lm_head": "llama-3"}
+
+
 def loss_and_grads(model, batch):
-    from lora_ds.lora import lora_parameters
     from lora_ds.loss import lm_loss
 
-    for p in lora_parameters(model).values():
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for p in trained.values():
         p.grad = None
     loss, _ = lm_loss(model, batch)
     loss.backward()
-    return loss.detach().float(), {n: p.grad.float().clone() for n, p in lora_parameters(model).items()}
+    return loss.detach().float(), {n: p.grad.float().clone() for n, p in trained.items()}
 
 
-def check(name: str, model_type: str, kwargs: dict, targets: list[str]) -> dict:
+def check(name: str, model_type: str, kwargs: dict, targets: list[str], train_head: bool = False) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lora_ds.kernels import fuse
     from lora_ds.lora import inject_lora, lora_modules
     from lora_ds.loss import defer_lm_head
     from lora_ds.model import attention_implementation
+    from lora_ds.saved_modules import select, unfreeze
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **kwargs)
     attention = attention_implementation("auto", config)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=attention)
-    inject_lora(model, targets, 16, 32.0, seed=0)
+    adapted = inject_lora(model, targets, 16, 32.0, seed=0)
+    if train_head:
+        unfreeze(model, select(model, ["lm_head"], adapted))
     model.cuda()
     for _, layer in lora_modules(model):
         torch.nn.init.normal_(layer.lora_B.weight, std=0.02)
@@ -151,7 +159,8 @@ def check(name: str, model_type: str, kwargs: dict, targets: list[str]) -> dict:
         "grad_err_vs_fp32_plain_median": sorted(plain_err.values())[len(ref) // 2],
         "grad_err_vs_fp32_fused_median": sorted(fused_err.values())[len(ref) // 2],
         "grad_rel_diff_fused_vs_plain_max": max(((fused[n] - plain[n]).norm() / plain[n].norm()).item() for n in ref),
-        "lora_tensors": len(ref),
+        "lora_tensors": sum("lora_" in n for n in ref),
+        "trained_in_full": [n for n in ref if "lora_" not in n],
         "gpu": torch.cuda.get_device_name(),
     }
     # The fused path must be as close to fp32 as the plain bf16 path is (bf16 rounding, not a different function).
@@ -243,12 +252,16 @@ def check_packing() -> dict:
 def main(out: str, names: list[str]) -> int:
     """Each check of `names` (all without), its line appended to `out` as soon as it is done."""
     ok = True
-    checks = [*FAMILIES.items(), ("packing", (None, None, None))]
+    checks = [*FAMILIES.items(), *((name, FAMILIES[f]) for name, f in TRAINED_HEAD.items())]
+    checks.append(("packing", (None, None, None)))
     with open(out, "a") as f:
         for name, (model_type, kwargs, targets) in checks:
             if names and name not in names:
                 continue
-            result = check_packing() if name == "packing" else check(name, model_type, kwargs, targets)
+            if name == "packing":
+                result = check_packing()
+            else:
+                result = check(name, model_type, kwargs, targets, train_head=name in TRAINED_HEAD)
             ok &= result["ok"]
             print("CHECK " + json.dumps(result), flush=True)
             f.write(json.dumps(result) + "\n")
