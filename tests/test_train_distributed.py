@@ -494,9 +494,7 @@ def test_add_tokens_trains_embedding_and_head_in_full_resumes_bitwise_exports_an
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_ds.adapter import inject_adapter, read_adapter
-    from lora_ds.lora import lora_parameters
-    from lora_ds.merge import load_saved_modules
+    from lora_ds.adapter import read_adapter
     from lora_ds.vocab import extend_tokenizer, grow_vocab
 
     tokens = tmp_path / "tokens.txt"
@@ -534,23 +532,38 @@ def test_add_tokens_trains_embedding_and_head_in_full_resumes_bitwise_exports_an
     base = AutoModelForCausalLM.from_pretrained(neox_dir, dtype=torch.float32)
     base.resize_token_embeddings(514)
     peft_model = PeftModel.from_pretrained(base, tmp_path / "exported").eval()
-    mine = AutoModelForCausalLM.from_pretrained(neox_dir, dtype=torch.float32).eval()
+    assert_peft_logits_and_merge(neox_dir, tmp_path / "exported", ours, peft_model, 514, tmp_path / "merged")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["vocab_size"] == 514
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "merged")) == 514
+
+
+def assert_peft_logits_and_merge(model_dir, adapter, ours, peft_model, vocab, out):
+    """The base with `ours` (LoRA and modules trained in full, as `adapter` holds them) gives `peft_model`'s
+    logits, and `lora-ds merge` of `adapter` into `model_dir` writes to `out` PEFT's merge_and_unload. Returns
+    the merged model."""
+    from transformers import AutoModelForCausalLM
+
+    from lora_ds.adapter import inject_adapter, read_adapter
+    from lora_ds.lora import lora_parameters
+    from lora_ds.merge import load_saved_modules
+
+    mine = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     load_saved_modules(mine, {k: v for k, v in ours.items() if "lora" not in k})
-    inject_adapter(mine, config)
-    ids = torch.randint(0, 514, (2, 24), generator=torch.Generator().manual_seed(0))
+    inject_adapter(mine, read_adapter(str(adapter))[0])
+    ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for name, p in lora_parameters(mine).items():
             p.copy_(ours[name])
         torch.testing.assert_close(mine(input_ids=ids).logits, peft_model(input_ids=ids).logits, rtol=0, atol=1e-5)
-    merged = run_cli("merge", "--base", neox_dir, "--adapter", tmp_path / "exported", "--out", tmp_path / "merged")
+    merged = run_cli("merge", "--base", model_dir, "--adapter", adapter, "--out", out)
     assert merged.returncode == 0, merged.stderr
-    assert json.loads((tmp_path / "merged" / "config.json").read_text())["vocab_size"] == 514
-    assert len(AutoTokenizer.from_pretrained(tmp_path / "merged")) == 514
     oracle = peft_model.merge_and_unload().state_dict()
-    state = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).state_dict()
+    result = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    state = result.state_dict()
     assert sorted(state) == sorted(oracle)
     for key, value in state.items():
         torch.testing.assert_close(value, oracle[key], rtol=0, atol=1e-6, msg=key)
+    return result
 
 
 def test_a_tied_embedding_trained_in_full_stays_one_matrix_on_two_ranks_loads_in_peft_and_merges_as_peft(tmp_path):
@@ -560,9 +573,7 @@ def test_a_tied_embedding_trained_in_full_stays_one_matrix_on_two_ranks_loads_in
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from lora_ds.adapter import inject_adapter, read_adapter
-    from lora_ds.lora import lora_parameters
-    from lora_ds.merge import load_saved_modules
+    from lora_ds.adapter import read_adapter
 
     model_dir = save_tiny("llama3", 512, tmp_path / "base", tokenizer=DEMO_TOKENIZER)
     assert json.loads((model_dir / "config.json").read_text())["tie_word_embeddings"]
@@ -585,20 +596,5 @@ def test_a_tied_embedding_trained_in_full_stays_one_matrix_on_two_ranks_loads_in
     peft_model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), out / "adapter"
     ).eval()
-    mine = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    load_saved_modules(mine, {k: v for k, v in ours.items() if "lora" not in k})
-    inject_adapter(mine, config)
-    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        for name, p in lora_parameters(mine).items():
-            p.copy_(ours[name])
-        torch.testing.assert_close(mine(input_ids=ids).logits, peft_model(input_ids=ids).logits, rtol=0, atol=1e-5)
-    merged = run_cli("merge", "--base", model_dir, "--adapter", out / "adapter", "--out", tmp_path / "merged")
-    assert merged.returncode == 0, merged.stderr
-    oracle = peft_model.merge_and_unload().state_dict()
-    result = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    result = assert_peft_logits_and_merge(model_dir, out / "adapter", ours, peft_model, 512, tmp_path / "merged")
     assert result.get_output_embeddings().weight is result.get_input_embeddings().weight
-    state = result.state_dict()
-    assert sorted(state) == sorted(oracle)
-    for key, value in state.items():
-        torch.testing.assert_close(value, oracle[key], rtol=0, atol=1e-6, msg=key)
