@@ -90,19 +90,15 @@ def grow_to_saved(model, saved: dict, source: str) -> list[str]:
     """Grow `model`'s input embedding and output head to the rows of the adapter's (`saved`: its modules trained
     in full), as `lora-ds merge` writes them and as PEFT needs the base resized. Returns the names of the grown
     params (none when the vocabulary fits). Collective under ZeRO-3."""
-    from lora_ds.zero import full_shape
+    from lora_ds.vocab import ensure_rows, vocab_matrices
 
-    head = model.get_output_embeddings()
-    matrices = [model.get_input_embeddings().weight] + ([head.weight] if head is not None else [])
+    matrices = vocab_matrices(model)
     names = [n for n, p in model.named_parameters(remove_duplicate=False) if any(p is m for m in matrices)]
     rows = {saved[n].shape[0] for n in names if n in saved}
     if len(rows) > 1:
         raise UserError(f"{source}: its input embedding and output head disagree on the vocabulary ({sorted(rows)})")
-    if not rows or max(rows) <= full_shape(matrices[0])[0]:
-        return []
-    # transformers grows both matrices (inside zero.Init under ZeRO-3); the saved values then replace them whole.
-    model.resize_token_embeddings(max(rows), mean_resizing=False)
-    return names
+    # The saved values then replace the grown matrices whole.
+    return names if rows and ensure_rows(model, max(rows)) else []
 
 
 def merge_lora(model, lora: LoRAWeights) -> list[str]:

@@ -87,19 +87,31 @@ def tokenizer_files(directory: str) -> dict[str, str]:
     return files
 
 
-def grow_vocab(model, vocab_size: int, first_new: int) -> int:
-    """Give `model` rows for ids up to `vocab_size` and set the rows of ids `first_new`.. to the mean of the rows
-    before them, in the input embedding and an untied output head. Returns the number of rows. Collective under
-    ZeRO-3."""
-    rows = full_shape(model.get_input_embeddings().weight)[0]
-    if vocab_size > rows:
-        model.resize_token_embeddings(vocab_size, mean_resizing=False)
-        rows = vocab_size
+def vocab_matrices(model) -> list:
+    """The matrices with a row per token id: the input embedding's weight, and the output head's when untied."""
     matrices = [model.get_input_embeddings().weight]
     head = model.get_output_embeddings()
     if head is not None and head.weight is not matrices[0]:
         matrices.append(head.weight)
-    for weight in matrices:
+    return matrices
+
+
+def ensure_rows(model, rows: int) -> bool:
+    """Grow `model`'s input embedding and output head to `rows` when they have fewer (transformers' resize,
+    inside zero.Init under ZeRO-3; the new rows' values are the caller's to set). Returns whether they grew."""
+    if rows <= full_shape(model.get_input_embeddings().weight)[0]:
+        return False
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    return True
+
+
+def grow_vocab(model, vocab_size: int, first_new: int) -> int:
+    """Give `model` rows for ids up to `vocab_size` and set the rows of ids `first_new`.. to the mean of the rows
+    before them, in the input embedding and an untied output head. Returns the number of rows. Collective under
+    ZeRO-3."""
+    ensure_rows(model, vocab_size)
+    rows = full_shape(model.get_input_embeddings().weight)[0]
+    for weight in vocab_matrices(model):
         with gathered([weight], modifier_rank=0), torch.no_grad():
             weight[first_new:vocab_size] = weight[:first_new].float().mean(dim=0).to(weight.dtype)
     return rows
