@@ -369,7 +369,7 @@ def idle_gaps(prof, min_us: float = 20.0) -> dict:
     """Where the GPU had no kernel or copy running during the profiled step: the union of device intervals
     subtracted from the span of the first to the last, each gap of at least `min_us` laid to the phase (Phases)
     the host was in when it began ("(none)": outside them, e.g. the loss between forward and backward), and the
-    largest gaps with the innermost host op running at their middle."""
+    largest gaps placed: how far into their phase, the host op at their middle and the one before them."""
     events = prof.events()
     device = sorted(
         (e.time_range.start, e.time_range.end) for e in events if e.device_type == torch.autograd.DeviceType.CUDA
@@ -384,9 +384,31 @@ def idle_gaps(prof, min_us: float = 20.0) -> dict:
     host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
     phases = [e for e in host if e.name.startswith("phase:")]
 
+    def covering(at: float, among):
+        inside = [e for e in among if e.time_range.start <= at <= e.time_range.end]
+        return min(inside, key=lambda e: e.time_range.elapsed_us()) if inside else None
+
     def innermost(at: float, among) -> str:
-        covering = [e for e in among if e.time_range.start <= at <= e.time_range.end]
-        return min(covering, key=lambda e: e.time_range.elapsed_us()).name if covering else "(none)"
+        event = covering(at, among)
+        return event.name if event else "(none)"
+
+    def last_before(at: float, among) -> str:
+        ended = [e for e in among if e.time_range.end <= at]
+        return max(ended, key=lambda e: e.time_range.end).name if ended else "(none)"
+
+    def placed(start: float, end: float) -> dict:
+        """A gap's size and place: its phase, how far into it (ms) and how much of it was left after the gap,
+        the host op at its middle and the last one that ended before it (where the host was coming from)."""
+        phase = covering(start, phases)
+        where = {"ms": round((end - start) / 1e3, 3), "phase": "(none)"}
+        if phase is not None:
+            where.update(
+                phase=phase.name.removeprefix("phase:"),
+                at_ms=round((start - phase.time_range.start) / 1e3, 2),
+                left_ms=round((phase.time_range.end - end) / 1e3, 2),
+            )
+        where.update(host_op=innermost((start + end) / 2, ops)[:80], after_op=last_before(start, ops)[:80])
+        return where
 
     by_phase: dict[str, float] = {}
     for start, end in gaps:
@@ -399,14 +421,7 @@ def idle_gaps(prof, min_us: float = 20.0) -> dict:
         "idle_s": sum(end - start for start, end in gaps) / 1e6,
         "gaps": len(gaps),
         "idle_s_by_phase": {k: round(v, 5) for k, v in sorted(by_phase.items(), key=lambda kv: -kv[1])},
-        "largest": [
-            {
-                "ms": round((end - start) / 1e3, 3),
-                "phase": innermost(start, phases).removeprefix("phase:"),
-                "host_op": innermost((start + end) / 2, ops)[:80],
-            }
-            for start, end in largest
-        ],
+        "largest": [placed(start, end) for start, end in largest],
     }
 
 
