@@ -402,6 +402,12 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self):
+        # Checked here too, before any rank starts (inject_lora refuses it for library callers).
+        from lora_ds.lora import refuse_pissa_on_4bit
+
+        refuse_pissa_on_4bit(self.lora.init_lora_weights, self.model.quantize is not None)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -21,7 +21,9 @@ recomputes W_res from the original W0 (the same decomposition of the same weight
 (`init_factors`) so that the saved adapter can be converted to a plain LoRA of the original base
 (`lora_ds.adapter.to_original_base`).
 The base may be a bitsandbytes 4-bit Linear (QLoRA, `lora_ds.quantize`): W0·x is its forward, DoRA's norms use
-its dequantized weight, and merging into 4-bit weights is refused (merge from the original base).
+its dequantized weight, and merging into 4-bit weights is refused (merge from the original base). OLoRA there
+decomposes the dequantized weight and quantizes the fp32 residual anew (PEFT's `olora_init`), so the model starts
+at the 4-bit base up to that requantization; PiSSA on a 4-bit base is refused, as PEFT refuses it.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 from torch import nn
 
 from lora_ds.config import FieldError, LoraConfig
-from lora_ds.quantize import dense_weight, is_quantized
+from lora_ds.quantize import dense_weight, is_quantized, requantized
 from lora_ds.zero import gathered
 
 # PEFT's shorthand for every Linear/Conv1D module but the output head.
@@ -275,15 +277,23 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def init_from_base(self, init: str) -> None:
         """PiSSA / OLoRA: the factors from W0 (`base_init_factors`), then W0 <- W0 - s·B0·A0 with B0, A0 as this
-        layer holds them (rounded to its dtype), kept in `init_factors`. Reads and writes the full base weight."""
+        layer holds them (rounded to its dtype), kept in `init_factors`. Reads and writes the full base weight; a
+        4-bit one (never partitioned here: a quantized base is partitioned by deepspeed.initialize) is replaced by
+        its requantized residual."""
         weight = self.base_layer.weight
-        A, B = base_init_factors(weight, self.r, self.scaling, init, self.fan_in_fan_out)
+        dense = dense_weight(weight)
+        A, B = base_init_factors(dense, self.r, self.scaling, init, self.fan_in_fan_out)
         self.lora_A.weight.copy_(A)
         self.lora_B.weight.copy_(B)
         A0, B0 = self.lora_A.weight.float().cpu().clone(), self.lora_B.weight.float().cpu().clone()
-        weight.copy_(
-            residual_weight(weight, A0.to(weight.device), B0.to(weight.device), self.scaling, self.fan_in_fan_out)
-        )
+        # PEFT quantizes a 4-bit base's residual from fp32, without a cast to the compute dtype first.
+        source = dense.float() if is_quantized(weight) else weight
+        device = weight.device
+        residual = residual_weight(source, A0.to(device), B0.to(device), self.scaling, self.fan_in_fan_out)
+        if is_quantized(weight):
+            self.base_layer.weight = requantized(weight, residual)
+        else:
+            weight.copy_(residual)
         self.init_factors = (A0, B0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -495,17 +505,24 @@ def inject_lora(
     return names
 
 
-def _check_base_init(layer: LoRALinear, name: str, init: str, patterned: bool) -> None:
-    """Refuse what PEFT's PiSSA/OLoRA get wrong: a rank above min(in, out) (PEFT silently keeps fewer factors
-    than r), and OLoRA of a GPT-2 Conv1D (PEFT decomposes its (in, out) weight untransposed: A and B of the
-    wrong shapes). And a 4-bit base (--quantize), into which no residual can be written."""
-    if is_quantized(layer.base_layer.weight):
+def refuse_pissa_on_4bit(init: str, quantized: bool, what: str = "the base's Linear weights") -> None:
+    """PiSSA on a 4-bit base (--quantize) is refused, as PEFT refuses it; OLoRA there is PEFT's too (it
+    requantizes the residual)."""
+    if quantized and mutates_base(init) and init != "olora":
         raise FieldError(
             "lora.init_lora_weights",
             init,
-            f"{init} writes the residual W0 - s·B0·A0 into {name}'s weight, which --quantize nf4 holds in 4-bit; "
-            "use default or gaussian with --quantize",
+            f"{init} decomposes {what}, which --quantize nf4 holds in 4-bit; PEFT refuses PiSSA there too (it "
+            "initialises PiSSA in full precision and quantizes the residual model afterwards); use olora, default "
+            "or gaussian with --quantize",
         )
+
+
+def _check_base_init(layer: LoRALinear, name: str, init: str, patterned: bool) -> None:
+    """Refuse what PEFT's PiSSA/OLoRA get wrong: a rank above min(in, out) (PEFT silently keeps fewer factors
+    than r), and OLoRA of a GPT-2 Conv1D (PEFT decomposes its (in, out) weight untransposed: A and B of the
+    wrong shapes). And PiSSA on a 4-bit base (`refuse_pissa_on_4bit`)."""
+    refuse_pissa_on_4bit(init, is_quantized(layer.base_layer.weight), f"{name}'s weight")
     if layer.r > min(layer.in_features, layer.out_features):
         field, value = ("lora.rank_pattern", layer.r) if patterned else ("lora.r", layer.r)
         raise FieldError(

@@ -94,6 +94,19 @@ def _linear4bit(linear: nn.Linear, dtype: torch.dtype, device: torch.device) -> 
     return q
 
 
+def requantized(weight: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """A 4-bit weight of `weight`'s kind (quant type, storage, double quantization) holding `dense`, quantized
+    on `weight`'s device: PEFT's OLoRA so writes its residual back into a 4-bit base."""
+    return type(weight)(
+        dense,
+        requires_grad=False,
+        quant_type=weight.quant_type,
+        quant_storage=weight.quant_storage,
+        compress_statistics=weight.compress_statistics,
+        module=weight.module,
+    ).to(weight.device)
+
+
 def is_quantized(weight: torch.Tensor) -> bool:
     return getattr(weight, "quant_state", None) is not None
 

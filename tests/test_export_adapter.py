@@ -323,12 +323,14 @@ def test_export_is_the_trainers_own_final_adapter_and_merges_into_its_base(runs,
 # The variants the runs above do not hold, each on 3 ranks of a GPT-NeoX in padded partitions (3 does not divide
 # the head's 514 × 64, nor the 4-bit packing of the 256 × 64 dense weights): PiSSA (a converted rank-2r adapter
 # and lora_init.safetensors) with the head trained in full and 2 added tokens (embed_in joins modules_to_save),
-# and QLoRA with DoRA (the packed 4-bit base partitioned, the magnitudes from its dequantized weights).
+# QLoRA with DoRA (the packed 4-bit base partitioned, the magnitudes from its dequantized weights), and QLoRA with
+# OLoRA (the requantized residual partitioned, the adapter converted to rank 2r).
 VARIANTS_ON_3 = {
     "pissa_saved_modules_added_tokens": dict(
         dtype="bf16", init_lora_weights="pissa", modules_to_save="lm_head", add_tokens="TOKENS"
     ),
     "qlora_dora": dict(dtype="fp32", quantize="nf4", use_dora=True),
+    "qlora_olora": dict(dtype="fp32", quantize="nf4", init_lora_weights="olora"),
 }
 
 
@@ -368,6 +370,8 @@ def test_each_variant_exports_from_a_three_rank_checkpoint_as_the_trainer_saved_
         assert tensors["lm_head.weight"].shape == tensors["gpt_neox.embed_in.weight"].shape == (VOCAB + 2, 64)
         tokenizer = (run.out / "adapter" / "tokenizer.json").read_text()
         assert (exported / "tokenizer.json").read_text() == tokenizer
+    elif variant == "qlora_olora":
+        assert (config["r"], config["init_lora_weights"], len(tensors)) == (2 * R, True, 2 * 2)
     else:
         assert config["use_dora"] and len(tensors) == 2 * 3  # A, B and the magnitude of both modules
     assert max(v.abs().max().item() for k, v in tensors.items() if "lora_B" in k) > 1e-3

@@ -123,15 +123,48 @@ def test_lora_on_a_4bit_layer_equals_peft_s_bnb_lora(neox_dir, use_dora):
     assert 1e-3 < error < 0.1
 
 
-def test_quantize_refuses_other_values_pissa_and_a_missing_bitsandbytes(neox_dir, monkeypatch):
+def test_olora_on_a_4bit_base_equals_peft_s_requantized_residual_and_starts_near_the_base(neox_dir):
+    """--init_lora_weights olora with --quantize: the factors from the dequantized weight and the residual
+    quantized anew are PEFT's (the same 4-bit codes), and step 0 is the 4-bit base up to that requantization."""
+    from peft import LoraConfig, get_peft_model
+
+    base = quantized(neox_dir)
+    ours = quantized(neox_dir)
+    config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["query_key_value"], init_lora_weights="olora")
+    peft_model = get_peft_model(quantized(neox_dir), config)
+    inject_lora(ours, ["query_key_value"], R, ALPHA, seed=1, init_lora_weights="olora")
+    theirs = peft_trainable(peft_model)
+    for name, p in lora_parameters(ours).items():
+        torch.testing.assert_close(p, theirs[name], rtol=0, atol=0, msg=name)
+    layer = ours.gpt_neox.layers[0].attention.query_key_value
+    peft_layer = peft_model.base_model.model.gpt_neox.layers[0].attention.query_key_value
+    original = base.gpt_neox.layers[0].attention.query_key_value.weight
+    w = layer.base_layer.weight
+    codes = w.data.view(torch.uint8)  # the packed codes (as floats they hold NaN patterns)
+    assert is_quantized(w) and not torch.equal(codes, original.data.view(torch.uint8))
+    assert torch.equal(codes, peft_layer.base_layer.weight.data.view(torch.uint8))
+    assert torch.equal(w.quant_state.absmax, peft_layer.base_layer.weight.quant_state.absmax)
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = ours(input_ids=ids).logits
+        torch.testing.assert_close(logits, peft_model(input_ids=ids).logits, rtol=0, atol=1e-6)
+        drift = (logits - base(input_ids=ids).logits).abs().max().item()
+    assert 1e-5 < drift < 0.1, drift  # the residual's own 4-bit rounding, not an exact start
+
+
+def test_quantize_refuses_other_values_pissa_but_not_olora_and_a_missing_bitsandbytes(neox_dir, monkeypatch):
     from lora_ds.config import parse_config
     from lora_ds.errors import UserError
     from lora_ds.quantize import require_bitsandbytes
 
     with pytest.raises(UserError, match="quantize.*choose nf4"):
         parse_config(["--quantize", "int3"])
-    with pytest.raises(UserError, match="lora.init_lora_weights.*4-bit"):
-        inject_lora(quantized(neox_dir), ["query_key_value"], R, ALPHA, seed=1, init_lora_weights="pissa")
+    with pytest.raises(UserError, match=r"--init_lora_weights pissa: .*4-bit; PEFT refuses PiSSA there"):
+        parse_config(["--quantize", "nf4", "--init_lora_weights", "pissa"])
+    assert parse_config(["--quantize", "nf4", "--init_lora_weights", "olora"]).lora.init_lora_weights == "olora"
+    for init in ("pissa", "pissa_niter_2"):
+        with pytest.raises(UserError, match=f"lora.init_lora_weights {init}: .*4-bit; PEFT refuses PiSSA there"):
+            inject_lora(quantized(neox_dir), ["query_key_value"], R, ALPHA, seed=1, init_lora_weights=init)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(UserError, match=r"--quantize nf4 needs bitsandbytes .*lora-ds\[qlora\]"):
         require_bitsandbytes()
@@ -197,3 +230,49 @@ def test_qlora_trains_on_a_partitioned_4bit_base_resumes_bitwise_exports_and_mer
     for key, value in state.items():
         torch.testing.assert_close(value, oracle[key], rtol=0, atol=1e-6, msg=key)
     assert json.loads((whole / "adapter" / "adapter_config.json").read_text())["r"] == R
+
+
+@pytest.mark.distributed
+def test_olora_on_a_4bit_base_trains_resumes_bitwise_exports_and_loads_in_peft(neox_dir, tmp_path):
+    """--init_lora_weights olora --quantize nf4 on 2 ranks: a halted and resumed run equals the uninterrupted one
+    bit for bit (the resume requantizes the same residual); export-adapter of the shards is the trainer's adapter,
+    a rank-2r LoRA of the original base; PEFT's OLoRA on the 4-bit base with our trained factors gives the logits
+    that adapter gives on the original 4-bit base, up to the residual's requantization; merge is PEFT's."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    args = dict(max_steps=4, save_every=4, quantize="nf4", init_lora_weights="olora", **COMMON)
+    launch_together(
+        dict(args=train_args(neox_dir, whole, **args)),
+        dict(args=train_args(neox_dir, parts, halt_at_step=2, **args)),
+    )
+    assert "at step 2" in launch(train_args(neox_dir, parts, **args)).stdout
+    ours = adapter_tensors(whole / "adapter")
+    assert_equal_tensors(adapter_tensors(parts / "adapter"), ours)
+    exported = run_cli("export-adapter", "--checkpoint", parts / "checkpoints", "--out", tmp_path / "exported")
+    assert exported.returncode == 0, exported.stderr
+    assert_equal_tensors(adapter_tensors(tmp_path / "exported"), ours)
+    config = json.loads((tmp_path / "exported" / "adapter_config.json").read_text())
+    assert (config["r"], config["init_lora_weights"]) == (2 * R, True)
+
+    # The trained model: PEFT's OLoRA residual (our codes: see above) with the trained factors, the first r of 2r.
+    olora = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["query_key_value"], init_lora_weights="olora")
+    trained_model = get_peft_model(quantized(neox_dir), olora).eval()
+    with torch.no_grad():
+        for name, p in peft_trainable(trained_model).items():
+            p.copy_(ours[name][:R] if "lora_A" in name else ours[name][:, :R])
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    peft_model = PeftModel.from_pretrained(quantized(neox_dir), whole / "adapter").eval()
+    with torch.no_grad():
+        expected = trained_model(input_ids=ids).logits
+        drift = (peft_model(input_ids=ids).logits - expected).abs().max().item()
+    assert drift < 0.05, drift
+
+    full = AutoModelForCausalLM.from_pretrained(neox_dir, dtype=torch.float32)
+    merged = run_cli("merge", "--base", neox_dir, "--adapter", whole / "adapter", "--out", tmp_path / "merged")
+    assert merged.returncode == 0, merged.stderr
+    oracle = PeftModel.from_pretrained(full, whole / "adapter").merge_and_unload().state_dict()
+    state = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).state_dict()
+    for key, value in state.items():
+        torch.testing.assert_close(value, oracle[key], rtol=0, atol=1e-6, msg=key)
