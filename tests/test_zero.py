@@ -80,7 +80,8 @@ def test_a_world_of_one_fetches_a_resident_partition_without_waiting_for_the_str
 def test_an_optimizer_step_leaves_frozen_persistent_params_gathered_and_regathers_the_trained(world_of_one):
     """After keep_frozen_persistent_gathered, DeepSpeed's step neither partitions nor gathers again the frozen
     persistent params (a Linear's bias under the persistence threshold), which keep their values; the trained
-    persistent param is released, updated and gathered with its new value, as without it."""
+    persistent param is released, updated and gathered with its new value, as without it; a weight left
+    gathered is released."""
     import deepspeed
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
@@ -115,4 +116,12 @@ def test_an_optimizer_step_leaves_frozen_persistent_params_gathered_and_regather
         assert torch.equal(frozen_bias.data, before[0]) and not torch.equal(trained_bias.data, before[1])
         assert torch.equal(trained_bias.data, trained_bias.ds_tensor.view(8))  # the update, gathered
     assert calls == []
+    # A weight left gathered (as by a module whose release hook never fired) is released by the step.
+    frozen_weight = model[0].weight
+    engine.backward(engine(torch.randn(2, 8)).square().mean())
+    frozen_weight.all_gather()
+    assert frozen_weight.ds_status == ZeroParamStatus.AVAILABLE
+    engine.step()
+    assert frozen_weight.ds_status == ZeroParamStatus.NOT_AVAILABLE
+    assert frozen_bias.ds_status == trained_bias.ds_status == ZeroParamStatus.AVAILABLE
     engine.destroy()
