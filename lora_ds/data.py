@@ -210,7 +210,7 @@ def _is_packed(position_ids) -> bool:
 
 
 def collate(rows: list[dict], pad_id: int, mask_dtype=None, mask_from_positions: bool = False):
-    """Right-pad rows into tensors: input_ids, labels, position_ids, attention_mask.
+    """Right-pad rows into tensors: input_ids, labels, position_ids, attention_mask (none when no row is padded).
 
     Packed rows (position ids restarting at 0) get a 4-D block-causal mask, so attention never
     crosses an example boundary. With `mask_from_positions` (FlexAttention, and models with sliding-window
@@ -233,7 +233,13 @@ def collate(rows: list[dict], pad_id: int, mask_dtype=None, mask_from_positions:
         pos[i, :n] = torch.tensor(r["position_ids"])
         mask[i, :n] = 1
     batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": mask}
-    if any(_is_packed(r["position_ids"]) for r in rows):
+    packed = any(_is_packed(r["position_ids"]) for r in rows)
+    if not packed and bool(mask.all()):
+        # No padding: the causal mask alone. Else transformers checks the mask for padding on the GPU, a host
+        # sync at the start of every forward.
+        del batch["attention_mask"]
+        return batch
+    if packed:
         if mask_from_positions:
             del batch["attention_mask"]
             return batch

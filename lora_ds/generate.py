@@ -192,7 +192,7 @@ def completion_logprobs(
         logits = (
             model(
                 input_ids=inputs["input_ids"],
-                attention_mask=inputs["attention_mask"],
+                attention_mask=inputs.get("attention_mask"),
                 position_ids=inputs["position_ids"],
             )
             .logits[:, :-1]

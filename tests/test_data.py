@@ -86,7 +86,7 @@ def test_eval_shards_keep_ranks_in_lockstep():
     assert real == list(range(7)) and sum(i < 0 for s in shards for b in s for i in b) == 2
 
 
-def test_collate_pads_right_and_masks_padding(hf_tok):
+def test_collate_pads_right_masks_padding_and_leaves_unpadded_rows_unmasked(hf_tok):
     a, _ = encode_pair(hf_tok, "Q: a", " x")
     b, _ = encode_pair(hf_tok, "Question: a longer one", " SELECT y")
     batch = collate([a, b], pad_id=hf_tok.pad_token_id)
@@ -95,6 +95,9 @@ def test_collate_pads_right_and_masks_padding(hf_tok):
     assert batch["input_ids"].shape == (2, width) and batch["attention_mask"][0].sum() == n
     assert torch.all(batch["labels"][0, n:] == IGNORE_INDEX)
     assert torch.all(batch["input_ids"][0, n:] == hf_tok.pad_token_id)
+    # Rows of one length need no mask: the model's causal one alone, with no padding check on the device.
+    unpadded = collate([b, b], pad_id=hf_tok.pad_token_id)
+    assert "attention_mask" not in unpadded and unpadded["input_ids"].shape == (2, width)
 
 
 def test_jsonl_errors_name_file_line_and_field(tmp_path, hf_tok):
