@@ -324,6 +324,47 @@ def as_tensorboard(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
     return scalars
 
 
+def wandb_runs(run: Path) -> list[dict]:
+    """Each offline W&B run under RUN/wandb/, oldest first, as {"id", "config", "history": [(step, {tag: value})]},
+    read from its .wandb file: W&B's record log (LevelDB's format: 32 KiB blocks of checksummed chunks after a
+    7-byte header) of its own protobuf Records."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    runs = []
+    for path in sorted(Path(run, "wandb").glob("offline-run-*/run-*.wandb")):
+        data, pos, pending, chunks = path.read_bytes(), 7, b"", []
+        assert data[:4] == b":W&B", path
+        while pos + 7 <= len(data):
+            left = 32768 - pos % 32768
+            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
+            if kind == 0:  # a block's zero-padded tail
+                pos += left
+                continue
+            chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+            pending += chunk
+            if kind in (1, 4):  # a whole record, or the last chunk of one
+                chunks.append(pending)
+                pending = b""
+        found = {"id": None, "config": {}, "history": []}
+        for raw in chunks:
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(raw)
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                found["id"] = record.run.run_id
+                config = {i.key: json.loads(i.value_json) for i in record.run.config.update}
+                found["config"] = {k: v for k, v in config.items() if not k.startswith("_")}
+            elif kind == "history":
+                # A tag with a slash is stored as its parts.
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                items = {k: v for k, v in items.items() if not k.startswith("_")}  # W&B's own _step, _runtime
+                found["history"].append((record.history.step.num, items))
+        runs.append(found)
+    return runs
+
+
 def adapter_tensors(adapter_dir: Path) -> dict:
     """{module param name: tensor} of an adapter dir's weights, read by safetensors alone (no lora_ds reader)."""
     from safetensors.torch import load_file

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 from helpers import ds_config_file, fork_trainer, launch, train_args
@@ -50,11 +51,6 @@ CASES = [
     ("fp16 dtype", lambda t, m: ["--dtype", "fp16"], "--dtype fp16"),
     ("liger kernels without a gpu", lambda t, m: ["--kernels", "liger"], "--kernels liger: needs a CUDA device"),
     ("micro batch 0", lambda t, m: ["--micro_batch", "0"], "--micro_batch 0"),
-    (
-        "report_to wandb where it is not installed",
-        lambda t, m: ["--report_to", "wandb"],
-        "--report_to wandb: the wandb package is not installed; pip install wandb",
-    ),
     ("negative warmup", lambda t, m: ["--warmup", "-1"], "--warmup -1"),
     ("unknown preset", lambda t, m: ["--model", "preset:gpt-5"], "preset:gpt-5: unknown preset"),
     (
@@ -154,8 +150,20 @@ CASES = [
 
 @pytest.mark.parametrize("flags,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_exits_nonzero_with_one_clear_message(tmp_path, neox_dir, flags, message):
+    assert_refused(tmp_path, neox_dir, flags(tmp_path, neox_dir), message)
+
+
+def test_a_tracker_that_is_not_installed_exits_nonzero_naming_the_flag(tmp_path, neox_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import blocked: as if it were not installed
+    message = "--report_to wandb: the wandb package is not installed; pip install wandb"
+    assert_refused(tmp_path, neox_dir, ["--report_to", "wandb"], message)
+
+
+def assert_refused(tmp_path, neox_dir, flags: list[str], message: str) -> None:
+    """The trainer with `flags` exits with status 2 and one error line holding `message`, no traceback, and
+    leaves no artifact."""
     out = tmp_path / "out"
-    args = [*train_args(neox_dir, out, max_steps=1, micro_batch=4), *flags(tmp_path, neox_dir)]
+    args = [*train_args(neox_dir, out, max_steps=1, micro_batch=4), *flags]
     code, output = fork_trainer(args, tmp_path / "log")
     assert code == 2, output[-3000:]
     errors = [line for line in output.splitlines() if line.startswith("train: error:")]
