@@ -223,12 +223,7 @@ def test_qlora_trains_on_a_partitioned_4bit_base_resumes_bitwise_exports_and_mer
     peft_model = PeftModel.from_pretrained(quantized(neox_dir), whole / "adapter").eval()
     torch.testing.assert_close(peft_model(input_ids=ids).logits, live.eval()(input_ids=ids).logits, rtol=0, atol=1e-5)
 
-    merged = run_cli("merge", "--base", neox_dir, "--adapter", whole / "adapter", "--out", tmp_path / "merged")
-    assert merged.returncode == 0, merged.stderr
-    oracle = PeftModel.from_pretrained(full, whole / "adapter").merge_and_unload().state_dict()
-    state = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).state_dict()
-    for key, value in state.items():
-        torch.testing.assert_close(value, oracle[key], rtol=0, atol=1e-6, msg=key)
+    assert_merge_from_the_original_base(neox_dir, whole / "adapter", tmp_path / "merged")
     assert json.loads((whole / "adapter" / "adapter_config.json").read_text())["r"] == R
 
 
@@ -239,7 +234,6 @@ def test_olora_on_a_4bit_base_trains_resumes_bitwise_exports_and_loads_in_peft(n
     a rank-2r LoRA of the original base; PEFT's OLoRA on the 4-bit base with our trained factors gives the logits
     that adapter gives on the original 4-bit base, up to the residual's requantization; merge is PEFT's."""
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     args = dict(max_steps=4, save_every=4, quantize="nf4", init_lora_weights="olora", **COMMON)
@@ -269,10 +263,18 @@ def test_olora_on_a_4bit_base_trains_resumes_bitwise_exports_and_loads_in_peft(n
         drift = (peft_model(input_ids=ids).logits - expected).abs().max().item()
     assert drift < 0.05, drift
 
-    full = AutoModelForCausalLM.from_pretrained(neox_dir, dtype=torch.float32)
-    merged = run_cli("merge", "--base", neox_dir, "--adapter", whole / "adapter", "--out", tmp_path / "merged")
+    assert_merge_from_the_original_base(neox_dir, whole / "adapter", tmp_path / "merged")
+
+
+def assert_merge_from_the_original_base(model_dir, adapter, out) -> None:
+    """`lora-ds merge` of a QLoRA adapter writes PEFT's merge_and_unload of it on the full-precision base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged = run_cli("merge", "--base", model_dir, "--adapter", adapter, "--out", out)
     assert merged.returncode == 0, merged.stderr
-    oracle = PeftModel.from_pretrained(full, whole / "adapter").merge_and_unload().state_dict()
-    state = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).state_dict()
+    full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    oracle = PeftModel.from_pretrained(full, adapter).merge_and_unload().state_dict()
+    state = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
     for key, value in state.items():
         torch.testing.assert_close(value, oracle[key], rtol=0, atol=1e-6, msg=key)
