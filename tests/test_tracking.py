@@ -92,7 +92,8 @@ def test_a_wandb_offline_run_holds_the_records_and_a_resumed_run_continues_it(tm
     assert first["id"] == resumed["id"] == (tmp_path / "wandb" / "run_id").read_text().strip()
     assert first["config"] == {"lora": {"r": 16}}
     assert first["history"] == [(s, tags(record(s, 5.0))) for s in range(1, 5)]
-    assert resumed["history"] == [(s, tags(record(s, 9.0))) for s in (4, 5)]  # W&B keeps step 4's first value
+    # The resumed run logs step 4 again; W&B's server keeps the first value of a step it already has.
+    assert resumed["history"] == [(s, tags(record(s, 9.0))) for s in (4, 5)]
     # A run from step 0 (--resume never) is a new W&B run.
     run(tmp_path, 0, range(1, 2), seed=2.0, names=["wandb"])
     assert len({r["id"] for r in wandb_runs(tmp_path)}) == 2
