@@ -324,10 +324,22 @@ def as_tensorboard(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
     return scalars
 
 
-def wandb_runs(run: Path) -> list[dict]:
-    """Each offline W&B run under RUN/wandb/, oldest first, as {"id", "config", "history": [(step, {tag: value})]},
-    read from its .wandb file: W&B's record log (LevelDB's format: 32 KiB blocks of checksummed chunks after a
-    7-byte header) of its own protobuf Records."""
+def wandb_runs(run: Path, count: int, timeout: float = 60) -> list[dict]:
+    """The `count` offline W&B runs under RUN/wandb/, oldest first, as {"id", "config", "history": [(step, {tag:
+    value})]}, once each is complete: W&B's service process may still be writing a run when `finish()` returns."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = _read_wandb_runs(run)
+        if len(runs) == count and all(r["complete"] for r in runs):
+            return runs
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{run}/wandb: {len(runs)} runs, complete: {[r['complete'] for r in runs]}")
+        time.sleep(0.2)
+
+
+def _read_wandb_runs(run: Path) -> list[dict]:
+    """Each run's .wandb file, read as it is: W&B's record log (LevelDB's format: 32 KiB blocks of checksummed
+    chunks after a 7-byte header) of its own protobuf Records; complete once its exit record is there."""
     import struct
 
     from wandb.proto import wandb_internal_pb2
@@ -347,7 +359,7 @@ def wandb_runs(run: Path) -> list[dict]:
             if kind in (1, 4):  # a whole record, or the last chunk of one
                 chunks.append(pending)
                 pending = b""
-        found = {"id": None, "config": {}, "history": []}
+        found = {"id": None, "config": {}, "history": [], "complete": False}
         for raw in chunks:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(raw)
@@ -361,6 +373,8 @@ def wandb_runs(run: Path) -> list[dict]:
                 items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
                 items = {k: v for k, v in items.items() if not k.startswith("_")}  # W&B's own _step, _runtime
                 found["history"].append((record.history.step.num, items))
+            elif kind == "exit":
+                found["complete"] = True
         runs.append(found)
     return runs
 

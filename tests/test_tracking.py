@@ -88,7 +88,7 @@ def test_a_wandb_offline_run_holds_the_records_and_a_resumed_run_continues_it(tm
     run(tmp_path, 0, range(1, 5), seed=5.0, names=["wandb"])
     time.sleep(1.0)  # W&B names a run's dir by its start second: the resumed run's must be another
     run(tmp_path, 3, range(4, 6), seed=9.0, names=["wandb"])
-    first, resumed = wandb_runs(tmp_path)
+    first, resumed = wandb_runs(tmp_path, 2)
     assert first["id"] == resumed["id"] == (tmp_path / "wandb" / "run_id").read_text().strip()
     assert first["config"] == {"lora": {"r": 16}}
     assert first["history"] == [(s, tags(record(s, 5.0))) for s in range(1, 5)]
@@ -96,4 +96,4 @@ def test_a_wandb_offline_run_holds_the_records_and_a_resumed_run_continues_it(tm
     assert resumed["history"] == [(s, tags(record(s, 9.0))) for s in (4, 5)]
     # A run from step 0 (--resume never) is a new W&B run.
     run(tmp_path, 0, range(1, 2), seed=2.0, names=["wandb"])
-    assert len({r["id"] for r in wandb_runs(tmp_path)}) == 2
+    assert len({r["id"] for r in wandb_runs(tmp_path, 3)}) == 2
