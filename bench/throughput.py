@@ -438,7 +438,12 @@ def profile_step(step, args) -> dict:
         step()
         sync()
         wall = time.perf_counter() - start
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # Phases' ranges get the device time of the kernels inside them: kernels only.
+    kernels = [
+        e
+        for e in prof.key_averages()
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.key.startswith("phase:")
+    ]
     total = sum(e.self_device_time_total for e in kernels) or 1.0
     is_gemm = [any(m in e.key.lower() for m in GEMM_MARKERS) for e in kernels]
     others = sorted((e for e, g in zip(kernels, is_gemm) if not g), key=lambda e: -e.self_device_time_total)
